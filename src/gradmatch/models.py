@@ -48,3 +48,147 @@ def is_image_model(config) -> bool:
     return config.model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES and config.model_type not in {
         "bert", "roberta", "deberta", "deberta-v2", "distilbert", "electra", "xlm-roberta",
     }
+
+
+# --------------------------------------------------------------------------- built-in from-scratch models
+
+#: The demo's small ViT for 8×8 grayscale digits (trained from scratch; tune through a config.json).
+VIT_DIGITS = dict(
+    image_size=8, patch_size=2, num_channels=1, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+    intermediate_size=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=10,
+)
+
+#: Names of models built from a config with random weights (no checkpoint needed).
+BUILTIN_SPECS = {"vit-digits": ("vit", VIT_DIGITS)}
+
+
+def _is_config_file(name: str) -> bool:
+    path = Path(name).expanduser()
+    return path.is_file() and path.suffix.lower() == ".json"
+
+
+def load_config(name_or_path: str | os.PathLike):
+    """The Hugging Face config of a model folder, hub id, config.json file or built-in spec."""
+    from transformers import AutoConfig, CONFIG_MAPPING
+
+    name = str(name_or_path)
+    if name in BUILTIN_SPECS:
+        model_type, values = BUILTIN_SPECS[name]
+        return CONFIG_MAPPING[model_type](**values)
+    source = str(Path(name).expanduser()) if _is_config_file(name) else resolve_model(name)
+    try:
+        return AutoConfig.from_pretrained(source)
+    except Exception as exc:  # OSError (missing/offline), ValueError (unknown model_type), JSON errors
+        detail = " ".join(str(exc).split())[:300]
+        raise UserError(f"cannot load the config of model {name}: {detail}") from exc
+
+
+def model_kind(name_or_path: str | os.PathLike) -> str:
+    """``"image"`` for image-classification architectures (ViT, ...), ``"text"`` otherwise."""
+    return "image" if is_image_model(load_config(name_or_path)) else "text"
+
+
+def _set_dropout(config, dropout: float) -> list[str]:
+    """Set every dropout probability of the config (hidden, attention, classifier) to ``dropout``."""
+    changed = []
+    for key in list(config.to_dict()):
+        if key.endswith(("dropout", "dropout_prob", "dropout_rate")) and key != "layerdrop":
+            setattr(config, key, float(dropout))
+            changed.append(key)
+    return changed
+
+
+def default_image_processor(config):
+    """An image processor for a from-scratch image model: images at the model's size, scaled to [-1, 1]."""
+    try:
+        from transformers import ViTImageProcessorPil as _Processor  # no torchvision needed
+    except ImportError:  # pragma: no cover - older transformers
+        from transformers import ViTImageProcessor as _Processor
+    size = int(getattr(config, "image_size", 224))
+    channels = int(getattr(config, "num_channels", 3))
+    return _Processor(size={"height": size, "width": size}, do_resize=True,
+                      image_mean=[0.5] * channels, image_std=[0.5] * channels)
+
+
+def _load_processor(source: str, kind: str, config, name: str, from_scratch: bool):
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    what = "tokenizer" if kind == "text" else "image processor"
+    folder = Path(source)
+    if kind == "text" and folder.is_dir() and not any(
+        (folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
+    ) and not list(folder.glob("*.model")):
+        raise UserError(f"model {name} has no usable tokenizer: {folder} holds no tokenizer files")
+    try:
+        if kind == "text":
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            if len(tokenizer) <= len(tokenizer.all_special_tokens):
+                raise UserError(f"model {name} has no usable tokenizer: its vocabulary is empty")
+            return tokenizer
+        return AutoImageProcessor.from_pretrained(source)
+    except UserError:
+        raise
+    except Exception as exc:
+        if kind == "image" and from_scratch:
+            return default_image_processor(config)
+        detail = " ".join(str(exc).split())[:200]
+        raise UserError(f"model {name} has no usable {what}: {detail}") from exc
+
+
+def load_for_classification(
+    name_or_path: str | os.PathLike,
+    *,
+    num_labels: int | None = None,
+    dropout: float | None = None,
+    id2label: dict[int, str] | None = None,
+    from_scratch: bool = False,
+    seed: int | None = None,
+):
+    """Load a classifier and its processor: ``(model, tokenizer)`` for text, ``(model, image_processor)``
+    for images.
+
+    ``name_or_path`` is an alias (``minilm``), a built-in spec (``vit-digits``, random weights), a
+    Hugging Face folder or hub id, or — with ``from_scratch`` — a folder/config.json whose
+    architecture is built with random weights. A checkpoint without a classification head, or with
+    one of another size than ``num_labels``, gets a new head. ``dropout`` overrides every dropout
+    probability of the config. ``seed`` seeds the random initialisation of new weights.
+    """
+    import transformers
+    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+
+    name = str(name_or_path)
+    builtin = name in BUILTIN_SPECS
+    from_scratch = from_scratch or builtin or _is_config_file(name)
+    config = load_config(name)
+    kind = "image" if is_image_model(config) else "text"
+    resize_head = num_labels is not None and int(num_labels) != config.num_labels
+    if num_labels is not None:
+        config.num_labels = int(num_labels)
+    if id2label:
+        config.id2label = {int(k): str(v) for k, v in id2label.items()}
+        config.label2id = {v: k for k, v in config.id2label.items()}
+    if dropout is not None:
+        _set_dropout(config, dropout)
+    auto = AutoModelForImageClassification if kind == "image" else AutoModelForSequenceClassification
+    if seed is not None:
+        transformers.set_seed(seed)
+    if from_scratch:
+        try:
+            model = auto.from_config(config)
+        except ValueError as exc:
+            raise UserError(f"model {name}: {config.model_type} has no {kind}-classification architecture") from exc
+        if builtin:
+            processor = default_image_processor(config) if kind == "image" else None
+            if processor is None:  # pragma: no cover - all built-ins are image models
+                raise UserError(f"built-in model {name} has no processor")
+            return model, processor
+        source = str(Path(name).expanduser().parent) if _is_config_file(name) else resolve_model(name)
+        return model, _load_processor(source, kind, config, name, from_scratch=True)
+    source = resolve_model(name)
+    try:
+        model = auto.from_pretrained(source, config=config, ignore_mismatched_sizes=resize_head)
+    except ValueError as exc:
+        raise UserError(f"model {name}: {' '.join(str(exc).split())[:300]}") from exc
+    except OSError as exc:
+        raise UserError(f"cannot load model {name}: {' '.join(str(exc).split())[:300]}") from exc
+    return model, _load_processor(source, kind, config, name, from_scratch=False)

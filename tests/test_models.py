@@ -1,0 +1,67 @@
+"""Model loading: aliases, classification heads of the right size, dropout, from-scratch ViT."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gradmatch import UserError
+from gradmatch.models import load_for_classification, model_kind
+
+
+def test_new_head_of_the_right_size(tiny_bert):
+    model, tok = load_for_classification(tiny_bert, num_labels=3, seed=0)
+    assert model.classifier.out_features == 3 and model.config.num_labels == 3
+    same, _ = load_for_classification(tiny_bert)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tiny_bert / "model.safetensors"))
+    torch.testing.assert_close(same.classifier.weight, saved["classifier.weight"])
+    assert tok("hello")["input_ids"][0] == tok.cls_token_id
+
+
+def test_minilm_gets_a_head_and_dropout_override(minilm_path):
+    model, tok = load_for_classification("minilm", num_labels=2, dropout=0.0, seed=0,
+                                         id2label={0: "negative", 1: "positive"})
+    assert type(model).__name__ == "BertForSequenceClassification"
+    assert model.config.hidden_dropout_prob == 0.0 and model.config.attention_probs_dropout_prob == 0.0
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    assert model_kind("minilm") == "text"
+    # the encoder weights are MiniLM's own
+    from safetensors.torch import load_file
+
+    saved = load_file(str(minilm_path / "model.safetensors"))
+    key = next(k for k in saved if k.endswith("embeddings.word_embeddings.weight"))
+    torch.testing.assert_close(model.bert.embeddings.word_embeddings.weight, saved[key])
+
+
+def test_vit_digits_from_scratch_is_seeded(tmp_path):
+    a, proc = load_for_classification("vit-digits", seed=3)
+    b, _ = load_for_classification("vit-digits", seed=3)
+    c, _ = load_for_classification("vit-digits", seed=4)
+    assert model_kind("vit-digits") == "image"
+    assert a.config.image_size == 8 and a.config.num_channels == 1 and a.config.num_labels == 10
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["classifier.weight"], sc["classifier.weight"])
+    assert list(proc.image_mean) == [0.5]
+    # a config.json file builds that architecture from scratch, with a default image processor
+    cfg = dict(a.config.to_dict(), hidden_size=32, intermediate_size=64)
+    (tmp_path / "vit.json").write_text(json.dumps(cfg))
+    small, proc2 = load_for_classification(tmp_path / "vit.json", num_labels=10, seed=0)
+    assert small.config.hidden_size == 32 and proc2.size == {"height": 8, "width": 8}
+
+
+def test_bad_models(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_for_classification(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no config.json"):
+        load_for_classification(tmp_path / "empty")
+    from conftest import make_tiny_bert
+
+    make_tiny_bert(tmp_path / "notok", with_tokenizer=False)
+    with pytest.raises(UserError, match="no usable tokenizer"):
+        load_for_classification(tmp_path / "notok")
