@@ -50,9 +50,364 @@ def validation_message(exc, source: str | Path) -> str:
 # =========================================================================== merge configs
 # (owned by the merge engine: MergeConfig and friends)
 
+from typing import Literal  # noqa: E402
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator  # noqa: E402
+
+#: The merge methods, by the name a merge YAML gives in ``method`` (implemented in gradmatch.methods).
+MERGE_METHODS = ("gradient_matching", "task_arithmetic", "average", "fisher_average", "ties", "dare")
+#: Methods that need a Hessian (diagonal Fisher) for every child; gradient matching also for the parent.
+HESSIAN_METHODS = ("gradient_matching", "fisher_average")
+
+
+class _MergeSchema(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GradientMatchingParameters(_MergeSchema):
+    """H_0 = N_0·F_0 + delta_0; the denominator H_0 + Σ α_t H_t must stay positive unless clamped."""
+
+    delta_0: float = Field(1e-12, ge=0, description="prior precision δ added to the parent's Hessian")
+    clamp_denominator: float | None = Field(None, gt=0, description="clamp the denominator to ≥ this instead of failing")
+
+
+class TaskArithmeticParameters(_MergeSchema):
+    """θ_0 + Σ α_t (θ_t − θ_0): no parameters beyond the per-model weights α_t."""
+
+
+class AverageParameters(_MergeSchema):
+    include_base: bool = Field(False, description="also average the parent, with weight base_weight")
+    base_weight: float = Field(1.0, ge=0)
+
+
+class FisherAverageParameters(_MergeSchema):
+    epsilon: float = Field(0.0, ge=0, description="added to every scaled Fisher N_t·F_t (Matena & Raffel's floor)")
+
+
+class TiesParameters(_MergeSchema):
+    density: float = Field(0.2, gt=0, le=1, description="fraction k of each task vector's entries kept (top-k magnitudes)")
+
+
+class DareParameters(_MergeSchema):
+    p: float = Field(0.5, ge=0, lt=1, description="probability of dropping a task-vector entry")
+    seed: int = Field(0, description="seed of the drop masks")
+    combine: Literal["task_arithmetic", "ties"] = "task_arithmetic"
+    density: float = Field(1.0, gt=0, le=1, description="TIES trim after the drop (combine: ties only)")
+
+
+METHOD_PARAMETERS: dict[str, type[BaseModel]] = {
+    "gradient_matching": GradientMatchingParameters,
+    "task_arithmetic": TaskArithmeticParameters,
+    "average": AverageParameters,
+    "fisher_average": FisherAverageParameters,
+    "ties": TiesParameters,
+    "dare": DareParameters,
+}
+
+
+class ModelParameters(_MergeSchema):
+    """Per-model ``parameters`` (mergekit's spelling of the per-model keys)."""
+
+    weight: float | None = None
+    hessian_scale: float | None = Field(None, ge=0)
+
+
+class MergeModelEntry(_MergeSchema):
+    """One child: its folder, its Hessian, its weight α_t (λ_t, w_t) and its Hessian scale N_t."""
+
+    model: str
+    hessian: str | None = None
+    weight: float | None = Field(None, description="α_t (default 1.0)")
+    hessian_scale: float | None = Field(None, ge=0, description="N_t (default: training_metadata.json num_train_examples)")
+    parameters: ModelParameters = Field(default_factory=ModelParameters)
+
+    @model_validator(mode="after")
+    def _fold_parameters(self):
+        for key in ("weight", "hessian_scale"):
+            given = getattr(self.parameters, key)
+            if given is not None:
+                if getattr(self, key) is not None and getattr(self, key) != given:
+                    raise ValueError(f"{key} is given twice with different values ({getattr(self, key)} and parameters.{key} {given})")
+                setattr(self, key, given)
+        return self
+
+
+class MergeConfig(_MergeSchema):
+    """A merge: the method, the parent (base), its Hessian and scale N_0, the children, the method's parameters."""
+
+    method: Literal[MERGE_METHODS]  # type: ignore[valid-type]
+    base: str
+    base_hessian: str | None = None
+    base_hessian_scale: float | None = Field(None, ge=0, description="N_0 (default: the parent's training_metadata.json)")
+    models: list[MergeModelEntry] = Field(min_length=1)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    out_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
+
+    @model_validator(mode="after")
+    def _check_method(self):
+        schema = METHOD_PARAMETERS[self.method]
+        try:
+            parsed = schema.model_validate(self.parameters or {})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            key = ".".join(str(p) for p in first.get("loc", ())) or "(top level)"
+            msg = f"not a parameter of {self.method}" if first.get("type") == "extra_forbidden" else first.get("msg")
+            raise ValueError(f"parameters.{key}: {msg}") from None
+        self.parameters = parsed.model_dump()
+        if self.method in HESSIAN_METHODS:
+            missing = [i for i, m in enumerate(self.models) if not m.hessian]
+            if missing:
+                raise ValueError(f"{self.method} needs a hessian for every model; models[{missing[0]}] ({self.models[missing[0]].model}) has none")
+        if self.method == "gradient_matching" and not self.base_hessian:
+            raise ValueError("gradient_matching needs base_hessian (the parent's Hessian folder)")
+        if self.method in ("average", "fisher_average"):
+            weights = [1.0 if m.weight is None else m.weight for m in self.models]
+            if any(w < 0 for w in weights):
+                raise ValueError(f"{self.method} needs non-negative weights, got {weights}")
+            total = sum(weights) + (self.parameters.get("base_weight", 0.0) if self.parameters.get("include_base") else 0.0)
+            if total <= 0:
+                raise ValueError(f"{self.method} needs weights with a positive sum, got {weights}")
+        return self
+
+    def weights(self) -> list[float]:
+        """α_t of every child (1.0 where not given)."""
+        return [1.0 if m.weight is None else float(m.weight) for m in self.models]
+
 
 # =========================================================================== train / evaluate configs
 # (owned by train.py / evaluate.py: TrainConfig, EvaluateConfig)
+
+import logging as _te_logging  # noqa: E402
+from typing import Literal as _TeLiteral  # noqa: E402
+
+from pydantic import BaseModel as _TeBaseModel, ConfigDict as _TeConfigDict, Field as _TeField  # noqa: E402
+from pydantic import ValidationError as _TeValidationError, field_validator as _te_field_validator  # noqa: E402
+from pydantic import model_validator as _te_model_validator  # noqa: E402
+
+_te_log = _te_logging.getLogger("gradmatch.config")
+
+#: Keys of the original code's config files that have no meaning here: accepted, ignored with a note.
+ORIGINAL_IGNORED_KEYS: dict[str, str] = {
+    "max_output_length": "generation length; classification generates nothing",
+    "save_strategy": "no intermediate checkpoints are kept; the final model is written once",
+    "save_steps": "no intermediate checkpoints are kept",
+    "save_total_limit": "no intermediate checkpoints are kept",
+    "load_best_model_at_end": "the final model is the one written",
+    "metric_for_best_model": "the final model is the one written",
+    "is_training": "implied by the command (train or evaluate)",
+    "track_fim": "implied by method sequence_classification_squared_gradients",
+    "config_name": "the config comes from model_name_or_path",
+    "tokenizer_name": "the tokenizer comes from model_name_or_path",
+    "model_revision": "pin a revision by a local folder or a hub id",
+    "use_auth_token": "log in with `hf auth login` instead",
+    "report_to": "training logs go to training_metadata.json",
+    "do_train": "implied by the command", "do_eval": "implied by dataset_val_split", "do_predict": "implied by the command",
+    "predict_with_generate": "classification generates nothing",
+    "dataset_data_files": "give a local file or folder as dataset_name",
+    "dataset_transformations": "not supported", "dataset_lowercase_entities": "not supported",
+    "dataset_filter_dict": "not supported",
+    "generation_max_len": "classification generates nothing", "generation_beam_size": "classification generates nothing",
+    "generation_do_sample": "classification generates nothing",
+    "generation_length_penalty": "classification generates nothing",
+    "generation_uid_regularization": "classification generates nothing",
+    "generation_no_repeat_ngram_size": "classification generates nothing",
+    "num_return_sequences": "classification generates nothing", "num_sequences_to_keep": "classification generates nothing",
+    "history_max_tokens": "dialogue-only key", "history_max_utterances": "dialogue-only key",
+    "knowledge_max_tokens": "dialogue-only key", "knowledge_truncation_strategy": "dialogue-only key",
+    "user_token": "dialogue-only key", "agent_token": "dialogue-only key", "system_token": "dialogue-only key",
+    "knowledge_sep_token": "dialogue-only key", "knowledge_tag_token": "dialogue-only key",
+    "test_documents_faiss_index_path": "retrieval-only key",
+}
+
+#: Methods of the original code this project runs.
+TRAIN_METHODS = ("sequence_classification", "image_classification")
+FISHER_METHOD = "sequence_classification_squared_gradients"
+
+
+class LoraSettings(_TeBaseModel):
+    """LoRA fine-tuning (peft); the adapters are folded into full weights when the model is saved."""
+
+    model_config = _TeConfigDict(extra="forbid")
+
+    r: int = _TeField(default=8, gt=0, description="rank of the adapters")
+    alpha: float = _TeField(default=16.0, gt=0, description="lora_alpha: the adapters are scaled by alpha / r")
+    dropout: float = _TeField(default=0.0, ge=0, lt=1, description="dropout on the adapters' input")
+    target_modules: list[str] | str | None = _TeField(
+        default=None, description="module names to adapt (default: peft's choice for the architecture, e.g. query, value)"
+    )
+
+
+class _TeBase(_TeBaseModel):
+    """Keys shared by train and evaluate configs (the original's names and meanings)."""
+
+    model_config = _TeConfigDict(extra="forbid", protected_namespaces=())
+
+    method: str = "sequence_classification"
+    model_name_or_path: str
+    dataset_name: str
+    dataset_config_name: str | None = None
+    max_input_length: int = _TeField(default=384, gt=0)
+    per_device_eval_batch_size: int = _TeField(default=8, gt=0)
+    seed: int = 42
+    cache_dir: str | None = None
+    #: keys of the original files that were accepted and ignored (filled in on loading; not a user key)
+    ignored_keys: list[str] = _TeField(default_factory=list, exclude=True)
+
+    @_te_field_validator("model_name_or_path", "dataset_name")
+    @classmethod
+    def _not_empty(cls, value: str) -> str:
+        if not str(value).strip():
+            raise ValueError("must not be empty")
+        return value
+
+
+class TrainConfig(_TeBase):
+    """A fine-tuning run (`gradmatch train`): model, data, AdamW hyperparameters, schedule, output folder."""
+
+    output_dir: str
+    dataset_train_split: str = "train"
+    dataset_val_split: str | None = None
+    num_labels: int | None = _TeField(default=None, ge=1)
+    from_scratch: bool = False
+    per_device_train_batch_size: int = _TeField(default=16, gt=0)
+    gradient_accumulation_steps: int = _TeField(default=1, gt=0)
+    learning_rate: float = _TeField(default=5e-5, gt=0)
+    num_train_epochs: float = _TeField(default=1.0, gt=0)
+    max_steps: int = -1
+    warmup_steps: int = _TeField(default=0, ge=0)
+    lr_scheduler: _TeLiteral["linear", "cosine", "constant"] = "linear"
+    min_lr: float = _TeField(default=0.0, ge=0)
+    optimizer_name: str = "AdamW"
+    beta1: float = _TeField(default=0.9, ge=0, lt=1)
+    beta2: float = _TeField(default=0.999, ge=0, lt=1)
+    eps: float = _TeField(default=1e-8, gt=0)
+    weight_decay: float = _TeField(default=0.0, ge=0)
+    max_grad_norm: float = _TeField(default=1.0, ge=0)
+    dropout: float | None = _TeField(default=None, ge=0, lt=1)
+    logging_strategy: _TeLiteral["no", "steps", "epoch"] = "steps"
+    logging_steps: float = _TeField(default=10, gt=0)
+    evaluation_strategy: _TeLiteral["no", "steps", "epoch"] | None = None
+    eval_steps: float | None = _TeField(default=None, gt=0)
+    overwrite_output_dir: bool = False
+    lora: LoraSettings | None = None
+
+    @_te_field_validator("method")
+    @classmethod
+    def _train_method(cls, value: str) -> str:
+        if value == FISHER_METHOD:
+            raise ValueError(f"{FISHER_METHOD} computes a Fisher: run it with `gradmatch evaluate` or `gradmatch fisher`")
+        if value not in TRAIN_METHODS:
+            raise ValueError(f"unknown method {value!r} (expected one of {', '.join(TRAIN_METHODS)})")
+        return value
+
+    @_te_field_validator("optimizer_name")
+    @classmethod
+    def _adamw_only(cls, value: str) -> str:
+        if value.lower().replace("_", "") not in ("adamw", "adamwtorch"):
+            raise ValueError(f"only AdamW is supported, not {value!r}")
+        return "AdamW"
+
+    @_te_model_validator(mode="after")
+    def _eval_needs_split(self):
+        if self.evaluation_strategy not in (None, "no") and not self.dataset_val_split:
+            raise ValueError(f"evaluation_strategy {self.evaluation_strategy!r} needs dataset_val_split")
+        return self
+
+
+class EvaluateConfig(_TeBase):
+    """An evaluation (`gradmatch evaluate`): metrics and predictions of a model on one split, or — with
+    ``method: sequence_classification_squared_gradients`` — the model's diagonal Fisher on that split."""
+
+    dataset_test_split: str = "test"
+    metric_output_file: str | None = None
+    prediction_output_file: str | None = None
+    output_dir: str | None = None
+    fisher_estimator: _TeLiteral["sampled", "empirical"] = "sampled"
+    fisher_batch_size: int = _TeField(default=16, gt=0)
+    fisher_max_examples: int | None = _TeField(default=None, gt=0)
+
+    @_te_field_validator("method")
+    @classmethod
+    def _eval_method(cls, value: str) -> str:
+        if value not in (*TRAIN_METHODS, FISHER_METHOD):
+            raise ValueError(f"unknown method {value!r} (expected one of {', '.join((*TRAIN_METHODS, FISHER_METHOD))})")
+        return value
+
+    @_te_model_validator(mode="after")
+    def _outputs(self):
+        if self.method == FISHER_METHOD:
+            if not self.output_dir:
+                raise ValueError(f"method {FISHER_METHOD} needs output_dir (the Fisher goes to <output_dir>/hessian)")
+        elif not (self.metric_output_file or self.output_dir):
+            raise ValueError("give metric_output_file (and prediction_output_file) or output_dir")
+        return self
+
+    def is_fisher(self) -> bool:
+        return self.method == FISHER_METHOD
+
+    def metric_path(self) -> Path:
+        return Path(self.metric_output_file) if self.metric_output_file else Path(self.output_dir) / "metrics.json"
+
+    def prediction_path(self) -> Path:
+        if self.prediction_output_file:
+            return Path(self.prediction_output_file)
+        if self.output_dir:
+            return Path(self.output_dir) / "predictions.json"
+        return self.metric_path().with_name(self.metric_path().stem + ".predictions.json")
+
+
+#: Training keys an evaluate config may carry (the original reused one dict for both): ignored there.
+_TRAIN_ONLY_KEYS = set(TrainConfig.model_fields) - set(EvaluateConfig.model_fields) - {"output_dir"}
+#: Evaluate keys a train config may carry: ignored there.
+_EVAL_ONLY_KEYS = set(EvaluateConfig.model_fields) - set(TrainConfig.model_fields) - {"output_dir"}
+_ALIASES = {"lr_scheduler_type": "lr_scheduler", "eval_strategy": "evaluation_strategy", "adam_beta1": "beta1",
+            "adam_beta2": "beta2", "adam_epsilon": "eps", "optim": "optimizer_name"}
+
+
+def _load_te_config(config, schema, other_keys: set[str], what: str):
+    if isinstance(config, schema):
+        return config
+    if isinstance(config, _TeBaseModel):
+        config = config.model_dump()
+    if isinstance(config, (str, Path)):
+        source = str(config)
+        data = read_config_file(config)
+    elif isinstance(config, dict):
+        source = f"{what} config"
+        data = dict(config)
+    else:
+        raise UserError(f"a {what} config must be a file path or a mapping, not {type(config).__name__}")
+    for alias, key in _ALIASES.items():
+        if alias in data:
+            if key in data:
+                raise UserError(f"{source}: give {key} or {alias}, not both")
+            data[key] = data.pop(alias)
+    data.pop("ignored_keys", None)
+    known = set(schema.model_fields) - {"ignored_keys"}
+    unknown = sorted(k for k in data if k not in known and k not in ORIGINAL_IGNORED_KEYS and k not in other_keys)
+    if unknown:
+        raise UserError(f"{source}: unknown key{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}")
+    ignored = sorted(k for k in data if k not in known)
+    for key in ignored:
+        reason = ORIGINAL_IGNORED_KEYS.get(key) or ("a training key" if what == "evaluate" else "an evaluation key")
+        _te_log.warning("note: %s: key %s is ignored (%s)", source, key, reason)
+        data.pop(key)
+    try:
+        cfg = schema.model_validate(data)
+    except _TeValidationError as exc:
+        raise UserError(validation_message(exc, source)) from exc
+    cfg.ignored_keys = ignored
+    return cfg
+
+
+def load_train_config(config) -> TrainConfig:
+    """A TrainConfig from a TrainConfig, a mapping or a JSON/YAML file (original keys accepted)."""
+    return _load_te_config(config, TrainConfig, _EVAL_ONLY_KEYS, "train")
+
+
+def load_evaluate_config(config) -> EvaluateConfig:
+    """An EvaluateConfig from an EvaluateConfig, a mapping or a JSON/YAML file (original keys accepted)."""
+    return _load_te_config(config, EvaluateConfig, _TRAIN_ONLY_KEYS, "evaluate")
 
 
 # =========================================================================== experiment configs

@@ -1,0 +1,472 @@
+"""The merge engine: validate the inputs, stream one tensor name (or block of rows) at a time through a
+merge method, write the result atomically as a Hugging Face folder. Also the `gradmatch merge` flag forms."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradmatch.checkpoints import Checkpoint, ShardedWriter, copy_non_weight_files, find_hessian_folder, parse_size
+from gradmatch.config import HESSIAN_METHODS, MergeConfig, read_config_file, validation_message
+from gradmatch.errors import UserError
+from gradmatch.fsutil import atomic_dir, check_output_dir
+from gradmatch.methods import MergeMethod, MethodError, get_method
+
+__all__ = ["merge", "merge_from_cli", "load_merge_config", "plan_merge", "MergePlan", "DEFAULT_BLOCK_ELEMENTS"]
+
+#: Elementwise methods read a large tensor in blocks of rows holding about this many entries per input.
+DEFAULT_BLOCK_ELEMENTS = 1 << 18
+#: Entries copied from the parent whatever the method (as the original code did), besides non-floating ones.
+_PARENT_ONLY = ("position_ids", "masked_bias")
+_PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
+_OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def load_merge_config(config: MergeConfig | Mapping[str, Any] | str | os.PathLike) -> MergeConfig:
+    """A MergeConfig from itself, a dict of the YAML form, or the path of a YAML/JSON file."""
+    from pydantic import ValidationError
+
+    if isinstance(config, MergeConfig):
+        return config
+    if isinstance(config, Mapping):
+        data, source = dict(config), "merge config"
+    else:
+        data, source = read_config_file(config), str(config)
+    try:
+        return MergeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(validation_message(exc, source).replace("Value error, ", "")) from None
+
+
+# --------------------------------------------------------------------------- planning and validation
+
+
+@dataclass
+class MergePlan:
+    """Everything a merge reads, validated: the checkpoints, α_t, the scales N, and which tensors to merge."""
+
+    config: MergeConfig
+    method: MergeMethod
+    parent: Checkpoint
+    children: list[Checkpoint]
+    parent_hessian: Checkpoint | None
+    hessians: list[Checkpoint | None]
+    alphas: list[float]
+    parent_scale: float | None
+    scales: list[float] | None
+    merged: list[str] = field(default_factory=list)  # tensors computed by the method; the rest come from the parent
+
+    @property
+    def inputs(self) -> list[Checkpoint]:
+        return [c for c in [self.parent, self.parent_hessian, *self.children, *self.hessians] if c is not None]
+
+
+def _local_model(name: str, role: str) -> Path:
+    """A model folder from a path, an alias (``minilm``) or a Hugging Face hub id (downloaded when online)."""
+    from gradmatch.models import resolve_model
+
+    try:
+        resolved = resolve_model(name)
+    except UserError as exc:
+        raise UserError(f"{role}: {exc}") from None
+    path = Path(resolved)
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(resolved))
+    except Exception as exc:  # offline, unknown repository, no network
+        detail = " ".join(str(exc).split())[:200]
+        raise UserError(f"{role} {name} does not exist locally and could not be fetched from the Hugging Face hub: {detail}") from None
+
+
+def _local_hessian(name: str, role: str) -> Path:
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise UserError(f"{role} {name} does not exist")
+    return find_hessian_folder(path)
+
+
+def _training_size(folder: Path) -> int | None:
+    """num_train_examples from a training output's training_metadata.json, if there is one."""
+    meta = folder / "training_metadata.json"
+    if not meta.is_file():
+        return None
+    try:
+        value = json.loads(meta.read_text(encoding="utf-8"))["num_train_examples"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{meta} has no readable num_train_examples: {exc}") from None
+    if not isinstance(value, int) or value <= 0:
+        raise UserError(f"{meta}: num_train_examples must be a positive integer, got {value!r}")
+    return value
+
+
+def _scale(given: float | None, folder: Path, role: str, key: str, default: float | None) -> float:
+    if given is not None:
+        return float(given)
+    found = _training_size(folder)
+    if found is not None:
+        return float(found)
+    if default is not None:
+        return default
+    raise UserError(f"no Hessian scale for {role} {folder}: set {key} (normally its number of training "
+                    "examples; it has no training_metadata.json to take it from)")
+
+
+def _is_mergeable(name: str, dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point and not any(part in name for part in _PARENT_ONLY)
+
+
+def _check_same_architecture(parent: Checkpoint, other: Checkpoint) -> None:
+    if parent.config is None or other.config is None:
+        return
+    for key in ("model_type", "architectures"):
+        mine, theirs = parent.config.get(key), other.config.get(key)
+        if mine is not None and theirs is not None and mine != theirs:
+            raise UserError(f"{other.role} {other.folder} has {key} {theirs} but the base model {parent.folder} has {mine}")
+
+
+def plan_merge(config: MergeConfig, *, clamp_denominator: float | None = None) -> MergePlan:
+    """Open and validate every input (paths, headers, architectures, key sets, shapes, scales) before any work."""
+    method = get_method(config.method)
+    parent = Checkpoint(_local_model(config.base, "base model"), "base model")
+    if parent.config is None:
+        raise UserError(f"base model {parent.folder} is not a model folder: it has no config.json")
+    children = []
+    for i, entry in enumerate(config.models):
+        role = f"models[{i}]"
+        child = Checkpoint(_local_model(entry.model, role), role)
+        _check_same_architecture(parent, child)
+        children.append(child)
+    hessians: list[Checkpoint | None] = [None] * len(children)
+    parent_hessian = None
+    if method.uses_child_hessians:
+        hessians = [Checkpoint(_local_hessian(e.hessian, f"hessian of models[{i}]"), f"hessian of models[{i}]")
+                    for i, e in enumerate(config.models)]
+    if method.uses_parent_hessian:
+        parent_hessian = Checkpoint(_local_hessian(config.base_hessian, "base_hessian"), "base_hessian")
+    for h in [parent_hessian, *hessians]:
+        if h is not None:
+            _check_same_architecture(parent, h)
+
+    merged = [name for name, info in parent.tensors.items() if _is_mergeable(name, info.dtype)]
+    for child in children:
+        for name in child:
+            if name not in parent:
+                raise UserError(f"{child.role} {child.folder} has tensor {name!r} which the base model {parent.folder} lacks")
+        for name in merged:
+            if name not in child:
+                raise UserError(f"{child.role} {child.folder} lacks tensor {name!r} of the base model {parent.folder}")
+            if child.info(name).shape != parent.info(name).shape:
+                raise UserError(f"tensor {name!r} has shape {list(child.info(name).shape)} in {child.info(name).file} "
+                                f"but {list(parent.info(name).shape)} in the base model {parent.info(name).file}")
+    for h in [parent_hessian, *hessians]:
+        if h is None:
+            continue
+        for name in h:
+            if name not in parent:
+                raise UserError(f"{h.role} {h.folder} has tensor {name!r} which the base model {parent.folder} lacks")
+        for name in merged:
+            if name not in h:
+                raise UserError(f"{h.role} {h.folder} lacks tensor {name!r} (needed by {config.method})")
+            info = h.info(name)
+            if info.shape != parent.info(name).shape:
+                raise UserError(f"tensor {name!r} has shape {list(info.shape)} in {info.file} "
+                                f"but {list(parent.info(name).shape)} in the base model {parent.info(name).file}")
+            if not info.is_floating:
+                raise UserError(f"tensor {name!r} of {info.file} is {info.dtype}, not floating point as a Hessian must be")
+
+    scales = parent_scale = None
+    if method.uses_child_hessians:
+        # gradient matching needs the true N_t; Fisher averaging uses the Fisher as stored unless told.
+        default = None if config.method == "gradient_matching" else 1.0
+        scales = [_scale(e.hessian_scale, c.folder, f"models[{i}]", f"models[{i}].hessian_scale", default)
+                  for i, (e, c) in enumerate(zip(config.models, children))]
+    if method.uses_parent_hessian:
+        parent_scale = _scale(config.base_hessian_scale, parent.folder, "the base model", "base_hessian_scale", None)
+    if clamp_denominator is not None and config.method != "gradient_matching":
+        raise UserError(f"--clamp-denominator applies to gradient_matching only, not {config.method}")
+    return MergePlan(config, method, parent, children, parent_hessian, hessians, config.weights(),
+                     parent_scale, scales, merged)
+
+
+def _check_output_not_input(out: Path, plan: MergePlan) -> None:
+    target = out.absolute().resolve()
+    for ckpt in plan.inputs:
+        folder = ckpt.folder.absolute().resolve()
+        if folder == target or target in folder.parents:
+            raise UserError(f"output {out} would replace the input {ckpt.role} {ckpt.folder}")
+
+
+# --------------------------------------------------------------------------- execution
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed that does not depend on the order tensors are processed in."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+class _Executor:
+    """Computes one output tensor at a time from a validated plan."""
+
+    def __init__(self, plan: MergePlan, params: dict[str, Any], device: torch.device, compute: torch.dtype,
+                 block_rows: int | None):
+        self.plan, self.params, self.device, self.compute, self.block_rows = plan, params, device, compute, block_rows
+        self.inputs = plan.method.inputs
+
+    def _load(self, ckpt: Checkpoint, name: str, rows: slice | None, hessian: bool) -> torch.Tensor:
+        tensor = ckpt.read(name, rows).to(self.device, self.compute)
+        where = f"tensor {name!r}" + (f" (rows {rows.start}:{rows.stop})" if rows is not None else "")
+        if not bool(torch.isfinite(tensor).all()):
+            raise UserError(f"{where} of {ckpt.info(name).file} holds NaN or Inf values")
+        if hessian and bool((tensor < 0).any()):
+            raise UserError(f"{where} of {ckpt.info(name).file} has negative values, which a Hessian "
+                            "(a Fisher: mean of squared gradients) cannot have")
+        return tensor
+
+    def _compute(self, name: str, rows: slice | None) -> torch.Tensor:
+        p = self.plan
+        kwargs: dict[str, Any] = {
+            "parent": self._load(p.parent, name, rows, False),
+            "children": [self._load(c, name, rows, False) for c in p.children],
+        }
+        if "alphas" in self.inputs:
+            kwargs["alphas"] = p.alphas
+        if "weights" in self.inputs:
+            kwargs["weights"] = p.alphas
+        if "fishers" in self.inputs:
+            kwargs["fishers"] = [self._load(h, name, rows, True) for h in p.hessians]
+            kwargs["scales"] = p.scales
+        if "parent_fisher" in self.inputs:
+            kwargs["parent_fisher"] = self._load(p.parent_hessian, name, rows, True)
+            kwargs["parent_scale"] = p.parent_scale
+        if "generator" in self.inputs:
+            kwargs["generator"] = torch.Generator().manual_seed(_tensor_seed(self.params.get("seed", 0), name))
+        where = f"tensor {name!r}" + (f" (rows {rows.start}:{rows.stop})" if rows is not None else "")
+        try:
+            result = p.method.function(**kwargs, **self.params)
+        except MethodError as exc:
+            raise UserError(f"{p.config.method}: {where} of {p.parent.info(name).file}: {exc}") from None
+        if not bool(torch.isfinite(result).all()):
+            raise UserError(f"{p.config.method}: {where}: the merged values overflow to NaN or Inf")
+        return result
+
+    def tensor(self, name: str, out_dtype: torch.dtype) -> torch.Tensor:
+        info = self.plan.parent.info(name)
+        if not info.shape or not self.plan.method.elementwise:
+            return self._compute(name, None).to("cpu", out_dtype)
+        row_numel = max(1, info.numel // info.shape[0])
+        rows = self.block_rows or max(1, DEFAULT_BLOCK_ELEMENTS // row_numel)
+        if rows >= info.shape[0]:
+            return self._compute(name, None).to("cpu", out_dtype)
+        out = torch.empty(info.shape, dtype=out_dtype)
+        for start in range(0, info.shape[0], rows):
+            block = slice(start, min(start + rows, info.shape[0]))
+            out[block] = self._compute(name, block).to("cpu", out_dtype)
+        return out
+
+
+def _device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise UserError(f"unknown device {device!r}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device} was asked for but CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"device {device} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def _provenance(plan: MergePlan, params: dict[str, Any], precision: str, out_dtype: str | None) -> dict[str, Any]:
+    from gradmatch import __version__
+
+    c = plan.config
+    return {
+        "gradmatch_version": __version__,
+        "method": c.method,
+        "parameters": params,
+        "base": c.base,
+        "base_hessian": c.base_hessian if plan.parent_hessian is not None else None,
+        "base_hessian_scale": plan.parent_scale,
+        "models": [{"model": e.model, "hessian": e.hessian if plan.hessians[i] is not None else None,
+                    "weight": plan.alphas[i], "hessian_scale": plan.scales[i] if plan.scales else None}
+                   for i, e in enumerate(c.models)],
+        "precision": precision,
+        "out_dtype": out_dtype,
+    }
+
+
+def merge(
+    config: MergeConfig | Mapping[str, Any] | str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    device: str | torch.device = "cpu",
+    precision: str = "float32",
+    out_dtype: str | None = None,
+    max_shard_size: str | int = "5GB",
+    block_rows: int | None = None,
+    clamp_denominator: float | None = None,
+    progress: bool = True,
+) -> Path:
+    """Merge the children of ``config`` into a Hugging Face folder ``out``; return ``out``.
+
+    ``config`` is a :class:`~gradmatch.config.MergeConfig`, a dict of the YAML form, or a YAML/JSON
+    path. Tensors stream one name at a time (elementwise methods: blocks of ``block_rows`` rows) in
+    ``precision`` on ``device``; floating outputs take the parent's dtype unless ``out_dtype`` (or the
+    config's ``out_dtype``) says otherwise; non-floating entries are copied from the parent. The folder
+    appears atomically; any bad input raises :class:`~gradmatch.errors.UserError` and leaves ``out``
+    as it was.
+    """
+    cfg = load_merge_config(config)
+    out = check_output_dir(out, overwrite)
+    if precision not in _PRECISIONS:
+        raise UserError(f"precision must be one of {', '.join(_PRECISIONS)}, not {precision!r}")
+    out_dtype = out_dtype or cfg.out_dtype
+    if out_dtype is not None and out_dtype not in _OUT_DTYPES:
+        raise UserError(f"out dtype must be one of {', '.join(_OUT_DTYPES)}, not {out_dtype!r}")
+    if block_rows is not None and block_rows <= 0:
+        raise UserError(f"block rows must be positive, got {block_rows}")
+    if clamp_denominator is not None and not clamp_denominator > 0:
+        raise UserError(f"the denominator clamp must be positive, got {clamp_denominator}")
+    shard_bytes = parse_size(max_shard_size)
+    dev = _device(device)
+    plan = plan_merge(cfg, clamp_denominator=clamp_denominator)
+    _check_output_not_input(out, plan)
+    params = dict(cfg.parameters)
+    if clamp_denominator is not None:
+        params["clamp_denominator"] = clamp_denominator
+    executor = _Executor(plan, params, dev, _PRECISIONS[precision], block_rows)
+
+    from tqdm.auto import tqdm
+
+    with atomic_dir(out, overwrite) as tmp:
+        copy_non_weight_files(plan.parent.folder, tmp)
+        if out_dtype is not None:
+            _set_config_dtype(tmp / "config.json", out_dtype)
+        writer = ShardedWriter(tmp, shard_bytes)
+        names = list(plan.parent.tensors)
+        merged = set(plan.merged)
+        bar = tqdm(names, desc=f"{cfg.method}", unit="tensor", disable=None if progress else True, leave=False)
+        for name in bar:
+            info = plan.parent.info(name)
+            if name in merged:
+                target = _OUT_DTYPES[out_dtype] if out_dtype else info.dtype
+                writer.add(name, executor.tensor(name, target))
+            else:
+                writer.add(name, plan.parent.read(name))
+        bar.close()
+        writer.finish()
+        (tmp / "merge.json").write_text(json.dumps(_provenance(plan, params, precision, out_dtype), indent=2) + "\n",
+                                        encoding="utf-8")
+    return out
+
+
+def _set_config_dtype(config: Path, out_dtype: str) -> None:
+    """Record a changed weight dtype in the copied config.json (the one change made to the parent's files)."""
+    if not config.is_file():
+        return
+    data = json.loads(config.read_text(encoding="utf-8"))
+    key = "dtype" if "dtype" in data or "torch_dtype" not in data else "torch_dtype"
+    data[key] = out_dtype
+    config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- command line
+
+
+_ORIGINAL_FLAGS = ("pretrained_model_name_or_path", "pretrained_hessian_path", "ft_model_name_or_paths",
+                   "ft_hessian_paths", "scaling_factor_pt", "scaling_factors_ft", "delta_0", "scaling_factor",
+                   "scaling_factors", "out_model_path", "method")
+
+
+def _split(text: str | None) -> list[str]:
+    return [part.strip() for part in text.split(",")] if text else []
+
+
+def _floats(text: str | None, flag: str) -> list[float]:
+    values = []
+    for part in _split(text):
+        try:
+            values.append(float(part))
+        except ValueError:
+            raise UserError(f"--{flag}: {part!r} is not a number") from None
+    return values
+
+
+def config_from_original_flags(args) -> tuple[dict[str, Any], str]:
+    """The merge config and output folder that the original scripts' flags mean.
+
+    Same meaning and defaults as `uncertainty_based_gradient_matching.py` (``--scaling_factor`` 1.0,
+    ``--scaling_factor_pt`` 1.0, ``--delta_0`` 0.0) and `task_arithmetic.py`. The method is
+    gradient_matching when Hessians are given, else task_arithmetic, unless ``--method`` says otherwise.
+    ``--scaling_factors_ft`` defaults to 1.0 per child (the original required it).
+    """
+    if not args.pretrained_model_name_or_path:
+        raise UserError("give a merge YAML and an output folder (gradmatch merge CONFIG.yaml OUT) "
+                        "or the original flags, starting with --pretrained_model_name_or_path")
+    if not args.out_model_path:
+        raise UserError("--out_model_path is required with the original flags")
+    models = _split(args.ft_model_name_or_paths)
+    if not models:
+        raise UserError("--ft_model_name_or_paths is required: the comma-separated fine-tuned models")
+    hessians = _split(args.ft_hessian_paths)
+    method = args.method or ("gradient_matching" if hessians or args.pretrained_hessian_path else "task_arithmetic")
+    if args.scaling_factor is not None and args.scaling_factors:
+        raise UserError("give either --scaling_factor (one α for all) or --scaling_factors (one per model), not both")
+    alphas = _floats(args.scaling_factors, "scaling_factors") or [1.0 if args.scaling_factor is None else args.scaling_factor] * len(models)
+    if len(alphas) != len(models):
+        raise UserError(f"--scaling_factors has {len(alphas)} values but --ft_model_name_or_paths has {len(models)} models")
+    uses_hessians = method in HESSIAN_METHODS
+    if uses_hessians and len(hessians) != len(models):
+        raise UserError(f"--ft_hessian_paths has {len(hessians)} paths but --ft_model_name_or_paths has {len(models)} models")
+    scales = _floats(args.scaling_factors_ft, "scaling_factors_ft") or [1.0] * len(models)
+    if len(scales) != len(models):
+        raise UserError(f"--scaling_factors_ft has {len(scales)} values but --ft_model_name_or_paths has {len(models)} models")
+    if any(s < 0 for s in scales) or (args.scaling_factor_pt is not None and args.scaling_factor_pt < 0):
+        raise UserError("Hessian scaling factors must not be negative")
+    config: dict[str, Any] = {
+        "method": method,
+        "base": args.pretrained_model_name_or_path,
+        "models": [{"model": m, "weight": a} for m, a in zip(models, alphas)],
+    }
+    if uses_hessians:
+        for entry, h, s in zip(config["models"], hessians, scales):
+            entry.update(hessian=h, hessian_scale=s)
+    if method == "gradient_matching":
+        if not args.pretrained_hessian_path:
+            raise UserError("gradient_matching needs --pretrained_hessian_path")
+        config["base_hessian"] = args.pretrained_hessian_path
+        config["base_hessian_scale"] = 1.0 if args.scaling_factor_pt is None else args.scaling_factor_pt
+        config["parameters"] = {"delta_0": 0.0 if args.delta_0 is None else args.delta_0}
+    elif args.delta_0 is not None:
+        raise UserError(f"--delta_0 applies to gradient_matching only, not {method}")
+    return config, args.out_model_path
+
+
+def merge_from_cli(args) -> Path:
+    """Run `gradmatch merge` from parsed arguments: ``CONFIG.yaml OUT`` or the original flags."""
+    flags = [f for f in _ORIGINAL_FLAGS if getattr(args, f, None) is not None]
+    if args.config is not None:
+        if flags:
+            raise UserError(f"give either a merge YAML or the original flags, not both (got --{flags[0]})")
+        if args.out is None:
+            raise UserError("give the output folder: gradmatch merge CONFIG.yaml OUT")
+        config, out = args.config, args.out
+    else:
+        config, out = config_from_original_flags(args)
+    return merge(config, out, overwrite=args.overwrite, device=args.device, precision=args.precision,
+                 out_dtype=args.out_dtype, max_shard_size=args.max_shard_size, block_rows=args.block_rows,
+                 clamp_denominator=args.clamp_denominator, progress=not args.quiet)

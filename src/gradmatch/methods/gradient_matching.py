@@ -1,0 +1,44 @@
+"""Uncertainty-based gradient matching (Daheim et al., ICLR 2024, Eq. 11), one parameter tensor at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from gradmatch.methods.base import MethodError, first_index
+
+
+def gradient_matching(
+    parent: torch.Tensor,
+    children: Sequence[torch.Tensor],
+    *,
+    parent_fisher: torch.Tensor,
+    fishers: Sequence[torch.Tensor],
+    alphas: Sequence[float],
+    parent_scale: float,
+    scales: Sequence[float],
+    delta_0: float = 1e-12,
+    clamp_denominator: float | None = None,
+) -> torch.Tensor:
+    """θ = θ_0 + Σ_t α_t · (H_0 + H_t) / (H_0 + Σ_s α_s H_s) · (θ_t − θ_0),
+
+    with H_0 = N_0·F_0 + δ and H_t = N_t·F_t (F the stored mean squared gradients, N their scales).
+    The denominator must be positive everywhere; where it is not (zero Hessians with δ = 0, or
+    negative α_t outweighing the rest) this raises :class:`MethodError`, unless ``clamp_denominator``
+    is given, in which case the denominator is replaced by max(denominator, clamp_denominator).
+    """
+    H_0 = parent_scale * parent_fisher + delta_0
+    H = [N_t * F_t for N_t, F_t in zip(scales, fishers)]
+    denominator = H_0 + sum(alpha_s * H_s for alpha_s, H_s in zip(alphas, H))
+    if clamp_denominator is not None:
+        denominator = denominator.clamp(min=clamp_denominator)
+    bad = ~(denominator > 0)
+    if bool(bad.any()):
+        raise MethodError(
+            f"the gradient-matching denominator H_0 + Σ α_t H_t is zero or negative at {int(bad.sum())} "
+            f"entr{'y' if int(bad.sum()) == 1 else 'ies'} (first at index {first_index(bad)}); "
+            "set delta_0 > 0 (1e-12 works well) or clamp the denominator (--clamp-denominator EPS)"
+        )
+    update = sum(alpha_t * (H_0 + H_t) * (theta_t - parent) for alpha_t, H_t, theta_t in zip(alphas, H, children))
+    return parent + update / denominator

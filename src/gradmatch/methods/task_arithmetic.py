@@ -1,0 +1,12 @@
+"""Task arithmetic (Ilharco et al., ICLR 2023): add weighted task vectors to the parent."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def task_arithmetic(parent: torch.Tensor, children: Sequence[torch.Tensor], *, alphas: Sequence[float]) -> torch.Tensor:
+    """θ = θ_0 + Σ_t α_t (θ_t − θ_0); a negative α_t removes task t."""
+    return parent + sum(alpha_t * (theta_t - parent) for alpha_t, theta_t in zip(alphas, children))
