@@ -470,3 +470,16 @@ def merge_from_cli(args) -> Path:
     return merge(config, out, overwrite=args.overwrite, device=args.device, precision=args.precision,
                  out_dtype=args.out_dtype, max_shard_size=args.max_shard_size, block_rows=args.block_rows,
                  clamp_denominator=args.clamp_denominator, progress=not args.quiet)
+
+
+class _CallableModule(type(json)):
+    """`gradmatch.merge` names both this module and the function: once the module is imported, Python
+    binds the package attribute to the module, so the module itself forwards calls to :func:`merge`."""
+
+    def __call__(self, *args, **kwargs) -> Path:
+        return merge(*args, **kwargs)
+
+
+import sys as _sys  # noqa: E402
+
+_sys.modules[__name__].__class__ = _CallableModule
