@@ -67,6 +67,48 @@ def _run_merge(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- fisher
+
+
+def _add_fisher(sub) -> None:
+    p = sub.add_parser(
+        "fisher",
+        help="estimate a model's diagonal Fisher (exact per-example squared gradients, batched)",
+        description="Write OUT/hessian/: a model folder whose weights are the mean over examples of squared "
+        "per-example gradients of log p(y|x), plus fisher.json. Under `torchrun --nproc_per_node K -m gradmatch "
+        "fisher ...` the examples are shared out across processes with the same result. See docs/fisher.md.",
+    )
+    p.add_argument("--model", required=True, help="classifier: Hugging Face folder, hub id or alias")
+    p.add_argument("--data", required=True, help="data set: preset, local JSON Lines/CSV file or folder, hub id")
+    p.add_argument("--split", required=True, help="split, `datasets` syntax: train, train[:20%%], test[100:600]")
+    p.add_argument("--estimator", choices=["sampled", "empirical"], default="sampled",
+                   help="sampled: y drawn from the model (default, the original's); empirical: the true label")
+    p.add_argument("--out", required=True, help="output folder (OUT/hessian/ is written)")
+    p.add_argument("--batch-size", type=int, default=16, help="examples per batch (the result does not depend on it)")
+    p.add_argument("--max-examples", type=int, default=None, help="use the first N examples of the split")
+    p.add_argument("--max-length", type=int, default=128, help="truncate texts to this many tokens (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled labels (default 0)")
+    p.add_argument("--data-dir", default=None, help="local data root <root>/<preset>/<split>.jsonl "
+                   "(default: $GRADMATCH_DATA_DIR, else the hub)")
+    p.add_argument("--config-name", default=None, help="the data set's configuration name (hub data sets)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when present)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_fisher)
+
+
+def _run_fisher(args) -> int:
+    from gradmatch.fisher import run_fisher
+
+    out = run_fisher(args.model, args.data, args.split, out=args.out, estimator=args.estimator,
+                     batch_size=args.batch_size, max_examples=args.max_examples, max_length=args.max_length,
+                     seed=args.seed, data_dir=args.data_dir, overwrite=args.overwrite,
+                     config_name=args.config_name, device=args.device, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"Fisher written to {out}/hessian")
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -83,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _COMMANDS = [_add_merge]
+_COMMANDS += [_add_fisher]
 
 
 def main(argv: list[str] | None = None) -> int:

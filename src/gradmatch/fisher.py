@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -412,3 +411,153 @@ def estimate_fisher_reference(model: nn.Module, batches: Iterable[Mapping[str, t
     finally:
         model.train(was_training)
     return {name: s / count for name, s in sums.items()}
+
+
+# --------------------------------------------------------------------------- files: OUT/hessian/
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 over the model's state dict: every entry's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + h.hexdigest()
+
+
+def _check_classification_head(name: str, config) -> None:
+    from gradmatch.models import BUILTIN_SPECS
+
+    if name in BUILTIN_SPECS:
+        return
+    archs = list(getattr(config, "architectures", None) or [])
+    if archs and not any(a.endswith(("ForSequenceClassification", "ForImageClassification")) for a in archs):
+        raise UserError(f"model {name} has no classification head (its architecture is {', '.join(archs)}): "
+                        "the Fisher of log p(y|x) needs a trained classifier; fine-tune it first")
+
+
+def _distributed() -> tuple[int, int, bool]:
+    """(rank, world size, whether we started the process group) under torchrun; (0, 1, False) otherwise."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, False
+    started = False
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+        started = True
+    return dist.get_rank(), dist.get_world_size(), started
+
+
+def _batches(encoded, collate, indices: list[int], batch_size: int):
+    columns = [c for c in encoded.column_names if c not in ("text", "image")]
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start:start + batch_size]
+        rows = encoded[chunk]
+        features = [{c: rows[c][j] for c in columns} for j in range(len(chunk))]
+        batch = dict(collate(features))
+        batch[_INDEX_KEY] = torch.tensor(chunk, dtype=torch.long)
+        yield batch
+
+
+def write_hessian(model: nn.Module, fisher: Mapping[str, torch.Tensor], folder: Path, metadata: dict) -> None:
+    """Write ``folder`` as a Hugging Face model folder whose parameters hold ``fisher`` (float32), plus
+    ``fisher.json``. Float buffers in the state dict (e.g. BatchNorm statistics) are written as zeros."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.data = fisher[name].detach().to(device="cpu", dtype=torch.float32)
+        for name, b in model.named_buffers():
+            if b.is_floating_point():
+                b.data = torch.zeros(b.shape, dtype=torch.float32)
+    model.to("cpu").save_pretrained(folder)
+    (folder / "fisher.json").write_text(json.dumps(metadata, indent=2) + "\n")
+
+
+def run_fisher(model: str, data: str, split: str, *, out: str | os.PathLike, estimator: str = "sampled",
+               batch_size: int = 16, max_examples: int | None = None, max_length: int = 128, seed: int = 0,
+               data_dir: str | os.PathLike | None = None, overwrite: bool = False, config_name: str | None = None,
+               device: str | None = None, progress: bool = True) -> Path:
+    """Estimate the Fisher of ``model`` on ``data``/``split`` and write ``OUT/hessian/`` (atomically).
+
+    Under torchrun the examples are shared out across processes (gloo on CPU, nccl on GPU), the sums
+    all-reduced, and rank 0 writes; the result equals one process's. Returns ``out``.
+    """
+    from gradmatch import __version__
+    from gradmatch.fsutil import atomic_dir, check_output_dir
+
+    if estimator not in ESTIMATORS:
+        raise UserError(f"unknown Fisher estimator {estimator!r} (choose sampled or empirical)")
+    for flag, value in (("--batch-size", batch_size), ("--max-length", max_length)):
+        if int(value) < 1:
+            raise UserError(f"{flag} must be at least 1 (got {value})")
+    if max_examples is not None and int(max_examples) < 1:
+        raise UserError(f"--max-examples must be at least 1 (got {max_examples})")
+    out = check_output_dir(out, overwrite)
+
+    from gradmatch import data as gm_data
+    from gradmatch.models import is_image_model, load_config, load_for_classification
+
+    # Everything the user can get wrong is checked before the weights load (and before any output).
+    name = str(model)
+    config = load_config(name)
+    _check_classification_head(name, config)
+    num_labels = int(config.num_labels)
+    dataset = gm_data.load_split(data, split, config_name=config_name, data_dir=data_dir, num_labels=num_labels)
+    if max_examples is not None and len(dataset) > int(max_examples):
+        dataset = dataset.select(range(int(max_examples)))
+    if len(dataset) == 0:
+        raise UserError(f"data set {data} split {split} has no examples")
+    model_is_image, data_is_image = is_image_model(config), gm_data.split_kind(dataset) == "image"
+    if model_is_image != data_is_image:
+        raise UserError(f"model {name} is {'an image' if model_is_image else 'a text'} classifier but data set {data} "
+                        f"holds {'images' if data_is_image else 'texts'}")
+    net, processor = load_for_classification(name)
+    if int(net.config.num_labels) != num_labels:  # pragma: no cover - the loader keeps the config's head
+        raise UserError(f"model {name}: head has {net.config.num_labels} labels, config {num_labels}")
+    length = gm_data.model_max_length(net, max_length)
+    rank, world, started = _distributed()
+    try:
+        encoded = gm_data.encode(dataset, processor, length)
+        if device is None:
+            device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+        fingerprint = model_fingerprint(net) if rank == 0 else None
+        net.to(device)
+        indices = list(range(rank, len(encoded), world))
+        acc = FisherAccumulator(net, estimator=estimator, seed=seed)
+        with acc.attached(), _progress(len(indices), progress and rank == 0) as bar:  # rank 0's share
+            for batch in _batches(encoded, gm_data.collator(processor), indices, int(batch_size)):
+                bar.update(acc.add(batch))
+        if world > 1:
+            import torch.distributed as dist
+
+            count = torch.tensor([acc.count], dtype=torch.float64, device=device)
+            dist.all_reduce(count)
+            acc.count = int(count.item())
+            for s in acc.sums.values():
+                dist.all_reduce(s)
+        fisher = acc.mean()
+        if rank == 0:
+            metadata = {
+                "estimator": estimator, "num_examples": acc.count, "dataset": str(data), "split": str(split),
+                "config_name": config_name, "seed": int(seed), "max_length": length, "model": name,
+                "model_fingerprint": fingerprint, "num_processes": world,
+                "quantity": "mean over examples of squared per-example gradients of log p(y|x)",
+                "gradmatch_version": __version__,
+            }
+            with atomic_dir(out, overwrite) as tmp:
+                write_hessian(net, fisher, tmp / "hessian", metadata)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return Path(out)
