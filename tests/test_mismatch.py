@@ -1,0 +1,138 @@
+"""gradmatch mismatch: zero when every child equals the parent, larger for a worse merge, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import make_tiny_bert
+from gradmatch.errors import UserError
+from gradmatch.mismatch import gradient_mismatch, loss_gradient
+
+TEXTS = ["a wonderful film", "terrible and boring", "i loved every minute", "awful acting, bad plot",
+         "great fun", "not worth the time", "brilliant and moving", "dull"]
+
+
+def _write_task(path, flip: bool = False):
+    rows = [{"text": t, "label": (i % 2) ^ int(flip)} for i, t in enumerate(TEXTS)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def _perturbed(src, dst, scale: float, seed: int):
+    shutil.copytree(src, dst)
+    weights = load_file(dst / "model.safetensors")
+    g = torch.Generator().manual_seed(seed)
+    noisy = {k: (v + scale * torch.randn(v.shape, generator=g) if v.is_floating_point() else v) for k, v in weights.items()}
+    save_file(noisy, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture
+def setup(tmp_path):
+    parent = make_tiny_bert(tmp_path / "parent")
+    tasks = [_write_task(tmp_path / "data" / "a.jsonl"), _write_task(tmp_path / "data" / "b.jsonl", flip=True)]
+    return tmp_path, parent, tasks
+
+
+def test_zero_mismatch_when_children_equal_parent(setup):
+    tmp, parent, tasks = setup
+    result = gradient_mismatch(parent, children=[str(parent), str(parent)], data=tasks, alphas=[0.5, 0.5],
+                               split="train", progress=False)
+    assert [t.mismatch for t in result.tasks] == [0.0, 0.0]
+    assert result.total_mismatch == 0.0
+    assert all(t.grad_norm_merged > 0 for t in result.tasks)  # the gradients themselves are not zero
+
+
+def test_worse_merge_has_larger_mismatch(setup):
+    from gradmatch.merge import merge
+
+    tmp, parent, tasks = setup
+    children = [_perturbed(parent, tmp / f"child{i}", 0.02, seed=i) for i in range(2)]
+    good = merge({"method": "task_arithmetic", "base": str(parent),
+                  "models": [{"model": str(c), "weight": 0.5} for c in children]}, tmp / "good", progress=False)
+    bad = _perturbed(good, tmp / "bad", 0.3, seed=7)  # same record, parameters pushed far away
+    m_good = gradient_mismatch(good, data=tasks, split="train", progress=False)  # children/alphas from merge.json
+    m_bad = gradient_mismatch(bad, data=tasks, split="train", progress=False)
+    assert [t.alpha for t in m_good.tasks] == [0.5, 0.5]
+    assert [t.child for t in m_good.tasks] == [str(c) for c in children]
+    assert m_bad.total_mismatch > 2 * m_good.total_mismatch > 0
+    for g, b in zip(m_good.tasks, m_bad.tasks):
+        assert b.mismatch > g.mismatch
+
+
+def test_mismatch_is_alpha_times_gradient_difference(setup):
+    """One task: the reported value is α‖∇L(θ̄) − ∇L(θ_1)‖ computed the simple way, one example at a time."""
+    from gradmatch.models import load_for_classification
+
+    tmp, parent, tasks = setup
+    child = _perturbed(parent, tmp / "child", 0.05, seed=3)
+    result = gradient_mismatch(parent, children=[str(child)], data=tasks[:1], alphas=[0.7], split="train",
+                               batch_size=3, progress=False)
+
+    def reference_grad(path):
+        model, tok = load_for_classification(path)
+        model.eval()
+        total = None
+        for i, text in enumerate(TEXTS):
+            enc = tok(text, return_tensors="pt")
+            model.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(**enc).logits, torch.tensor([i % 2]))
+            loss.backward()
+            g = [p.grad.double().clone() for p in model.parameters()]
+            total = g if total is None else [a + b for a, b in zip(total, g)]
+        return [t / len(TEXTS) for t in total]
+
+    diff = [0.7 * (a - b) for a, b in zip(reference_grad(str(parent)), reference_grad(str(child)))]
+    expected = math.sqrt(sum(float((d * d).sum()) for d in diff))
+    assert result.tasks[0].mismatch == pytest.approx(expected, rel=1e-4)
+    assert result.total_mismatch == pytest.approx(expected, rel=1e-4)
+
+
+def test_loss_gradient_rejects_empty():
+    with pytest.raises(UserError):
+        loss_gradient(torch.nn.Linear(2, 2), [])
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "gradmatch", "mismatch", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("case", ["no_record", "alpha_count", "bad_alpha", "existing_out"])
+def test_cli_bad_input(setup, case):
+    tmp, parent, tasks = setup
+    out = tmp / "m.json"
+    args = {
+        "no_record": [str(parent), "--data", tasks[0]],
+        "alpha_count": [str(parent), "--children", f"{parent},{parent}", "--alphas", "1", "--data", tasks[0]],
+        "bad_alpha": [str(parent), "--children", str(parent), "--alphas", "x", "--data", tasks[0]],
+        "existing_out": [str(parent), "--children", str(parent), "--alphas", "1", "--data", tasks[0], "--out", str(out)],
+    }[case]
+    if case == "existing_out":
+        out.write_text("keep")
+    proc = _cli(*args)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gradmatch: error:"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    if case == "existing_out":
+        assert out.read_text() == "keep"
+
+
+def test_cli_writes_json(setup):
+    tmp, parent, tasks = setup
+    out = tmp / "m.json"
+    proc = _cli(str(parent), "--children", str(parent), "--alphas", "1", "--data", tasks[0], "--split", "train",
+                "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert data["total_mismatch"] == 0.0 and data["tasks"][0]["num_examples"] == len(TEXTS)
