@@ -67,6 +67,164 @@ def _run_merge(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- run / report / demo (pipeline)
+
+
+def _add_executor_flags(p) -> None:
+    p.add_argument("--cores", type=int, default=None, help="CPU cores Snakemake may use at once (default: all)")
+    p.add_argument("--executor", default="local",
+                   help="Snakemake executor: local (default), slurm, or any installed executor plugin")
+    p.add_argument("--jobs", type=int, default=None, help="jobs submitted at once on a cluster executor (default: 8)")
+    slurm = p.add_argument_group("SLURM (with --executor slurm)")
+    slurm.add_argument("--slurm-partition", default=os.environ.get("GRADMATCH_SLURM_PARTITION"),
+                       help="partition (default: $GRADMATCH_SLURM_PARTITION, else the cluster's default)")
+    slurm.add_argument("--slurm-account", default=os.environ.get("GRADMATCH_SLURM_ACCOUNT"),
+                       help="account (default: $GRADMATCH_SLURM_ACCOUNT, else none: --slurm-no-account)")
+    slurm.add_argument("--slurm-status-command", choices=["squeue", "sacct"], default="squeue",
+                       help="how job states are read (sacct needs an accounting database; default: squeue)")
+    p.add_argument("--snakemake-args", default="", metavar="'ARGS'",
+                   help="more Snakemake arguments, as one quoted string (e.g. '--latency-wait 60')")
+
+
+def _executor_kwargs(args) -> dict:
+    import shlex
+
+    from gradmatch.pipeline.runner import SlurmOptions, check_executor
+
+    if args.cores is not None and args.cores <= 0:
+        raise UserError(f"--cores must be positive, not {args.cores}")
+    if args.jobs is not None and args.jobs <= 0:
+        raise UserError(f"--jobs must be positive, not {args.jobs}")
+    check_executor(args.executor)
+    slurm = SlurmOptions(partition=args.slurm_partition or None, account=args.slurm_account or None,
+                         status_command=args.slurm_status_command)
+    try:
+        extra = shlex.split(args.snakemake_args)
+    except ValueError as exc:
+        raise UserError(f"--snakemake-args: {exc}") from exc
+    return dict(cores=args.cores, executor=args.executor, jobs_limit=args.jobs, slurm=slurm, extra_args=extra)
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run an experiment (train, Fisher, merges, evaluation, report) with Snakemake",
+        description="Turn an experiment YAML into hashed jobs and run them with Snakemake, locally or on a "
+        "cluster (--executor slurm). Finished jobs are skipped; an interrupted run resumes.",
+    )
+    p.add_argument("experiment", help="experiment YAML (see docs/pipeline.md)")
+    p.add_argument("--workdir", default=None, help="run folder (default: runs/<experiment name>)")
+    p.add_argument("--data-dir", default=None, help="local data root for the presets (default: $GRADMATCH_DATA_DIR)")
+    p.add_argument("--dry-run", "-n", action="store_true", help="list the jobs and what would run; run nothing")
+    _add_executor_flags(p)
+    p.set_defaults(func=_run_run)
+
+
+def _run_run(args) -> int:
+    from gradmatch.pipeline.runner import run_experiment
+
+    result = run_experiment(args.experiment, workdir=args.workdir, data_dir=args.data_dir, dry_run=args.dry_run,
+                            **_executor_kwargs(args))
+    if args.dry_run or result.returncode:
+        return result.returncode
+    print(f"report: {result.report_dir / 'report.md'} (plots beside it)")
+    return 0
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="table, JSON and α plots of a run folder",
+                       description="Build the report of a run folder from whatever has finished.")
+    p.add_argument("run_dir", help="the run folder (holds plan.json)")
+    p.add_argument("--out", default=None, help="report folder (default: RUN_DIR/report)")
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(args) -> int:
+    from gradmatch.pipeline.report import markdown_table, report_run
+
+    out, results = report_run(args.run_dir, args.out)
+    print(markdown_table(results))
+    if results["missing"]:
+        print(f"not finished yet: {', '.join(results['missing'])}")
+    print(f"report: {out / 'report.md'}; plots: {out / 'alpha_average.png'}, {out / 'alpha_per_task.png'}, "
+          f"{out / 'best_per_task.png'}")
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the built-in experiment: digit domains, a small ViT, every merge method",
+                       description="Run the embedded demo experiment offline (scikit-learn digits as image "
+                       "domains, a small ViT trained from scratch, children per domain, every merge with an α "
+                       "sweep) and print its table.")
+    p.add_argument("--out", default="gradmatch-demo", help="run folder (default: ./gradmatch-demo)")
+    p.add_argument("--dry-run", "-n", action="store_true", help="list the jobs; run nothing")
+    p.add_argument("--print-config", action="store_true", help="print the demo's experiment YAML and exit")
+    _add_executor_flags(p)
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from gradmatch.demo import DEMO_EXPERIMENT, run_demo
+
+    if args.print_config:
+        print(DEMO_EXPERIMENT.read_text(), end="")
+        return 0
+    return run_demo(args.out, dry_run=args.dry_run, **_executor_kwargs(args))
+
+
+# --------------------------------------------------------------------------- train / evaluate
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a model from a JSON/YAML config (the original's keys)",
+        description="Fine-tune a classifier with Hugging Face Trainer (AdamW, warmup + linear/cosine schedule, "
+        "optional LoRA) and write a model folder with training_metadata.json. Keys: docs/config.md.",
+    )
+    p.add_argument("config", help="train config (.json or .yaml)")
+    p.add_argument("--data-dir", default=None, help="local data root <root>/<preset>/<split>.jsonl "
+                   "(default: $GRADMATCH_DATA_DIR, else the hub)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> int:
+    from gradmatch.train import train
+
+    out = train(args.config, data_dir=args.data_dir, overwrite=args.overwrite, quiet=args.quiet)
+    print(f"trained model written to {out}")
+    return 0
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="evaluate a model (or, with the original's Fisher method, estimate its Fisher) from a config",
+        description="Write accuracy, macro-F1 and predictions of a model on a split; a config with method "
+        "sequence_classification_squared_gradients writes <output_dir>/hessian instead. Keys: docs/config.md.",
+    )
+    p.add_argument("config", help="evaluate config (.json or .yaml)")
+    p.add_argument("--data-dir", default=None, help="local data root <root>/<preset>/<split>.jsonl "
+                   "(default: $GRADMATCH_DATA_DIR, else the hub)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files (atomically)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    from gradmatch.evaluate import evaluate
+
+    result = evaluate(args.config, data_dir=args.data_dir, overwrite=args.overwrite, quiet=args.quiet)
+    if "fisher" in result:
+        print(f"Fisher written to {result['fisher']}")
+    else:
+        print(f"accuracy {result['accuracy']:.4f}  macro-F1 {result['macro_f1']:.4f}  "
+              f"on {result['num_examples']} examples of {result['dataset']} {result['split']}")
+    return 0
+
+
 # --------------------------------------------------------------------------- fisher
 
 
@@ -109,6 +267,56 @@ def _run_fisher(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- mismatch
+
+
+def _add_mismatch(sub) -> None:
+    p = sub.add_parser(
+        "mismatch",
+        help="the gradient mismatch of a merged model against its children",
+        description="For each task t: ||alpha_t (grad L_t(merged) - grad L_t(child_t))|| on held-out data, "
+        "and the norm of their sum (Daheim et al., ICLR 2024, section 3). Children and alphas default to "
+        "the merge's merge.json, data sets to each child's training data set.",
+    )
+    p.add_argument("merged", help="a merged model folder (written by gradmatch merge)")
+    p.add_argument("--children", help="comma-separated child folders (default: from merge.json)")
+    p.add_argument("--alphas", help="comma-separated alpha_t (default: from merge.json)")
+    p.add_argument("--data", action="append", help="the data set of each child, in order (repeat the flag)")
+    p.add_argument("--split", default="test", help="held-out split (datasets syntax, default: test)")
+    p.add_argument("--data-dir", default=None, help="local root of the data set presets")
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", default=None, help="write the result as JSON here")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_run_mismatch)
+
+
+def _run_mismatch(args) -> int:
+    import json
+
+    from gradmatch.fsutil import atomic_file
+    from gradmatch.mismatch import gradient_mismatch
+
+    if args.out and os.path.exists(args.out) and not args.overwrite:
+        raise UserError(f"output {args.out} already exists (pass --overwrite to replace it)")
+    children = [c.strip() for c in args.children.split(",")] if args.children else None
+    try:
+        alphas = [float(a) for a in args.alphas.split(",")] if args.alphas else None
+    except ValueError:
+        raise UserError(f"--alphas must be comma-separated numbers, not {args.alphas!r}") from None
+    result = gradient_mismatch(args.merged, children=children, data=args.data, alphas=alphas, split=args.split,
+                               max_length=args.max_length, batch_size=args.batch_size, data_dir=args.data_dir)
+    print(f"{'task':<24} {'alpha':>6} {'mismatch':>10} {'error':>7}")
+    for t in result.tasks:
+        print(f"{t.task[-24:]:<24} {t.alpha:>6.3g} {t.mismatch:>10.4g} {t.error_merged:>7.3f}")
+    print(f"total mismatch {result.total_mismatch:.4g}, mean error {result.mean_error:.3f}")
+    if args.out:
+        with atomic_file(args.out) as fh:
+            json.dump(result.to_json(), fh, indent=2)
+        print(f"written to {args.out}")
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -124,8 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS = [_add_merge]
+_COMMANDS = [_add_merge, _add_train, _add_evaluate]
+_COMMANDS += [_add_run, _add_report, _add_demo]  # the pipeline's commands
 _COMMANDS += [_add_fisher]
+_COMMANDS += [_add_mismatch]
 
 
 def main(argv: list[str] | None = None) -> int:
