@@ -1,0 +1,37 @@
+# Snakemake workflow of a gradmatch experiment: one rule per job of the plan that `gradmatch run` writes.
+# Run through `gradmatch run` (or gradmatch.pipeline.runner.run_jobs), which passes --config plan=PLAN.json.
+import json
+
+_plan = json.load(open(config["plan"]))
+_python = _plan["python"]
+
+
+rule all:
+    default_target: True
+    input:
+        [f"work/{job['hash']}" for job in _plan["jobs"]],
+
+
+for _job in _plan["jobs"]:
+    _res = {"mem_mb": _job["resources"]["mem_mb"], "runtime": _job["resources"]["runtime"]}
+    if _job["resources"]["gpus"]:
+        _res["gpu"] = _job["resources"]["gpus"]
+
+    rule:
+        name:
+            _job["rule"]
+        input:
+            [f"work/{h}" for h in _job["deps"]],
+        output:
+            directory(f"work/{_job['hash']}"),
+        log:
+            f"logs/{_job['rule']}.{_job['hash']}.log",
+        threads: _job["resources"]["threads"]
+        resources:
+            **_res,
+        params:
+            # directive arguments are evaluated now; the shell command itself runs later (after the loop)
+            python=_python,
+            spec=_job["spec"],
+        shell:
+            "'{params.python}' -m gradmatch.pipeline.jobs '{params.spec}' --threads {threads} > '{log}' 2>&1"

@@ -1,0 +1,198 @@
+"""Jobs of an experiment and their hashes: each job's folder is keyed by everything that determines it.
+
+A :class:`Job` is a kind (``prepare``, ``train``, ``fisher``, ``evaluate``, ``merge``, ``report``), its
+parameters and its input jobs. Its hash covers the kind, the parameters and the hashes of its inputs,
+so an unchanged job keeps its folder ``work/<hash>`` across runs and edits rerun only what they touch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from gradmatch.config import ExperimentConfig, Resources, TaskConfig, load_experiment
+
+#: Bump when the meaning of a job's parameters changes, so old folders are not reused.
+HASH_VERSION = 1
+
+#: Where, inside a job's folder, the thing its readable name should point at lives.
+ALIAS_SUBDIR = {"prepare": "data", "train": "model", "fisher": "fisher", "evaluate": "", "merge": "", "report": ""}
+
+
+class Job:
+    """One step of the pipeline: ``kind`` with ``params`` applied to the outputs of ``inputs``.
+
+    ``name`` is the readable alias (``models/child-sst2``) linked to ``work/<hash>`` once the job is
+    done. ``inputs`` maps a role (``model``, ``train``, ``test/sst2``, ...) to the job providing it.
+    """
+
+    def __init__(self, kind: str, name: str, params: dict[str, Any], inputs: dict[str, Job] | None = None,
+                 resources: Resources | None = None):
+        if kind not in ALIAS_SUBDIR:
+            raise ValueError(f"unknown job kind {kind!r}")
+        self.kind = kind
+        self.name = name
+        self.params = json.loads(json.dumps(params))  # plain JSON values, copied
+        self.inputs = dict(inputs or {})
+        self.resources = resources or Resources()
+        self._hash: str | None = None
+
+    @property
+    def hash(self) -> str:
+        """Hex digest of the kind, parameters and input hashes (not the name or resources)."""
+        if self._hash is None:
+            key = {"version": HASH_VERSION, "kind": self.kind, "params": self.params,
+                   "inputs": {role: job.hash for role, job in sorted(self.inputs.items())}}
+            blob = json.dumps(key, sort_keys=True, separators=(",", ":"))
+            self._hash = f"{self.kind}-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return self._hash
+
+    @property
+    def rule(self) -> str:
+        """A Snakemake rule name for the job (its alias made an identifier)."""
+        return re.sub(r"\W", "_", self.name.replace("/", "_").replace("-", "_").replace(".", "_"))
+
+    def folder(self, workdir: str | os.PathLike) -> Path:
+        return Path(workdir) / "work" / self.hash
+
+    def __repr__(self) -> str:
+        return f"Job({self.kind!r}, {self.name!r}, {self.hash})"
+
+
+def toposort(jobs: list[Job]) -> list[Job]:
+    """Every job after its inputs (inputs not listed are added); order otherwise kept."""
+    seen: dict[str, Job] = {}
+
+    def visit(job: Job, stack: tuple[str, ...] = ()) -> None:
+        if job.hash in seen:
+            return
+        if job.hash in stack:
+            raise ValueError(f"job graph has a cycle through {job.name}")
+        for dep in job.inputs.values():
+            visit(dep, stack + (job.hash,))
+        seen[job.hash] = job
+
+    for job in jobs:
+        visit(job)
+    return list(seen.values())
+
+
+# --------------------------------------------------------------------------- experiment → jobs
+
+
+def _fmt_alpha(alpha: float) -> str:
+    return f"{alpha:g}"
+
+
+def build_jobs(experiment: ExperimentConfig | dict | str | os.PathLike, *, data_dir: str | os.PathLike | None = None
+               ) -> list[Job]:
+    """The jobs of an experiment, inputs before the jobs that need them, the report last.
+
+    prepare data (each split once) → train parent → its Fisher; train each child from the parent →
+    its Fisher; one job per merge method (all its α, each evaluated on every task); the multitask
+    model; every model evaluated on every task; the report.
+    """
+    exp = load_experiment(experiment)
+    data_dir = str(Path(data_dir).resolve()) if data_dir else None
+    res = exp.resources.for_kind
+    prepared: dict[str, Job] = {}
+
+    def prepare(name: str, parts) -> Job:
+        params = {"parts": [p.model_dump() for p in parts], "seed": exp.seed, "data_dir": data_dir}
+        job = Job("prepare", name, params, resources=res("prepare"))
+        return prepared.setdefault(job.hash, job)
+
+    def training(task_overrides: dict) -> dict:
+        return {"seed": exp.seed, **exp.training, **task_overrides}
+
+    tests = {t.name: prepare(f"data/{t.name}-test", t.test_parts()) for t in exp.tasks}
+    test_inputs = {f"test/{name}": job for name, job in tests.items()}
+    eval_params = {"tasks": list(tests), **exp.evaluation.model_dump()}
+
+    def train(name: str, task: TaskConfig | None, init: str | Job, data: Job, overrides: dict) -> Job:
+        params = {"training": training(overrides)}
+        inputs = {"train": data}
+        if isinstance(init, Job):
+            inputs["init"] = init
+        else:
+            params["init"] = init
+        return Job("train", name, params, inputs, res("train"))
+
+    def fisher(name: str, model: Job, data: Job) -> Job:
+        params = {**exp.fisher.model_dump(), "seed": exp.seed}
+        return Job("fisher", name, params, {"model": model, "data": data}, res("fisher"))
+
+    def evaluate(label: str, model: Job) -> Job:
+        return Job("evaluate", f"eval/{label}", {"label": label, **eval_params}, {"model": model, **test_inputs},
+                   res("evaluate"))
+
+    jobs: list[Job] = []
+    parent_data = prepare(f"data/{exp.parent.name}-train", exp.parent.train_parts())
+    parent = train("models/parent", exp.parent, exp.model, parent_data, exp.parent.training)
+    parent_fisher = fisher("fisher/parent", parent, parent_data)
+    jobs += [parent, parent_fisher]
+    evals = [("parent", "model", evaluate("parent", parent))]
+    children: dict[str, tuple[Job, Job]] = {}
+    for child in exp.children:
+        data = prepare(f"data/{child.name}-train", child.train_parts())
+        model = train(f"models/child-{child.name}", child, parent, data, child.training)
+        children[child.name] = (model, fisher(f"fisher/child-{child.name}", model, data))
+        jobs += list(children[child.name])
+        evals.append((f"child-{child.name}", "model", evaluate(f"child-{child.name}", model)))
+
+    merges = []
+    for spec in exp.merges:
+        needs_hessian = spec.method in ("gradient_matching", "fisher_average")
+        inputs: dict[str, Job] = {"parent": parent, **test_inputs}
+        if spec.method == "gradient_matching":
+            inputs["parent_fisher"] = parent_fisher
+        for name, (model, fis) in children.items():
+            inputs[f"child/{name}"] = model
+            if needs_hessian:
+                inputs[f"child_fisher/{name}"] = fis
+        params = {"method": spec.method, "label": spec.label, "alphas": spec.alphas, "parameters": spec.parameters,
+                  "children": list(children), "keep_models": spec.keep_models, **eval_params}
+        merges.append((spec.label, "merge", Job("merge", f"merges/{spec.label}", params, inputs, res("merge"))))
+
+    if exp.multitask.enabled:
+        parts = [p for child in exp.children for p in child.train_parts()]
+        data = prepare("data/multitask-train", parts)
+        model = train("models/multitask", None, parent, data, exp.multitask.training)
+        jobs.append(model)
+        evals.append(("multitask", "model", evaluate("multitask", model)))
+
+    rows = evals[:-1] + merges + evals[-1:] if exp.multitask.enabled else evals + merges
+    entries = [{"key": f"{kind}/{label}", "label": label, "kind": kind} for label, kind, _ in rows]
+    report = Job("report", "report", {"experiment": exp.name, "tasks": list(tests), "entries": entries},
+                 {f"{kind}/{label}": job for label, kind, job in rows}, res("report"))
+    jobs += [job for _, _, job in rows] + [report]
+    return toposort(list(prepared.values()) + jobs)
+
+
+def plan_dict(jobs: list[Job], workdir: str | os.PathLike, python: str) -> dict[str, Any]:
+    """What the Snakefile reads: every job with its rule name, dependencies, spec file and resources."""
+    workdir = Path(workdir).resolve()
+    return {
+        "python": python,
+        "workdir": str(workdir),
+        "jobs": [
+            {"hash": j.hash, "kind": j.kind, "name": j.name, "rule": j.rule,
+             "deps": sorted({d.hash for d in j.inputs.values()}),
+             "spec": str(workdir / "jobs" / f"{j.hash}.json"),
+             "resources": j.resources.model_dump()}
+            for j in jobs
+        ],
+    }
+
+
+def job_spec(job: Job, workdir: str | os.PathLike) -> dict[str, Any]:
+    """The JSON a job process reads: kind, parameters, input folders, output folder and alias."""
+    workdir = Path(workdir).resolve()
+    return {"kind": job.kind, "name": job.name, "hash": job.hash, "params": job.params,
+            "inputs": {role: str(dep.folder(workdir)) for role, dep in job.inputs.items()},
+            "out": str(job.folder(workdir)), "workdir": str(workdir),
+            "alias": job.name, "alias_subdir": ALIAS_SUBDIR[job.kind]}

@@ -1,0 +1,288 @@
+"""What each kind of pipeline job does: importable functions with declared inputs and outputs.
+
+Every job function takes ``(params, inputs, out)``: its parameters (JSON values), a mapping of input
+roles to the folders of finished upstream jobs, and an empty folder to fill. Run one from a spec file
+written by the runner: ``python -m gradmatch.pipeline.jobs WORKDIR/jobs/<hash>.json [--threads N]``.
+
+=========  ==============================================  =============================================
+kind       inputs (role → upstream job folder)             writes into ``out``
+=========  ==============================================  =============================================
+prepare    —                                               ``data/`` (a saved ``datasets`` split)
+train      ``train`` (prepare), ``init`` (train, optional) ``model/`` (HF folder + training_metadata.json)
+fisher     ``model`` (train), ``data`` (prepare)           ``fisher/hessian/`` + ``fisher/hessian/fisher.json``
+evaluate   ``model`` (train), ``test/<task>`` (prepare)    ``metrics.json``, ``eval/<task>.json``
+merge      ``parent``, ``child/<t>``, fishers, tests       ``metrics.json``, ``configs/*.yaml`` (rebuild a merge)
+report     ``model/<label>``, ``merge/<label>``            ``report.md``, ``report.json``, ``*.png``
+=========  ==============================================  =============================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from gradmatch.errors import UserError
+from gradmatch.fsutil import atomic_dir, atomic_file
+
+
+def _data(folder: str | Path) -> str:
+    return str(Path(folder) / "data")
+
+
+def _model(folder: str | Path) -> str:
+    return str(Path(folder) / "model")
+
+
+def _fisher(folder: str | Path) -> str:
+    return str(Path(folder) / "fisher")
+
+
+def _write_json(path: Path, value: Any) -> None:
+    with atomic_file(path) as fh:
+        json.dump(value, fh, indent=2, sort_keys=False)
+        fh.write("\n")
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def prepare(params: dict[str, Any], inputs: dict[str, str], out: Path) -> None:
+    """Materialise the concatenation of ``params["parts"]`` (each a split, optionally a seeded subset)."""
+    import datasets
+
+    from gradmatch.data import load_split, save_split
+
+    seed = int(params.get("seed", 0))
+    loaded = []
+    for part in params["parts"]:
+        ds = load_split(part["dataset"], part.get("split", "train"), config_name=part.get("config_name"),
+                        data_dir=params.get("data_dir"))
+        size = part.get("size")
+        if size is not None and size < len(ds):
+            ds = ds.shuffle(seed=seed).select(range(size)).flatten_indices()
+        elif size is not None:
+            print(f"{part['dataset']} {part.get('split')}: asked for {size} examples, it has {len(ds)}; using all")
+        loaded.append(ds)
+    if len(loaded) > 1:
+        features = loaded[0].features
+        loaded = [ds if ds.features == features else ds.cast(features) for ds in loaded]
+        result = datasets.concatenate_datasets(loaded)
+    else:
+        result = loaded[0]
+    save_split(result, out / "data")
+    _write_json(out / "summary.json", {"num_examples": len(result), "columns": result.column_names})
+    print(f"prepared {len(result)} examples")
+
+
+# --------------------------------------------------------------------------- train
+
+
+def train(params: dict[str, Any], inputs: dict[str, str], out: Path) -> None:
+    """Fine-tune ``init`` (an upstream model, else ``params["init"]``) on ``train``'s data."""
+    from gradmatch.train import train as train_model
+
+    init = _model(inputs["init"]) if "init" in inputs else params["init"]
+    config = {**params["training"], "model_name_or_path": init, "dataset_name": _data(inputs["train"]),
+              "dataset_train_split": "train", "output_dir": _model(out)}
+    train_model(config)
+
+
+# --------------------------------------------------------------------------- fisher
+
+
+def fisher(params: dict[str, Any], inputs: dict[str, str], out: Path) -> None:
+    """Diagonal Fisher of ``model`` on ``data`` (the model's own training data)."""
+    from gradmatch.fisher import run_fisher
+
+    run_fisher(_model(inputs["model"]), _data(inputs["data"]), "train", out=_fisher(out),
+               estimator=params["estimator"], batch_size=params["batch_size"], max_examples=params["max_examples"],
+               max_length=params["max_length"], seed=params["seed"])
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def evaluate_model(model: str | Path, tests: dict[str, str], params: dict[str, Any], out: Path,
+                   predictions: bool = True) -> dict[str, dict[str, float]]:
+    """Evaluate one model folder on every task's prepared test data; metrics per task."""
+    from gradmatch.evaluate import evaluate
+
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for task, folder in tests.items():
+        config = {"model_name_or_path": str(model), "dataset_name": _data(folder), "dataset_test_split": "test",
+                  "per_device_eval_batch_size": params.get("batch_size", 64),
+                  "max_input_length": params.get("max_length", 128),
+                  "metric_output_file": str(out / f"{task}.json")}
+        if predictions:
+            config["prediction_output_file"] = str(out / f"{task}-predictions.jsonl")
+        metrics = evaluate(config, overwrite=True)
+        results[task] = {k: metrics[k] for k in ("accuracy", "macro_f1", "num_examples") if k in metrics}
+        print(f"  {task}: accuracy {results[task]['accuracy']:.4f}", flush=True)
+    return results
+
+
+def _tests(params: dict[str, Any], inputs: dict[str, str]) -> dict[str, str]:
+    return {task: inputs[f"test/{task}"] for task in params["tasks"]}
+
+
+def evaluate(params: dict[str, Any], inputs: dict[str, str], out: Path) -> None:
+    """Evaluate ``model`` on every task; ``metrics.json`` holds accuracy and macro-F1 per task."""
+    print(f"evaluating {params['label']}", flush=True)
+    tasks = evaluate_model(_model(inputs["model"]), _tests(params, inputs), params, out / "eval")
+    _write_json(out / "metrics.json", {"label": params["label"], "kind": "model", "tasks": tasks})
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def merge_config(params: dict[str, Any], inputs: dict[str, str], alpha: float) -> dict[str, Any]:
+    """The merge YAML (as a dict) for one α: what `gradmatch merge CONFIG OUT` needs to rebuild it."""
+    method = params["method"]
+    config: dict[str, Any] = {"method": method, "base": _model(inputs["parent"])}
+    if "parent_fisher" in inputs:
+        config["base_hessian"] = _fisher(inputs["parent_fisher"])
+        config["base_hessian_scale"] = _num_train_examples(inputs["parent"])
+    models = []
+    for child in params["children"]:
+        entry: dict[str, Any] = {"model": _model(inputs[f"child/{child}"]), "weight": float(alpha)}
+        if f"child_fisher/{child}" in inputs:
+            entry["hessian"] = _fisher(inputs[f"child_fisher/{child}"])
+            entry["hessian_scale"] = _num_train_examples(inputs[f"child/{child}"])
+        models.append(entry)
+    config["models"] = models
+    if params.get("parameters"):
+        config["parameters"] = dict(params["parameters"])
+    return config
+
+
+def _num_train_examples(train_folder: str) -> int:
+    meta = Path(_model(train_folder)) / "training_metadata.json"
+    try:
+        return int(json.loads(meta.read_text())["num_train_examples"])
+    except (OSError, KeyError, ValueError) as exc:
+        raise UserError(f"cannot read num_train_examples from {meta}: {exc}") from exc
+
+
+def merge(params: dict[str, Any], inputs: dict[str, str], out: Path) -> None:
+    """Merge the children at every α, evaluate each merge on every task, keep the metrics.
+
+    The merged models are deleted after evaluation unless ``keep_models``; ``configs/`` keeps the
+    merge YAML of each α, so ``gradmatch merge configs/alpha-1.yaml OUT`` rebuilds any of them.
+    """
+    import yaml
+
+    from gradmatch.merge import merge as merge_models
+
+    tests = _tests(params, inputs)
+    results = []
+    for alpha in params["alphas"]:
+        tag = f"alpha-{alpha:g}"
+        config = merge_config(params, inputs, alpha)
+        (out / "configs").mkdir(exist_ok=True)
+        with atomic_file(out / "configs" / f"{tag}.yaml") as fh:
+            yaml.safe_dump(config, fh, sort_keys=False)
+        model_dir = out / "models" / tag
+        print(f"{params['label']}: merging at α = {alpha:g}", flush=True)
+        merge_models(config, model_dir, progress=False)
+        tasks = evaluate_model(model_dir, tests, params, out / "eval" / tag, predictions=False)
+        results.append({"alpha": float(alpha), "tasks": tasks})
+        if not params.get("keep_models"):
+            shutil.rmtree(model_dir)
+    with contextlib.suppress(OSError):
+        (out / "models").rmdir()  # empty unless models are kept
+    _write_json(out / "metrics.json", {"label": params["label"], "kind": "merge", "method": params["method"],
+                                       "parameters": params.get("parameters", {}), "alphas": results})
+
+
+# --------------------------------------------------------------------------- report
+
+
+def report(params: dict[str, Any], inputs: dict[str, str], out: Path) -> None:
+    """Table, JSON and plots from every evaluation and merge of the experiment."""
+    from gradmatch.pipeline.report import collect, write_report
+
+    results = collect(params, inputs)
+    write_report(results, out)
+    print((out / "report.md").read_text())
+
+
+#: The job functions by kind.
+JOB_FUNCTIONS = {"prepare": prepare, "train": train, "fisher": fisher, "evaluate": evaluate, "merge": merge,
+                 "report": report}
+
+
+# --------------------------------------------------------------------------- running one job
+
+
+def _set_threads(threads: int, kind: str) -> None:
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    if kind in ("train", "fisher", "evaluate", "merge"):
+        import torch
+
+        torch.set_num_threads(threads)
+        with contextlib.suppress(RuntimeError):
+            torch.set_num_interop_threads(1)
+
+
+def link_alias(workdir: str | Path, alias: str, target: str | Path) -> Path:
+    """Point ``workdir/alias`` at ``target`` with a relative symlink, replaced atomically."""
+    link = Path(workdir) / alias
+    link.parent.mkdir(parents=True, exist_ok=True)
+    rel = os.path.relpath(target, link.parent)
+    tmp = link.parent / f".{link.name}.tmp-{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    os.symlink(rel, tmp)
+    if link.is_dir() and not link.is_symlink():  # e.g. a report written by `gradmatch report`
+        shutil.rmtree(link)
+    os.replace(tmp, link)
+    return link
+
+
+def run_job(spec: dict[str, Any] | str | Path, *, threads: int = 1) -> Path:
+    """Run one job from its spec (dict or JSON file); the output folder appears atomically."""
+    if not isinstance(spec, dict):
+        spec = json.loads(Path(spec).read_text())
+    kind = spec["kind"]
+    out = Path(spec["out"])
+    _set_threads(threads, kind)
+    started = time.time()
+    print(f"[gradmatch] {kind} job {spec['name']} ({spec['hash']}) with {threads} thread(s)", flush=True)
+    with atomic_dir(out, overwrite=True) as tmp:
+        JOB_FUNCTIONS[kind](spec["params"], spec["inputs"], tmp)
+        _write_json(tmp / "job.json", {**{k: spec[k] for k in ("kind", "name", "hash", "params", "inputs")},
+                                       "seconds": round(time.time() - started, 2)})
+    if spec.get("alias"):
+        link_alias(spec["workdir"], spec["alias"], out / spec.get("alias_subdir", ""))
+    print(f"[gradmatch] done in {time.time() - started:.1f} s: {out}", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gradmatch.pipeline.jobs", description=__doc__.splitlines()[0])
+    parser.add_argument("spec", help="the job's JSON spec (WORKDIR/jobs/<hash>.json)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    try:
+        run_job(args.spec, threads=args.threads)
+    except UserError as exc:
+        print(f"gradmatch: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except Exception:
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Hand an experiment's jobs to Snakemake (local executor, or SLURM / any executor plugin) and resume.
+
+The run folder holds ``plan.json`` (what the Snakefile reads), ``jobs/<hash>.json`` (one spec per
+job), ``work/<hash>/`` (finished jobs), ``logs/`` and readable links (``models/child-sst2``,
+``merges/gradient_matching``, ``report``) to finished jobs' folders.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gradmatch.config import load_experiment
+from gradmatch.errors import UserError
+from gradmatch.fsutil import atomic_file
+from gradmatch.pipeline.graph import ALIAS_SUBDIR, Job, build_jobs, job_spec, plan_dict, toposort
+
+SNAKEFILE = Path(__file__).with_name("Snakefile.smk")
+#: Lines of a failed job's log shown on the terminal.
+LOG_TAIL_LINES = 20
+
+
+@dataclass
+class SlurmOptions:
+    """How jobs are submitted with ``--executor slurm`` (see docs/pipeline.md)."""
+
+    partition: str | None = None   # default: the cluster's default partition
+    account: str | None = None     # default: none (--slurm-no-account)
+    status_command: str = "squeue"  # sacct needs an accounting database; squeue always answers
+    init_seconds: int = 1           # first status check after this many seconds
+    extra: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunResult:
+    """What a run did: its folder, the jobs, which were already done, which failed."""
+
+    workdir: Path
+    jobs: list[Job]
+    already_done: list[Job]
+    failed: list[Job]
+    returncode: int
+
+    @property
+    def report_dir(self) -> Path:
+        return self.workdir / "report"
+
+
+def job_done(job: Job, workdir: Path) -> bool:
+    return (job.folder(workdir) / "job.json").is_file()
+
+
+@contextlib.contextmanager
+def _run_lock(workdir: Path):
+    """Only one gradmatch run per folder; the lock dies with the process (a killed run frees it)."""
+    lock_path = workdir / ".gradmatch-run.lock"
+    fh = open(lock_path, "w")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise UserError(f"another gradmatch run is using {workdir} (lock {lock_path})") from None
+    try:
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+def write_plan(jobs: list[Job], workdir: Path) -> Path:
+    """Write every job's spec and the plan the Snakefile reads; returns the plan's path."""
+    (workdir / "jobs").mkdir(parents=True, exist_ok=True)
+    for job in jobs:
+        spec_path = workdir / "jobs" / f"{job.hash}.json"
+        text = json.dumps(job_spec(job, workdir), indent=2) + "\n"
+        if not spec_path.exists() or spec_path.read_text() != text:
+            with atomic_file(spec_path) as fh:
+                fh.write(text)
+    plan_path = workdir / "plan.json"
+    with atomic_file(plan_path) as fh:
+        json.dump(plan_dict(jobs, workdir, sys.executable), fh, indent=2)
+        fh.write("\n")
+    return plan_path
+
+
+def snakemake_command(plan_path: Path, workdir: Path, *, cores: int | None, executor: str, dry_run: bool,
+                      jobs_limit: int | None, slurm: SlurmOptions | None, extra_args: list[str]) -> list[str]:
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
+           "--config", f"plan={plan_path}", "--rerun-incomplete", "--keep-going", "--rerun-triggers", "input",
+           "--nocolor", "--quiet", "host", "reason", *(["rules"] if dry_run else [])]
+    if dry_run:
+        cmd += ["--dry-run"]
+    if executor == "local":
+        cmd += ["--cores", str(cores or os.cpu_count() or 1)]
+    else:
+        cmd += ["--executor", executor, "--jobs", str(jobs_limit or 8), "--latency-wait", "30"]
+        if cores:
+            cmd += ["--local-cores", str(cores)]
+    if executor == "slurm":
+        slurm = slurm or SlurmOptions()
+        cmd += ["--slurm-status-command", slurm.status_command,
+                "--slurm-init-seconds-before-status-checks", str(slurm.init_seconds)]
+        defaults = []
+        if slurm.partition:
+            defaults.append(f"slurm_partition={slurm.partition}")
+        if slurm.account:
+            defaults.append(f"slurm_account={slurm.account}")
+        else:
+            cmd += ["--slurm-no-account"]
+        if defaults:
+            cmd += ["--default-resources", *defaults]
+        cmd += list(slurm.extra)
+    return cmd + list(extra_args)
+
+
+def _unlock_snakemake(workdir: Path, plan_path: Path) -> None:
+    """A killed Snakemake leaves its lock behind; we hold our own lock, so no other run uses it."""
+    locks = workdir / ".snakemake" / "locks"
+    if locks.is_dir() and any(locks.iterdir()):
+        subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory",
+                        str(workdir), "--config", f"plan={plan_path}", "--unlock", "--quiet", "all"],
+                       check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def refresh_links(jobs: list[Job], workdir: Path) -> None:
+    """Readable names for finished jobs: ``models/parent → ../work/<hash>/model`` and so on."""
+    from gradmatch.pipeline.jobs import link_alias
+
+    for job in jobs:
+        if job_done(job, workdir):
+            link_alias(workdir, job.name, job.folder(workdir) / ALIAS_SUBDIR[job.kind])
+
+
+def _tail(path: Path, n: int = LOG_TAIL_LINES) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join("    " + line for line in lines[-n:])
+
+
+def describe_jobs(jobs: list[Job], workdir: Path) -> str:
+    """One line per job: status, kind, readable name, hash folder."""
+    lines = []
+    for job in jobs:
+        state = "done " if job_done(job, workdir) else "to do"
+        lines.append(f"  [{state}] {job.kind:<8} {job.name:<34} work/{job.hash}")
+    return "\n".join(lines)
+
+
+def run_jobs(jobs: list[Job], workdir: str | os.PathLike, *, cores: int | None = None, executor: str = "local",
+             dry_run: bool = False, jobs_limit: int | None = None, slurm: SlurmOptions | None = None,
+             extra_args: list[str] | None = None, echo=print) -> RunResult:
+    """Run (or with ``dry_run`` list) ``jobs`` in ``workdir`` with Snakemake; finished jobs are skipped."""
+    workdir = Path(workdir).resolve()
+    jobs = toposort(jobs)
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"run folder {workdir} exists and is not a folder")
+    workdir.mkdir(parents=True, exist_ok=True)
+    with _run_lock(workdir):
+        plan_path = write_plan(jobs, workdir)
+        done = [j for j in jobs if job_done(j, workdir)]
+        echo(f"{len(jobs)} jobs in {workdir} ({len(done)} already done, {len(jobs) - len(done)} to run):")
+        echo(describe_jobs(jobs, workdir))
+        cmd = snakemake_command(plan_path, workdir, cores=cores, executor=executor, dry_run=dry_run,
+                                jobs_limit=jobs_limit, slurm=slurm, extra_args=list(extra_args or []))
+        if not dry_run:
+            _unlock_snakemake(workdir, plan_path)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        started = time.time()
+        try:
+            proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL)
+        except FileNotFoundError as exc:  # pragma: no cover - snakemake is a dependency
+            raise UserError(f"cannot start Snakemake: {exc}") from exc
+        if not dry_run:
+            refresh_links(jobs, workdir)
+        failed = [j for j in jobs if not job_done(j, workdir) and _log_of(j, workdir).exists()
+                  and _log_of(j, workdir).stat().st_mtime >= started - 1]
+        if proc.returncode != 0 or failed:
+            for job in failed:
+                echo(f"\njob {job.name} ({job.kind}) failed; log: {_log_of(job, workdir)}\n{_tail(_log_of(job, workdir))}")
+            if not failed:
+                echo(f"\nSnakemake failed (exit {proc.returncode}); see its messages above and {workdir / '.snakemake' / 'log'}")
+        return RunResult(workdir, jobs, done, failed, proc.returncode or (1 if failed else 0))
+
+
+def _log_of(job: Job, workdir: Path) -> Path:
+    return workdir / "logs" / f"{job.rule}.{job.hash}.log"
+
+
+def default_workdir(experiment) -> Path:
+    return Path("runs") / experiment.name
+
+
+def run_experiment(experiment, *, workdir: str | os.PathLike | None = None, data_dir: str | os.PathLike | None = None,
+                   **kwargs) -> RunResult:
+    """Build the jobs of an experiment (file, dict or ExperimentConfig) and run them (see :func:`run_jobs`)."""
+    exp = load_experiment(experiment)
+    data_dir = data_dir or os.environ.get("GRADMATCH_DATA_DIR") or None
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise UserError(f"data root {data_dir} is not a folder")
+    workdir = Path(workdir) if workdir else default_workdir(exp)
+    jobs = build_jobs(exp, data_dir=data_dir)
+    result = run_jobs(jobs, workdir, **kwargs)
+    if not kwargs.get("dry_run"):
+        with atomic_file(result.workdir / "experiment.json") as fh:
+            json.dump(exp.model_dump(mode="json"), fh, indent=2)
+            fh.write("\n")
+    return result
+
+
+def check_executor(executor: str) -> None:
+    """Fail early with one line when the executor plugin is not installed."""
+    if executor == "local":
+        return
+    import importlib.util
+
+    module = f"snakemake_executor_plugin_{executor.replace('-', '_')}"
+    if importlib.util.find_spec(module) is None:
+        raise UserError(f"unknown executor {executor!r}: install snakemake-executor-plugin-{executor}")
+    if executor == "slurm" and shutil.which("sbatch") is None:
+        raise UserError("--executor slurm needs SLURM's sbatch on PATH (no SLURM client found)")
