@@ -45,6 +45,7 @@ class TensorInfo:
     file: Path
     dtype: torch.dtype
     shape: tuple[int, ...]
+    offset: int | None = None  # safetensors: byte offset of the data in the file (validated)
 
     @property
     def numel(self) -> int:
@@ -103,7 +104,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         if end > data_bytes:
             raise UserError(f"{path} is truncated or corrupt: tensor {name!r} ends at byte {end} of the data "
                             f"but the file holds only {data_bytes} bytes of data")
-        tensors.append((begin, TensorInfo(name, path, dtype, shape)))
+        tensors.append((begin, TensorInfo(name, path, dtype, shape, 8 + n + begin)))
     try:  # the library's own checks (contiguous data, full coverage) as a second opinion
         with safe_open(path, framework="pt") as fh:
             fh.keys()
@@ -214,14 +215,38 @@ class Checkpoint:
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
         """Tensor ``name`` (only rows ``rows`` of its first dimension, if given), in its stored dtype."""
         info = self.tensors[name]
-        if info.file.suffix == ".safetensors":
-            try:
-                with safe_open(info.file, framework="pt") as fh:
-                    return fh.get_tensor(name) if rows is None else fh.get_slice(name)[rows]
-            except SafetensorError as exc:
-                raise UserError(f"cannot read tensor {name!r} from {info.file}: {exc}") from exc
-        tensor = _load_bin(info.file)[name]
-        return (tensor if rows is None else tensor[rows]).clone()
+        if info.offset is None:
+            tensor = _load_bin(info.file)[name]
+            return (tensor if rows is None else tensor[rows]).clone()
+        shape, offset = info.shape, info.offset
+        if rows is not None:
+            start, stop, _ = rows.indices(shape[0])
+            row_bytes = math.prod(shape[1:]) * info.dtype.itemsize
+            shape, offset = (max(0, stop - start), *shape[1:]), offset + start * row_bytes
+        tensor = torch.empty(shape, dtype=info.dtype)
+        _read_exactly(info.file, offset, tensor)
+        return tensor
+
+
+def _read_exactly(path: Path, offset: int, tensor: torch.Tensor) -> None:
+    """Fill ``tensor`` with the bytes of ``path`` from ``offset`` (safetensors data is little-endian, C order).
+
+    One plain read into the tensor's memory, at offsets validated by :func:`read_safetensors_header`:
+    unlike a memory map (safe_open), nothing stays mapped, so resident memory holds only the tensors
+    asked for, and there are no per-page faults (which made a MiniLM merge 4-6x slower here).
+    """
+    buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    try:
+        with open(path, "rb", buffering=0) as fh:
+            fh.seek(offset)
+            done = 0
+            while done < len(buffer):
+                got = fh.readinto(buffer[done:])
+                if not got:
+                    raise UserError(f"{path} ended early while reading (was it truncated after it was opened?)")
+                done += got
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
 
 def find_hessian_folder(path: str | os.PathLike) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -217,6 +218,20 @@ def _tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
+def _where(name: str, rows: slice | None) -> str:
+    return f"tensor {name!r}" + (f" (rows {rows.start}:{rows.stop})" if rows is not None else "")
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf in ``tensor``: min and max propagate NaN, and are much faster than isfinite().all()."""
+    return tensor.numel() == 0 or (math.isfinite(float(tensor.min())) and math.isfinite(float(tensor.max())))
+
+
+#: Methods in whose formula every input enters every output entry arithmetically (0·NaN = NaN), so a
+#: NaN/Inf anywhere shows in the result: the engine checks the result and looks for the culprit only then.
+_PROPAGATES_NAN = ("gradient_matching", "task_arithmetic")
+
+
 class _Executor:
     """Computes one output tensor at a time from a validated plan."""
 
@@ -227,16 +242,21 @@ class _Executor:
 
     def _load(self, ckpt: Checkpoint, name: str, rows: slice | None, hessian: bool) -> torch.Tensor:
         tensor = ckpt.read(name, rows).to(self.device, self.compute)
-        where = f"tensor {name!r}" + (f" (rows {rows.start}:{rows.stop})" if rows is not None else "")
-        if not bool(torch.isfinite(tensor).all()):
-            raise UserError(f"{where} of {ckpt.info(name).file} holds NaN or Inf values")
-        if hessian and bool((tensor < 0).any()):
-            raise UserError(f"{where} of {ckpt.info(name).file} has negative values, which a Hessian "
-                            "(a Fisher: mean of squared gradients) cannot have")
+        self._loaded.append((ckpt, tensor))
+        if hessian and tensor.numel() and float(tensor.min()) < 0:  # a NaN minimum is caught as non-finite
+            raise UserError(f"{_where(name, rows)} of {ckpt.info(name).file} has negative values (down to "
+                            f"{float(tensor.min()):.3g}), which a Hessian (a Fisher: mean of squared gradients) cannot have")
         return tensor
+
+    def _blame_non_finite(self, name: str, rows: slice | None) -> None:
+        """Name the first input block holding NaN or Inf, if any."""
+        for ckpt, tensor in self._loaded:
+            if not _finite(tensor):
+                raise UserError(f"{_where(name, rows)} of {ckpt.info(name).file} holds NaN or Inf values")
 
     def _compute(self, name: str, rows: slice | None) -> torch.Tensor:
         p = self.plan
+        self._loaded: list[tuple[Checkpoint, torch.Tensor]] = []
         kwargs: dict[str, Any] = {
             "parent": self._load(p.parent, name, rows, False),
             "children": [self._load(c, name, rows, False) for c in p.children],
@@ -253,13 +273,18 @@ class _Executor:
             kwargs["parent_scale"] = p.parent_scale
         if "generator" in self.inputs:
             kwargs["generator"] = torch.Generator().manual_seed(_tensor_seed(self.params.get("seed", 0), name))
-        where = f"tensor {name!r}" + (f" (rows {rows.start}:{rows.stop})" if rows is not None else "")
+        if p.config.method not in _PROPAGATES_NAN:
+            self._blame_non_finite(name, rows)
+        where = _where(name, rows)
         try:
             result = p.method.function(**kwargs, **self.params)
         except MethodError as exc:
+            self._blame_non_finite(name, rows)
             raise UserError(f"{p.config.method}: {where} of {p.parent.info(name).file}: {exc}") from None
-        if not bool(torch.isfinite(result).all()):
+        if not _finite(result):
+            self._blame_non_finite(name, rows)
             raise UserError(f"{p.config.method}: {where}: the merged values overflow to NaN or Inf")
+        self._loaded = []
         return result
 
     def tensor(self, name: str, out_dtype: torch.dtype) -> torch.Tensor:

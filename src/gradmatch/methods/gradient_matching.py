@@ -33,8 +33,8 @@ def gradient_matching(
     denominator = H_0 + sum(alpha_s * H_s for alpha_s, H_s in zip(alphas, H))
     if clamp_denominator is not None:
         denominator = denominator.clamp(min=clamp_denominator)
-    bad = ~(denominator > 0)
-    if bool(bad.any()):
+    if denominator.numel() and not float(denominator.min()) > 0:  # also catches NaN
+        bad = ~(denominator > 0)
         raise MethodError(
             f"the gradient-matching denominator H_0 + Σ α_t H_t is zero or negative at {int(bad.sum())} "
             f"entr{'y' if int(bad.sum()) == 1 else 'ies'} (first at index {first_index(bad)}); "
