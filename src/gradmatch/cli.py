@@ -33,24 +33,40 @@ def _add_merge(sub) -> None:
     )
     p.add_argument("config", nargs="?", help="merge YAML (method, base, models, parameters)")
     p.add_argument("out", nargs="?", help="output folder (Hugging Face model folder)")
-    orig = p.add_argument_group("the original script's flags")
-    orig.add_argument("--pretrained_model_name_or_path", "--pretrained-model", dest="pretrained_model_name_or_path")
-    orig.add_argument("--pretrained_hessian_path", dest="pretrained_hessian_path")
-    orig.add_argument("--ft_model_name_or_paths", dest="ft_model_name_or_paths")
-    orig.add_argument("--ft_hessian_paths", dest="ft_hessian_paths")
-    orig.add_argument("--scaling_factor_pt", dest="scaling_factor_pt", type=float)
-    orig.add_argument("--scaling_factors_ft", dest="scaling_factors_ft")
-    orig.add_argument("--delta_0", dest="delta_0", type=float)
-    orig.add_argument("--scaling_factor", dest="scaling_factor", type=float)
-    orig.add_argument("--scaling_factors", dest="scaling_factors", help="comma-separated α_t, one per child")
-    orig.add_argument("--out_model_path", dest="out_model_path")
-    orig.add_argument("--task_type", dest="task_type", default="SEQ_CLS")
-    orig.add_argument("--method", default=None, help="merge method for the flag form (default: gradient_matching)")
+    orig = p.add_argument_group(
+        "the original scripts' flags",
+        "uncertainty_based_gradient_matching.py and task_arithmetic.py, same meaning and defaults "
+        "(see docs/merge.md)")
+    orig.add_argument("--pretrained_model_name_or_path", "--pretrained-model", dest="pretrained_model_name_or_path",
+                      metavar="PATH", help="the parent θ_0 (folder, hub id, or the alias minilm)")
+    orig.add_argument("--pretrained_hessian_path", dest="pretrained_hessian_path", metavar="PATH",
+                      help="the parent's Hessian F_0: a fisher output folder or its hessian/ subfolder")
+    orig.add_argument("--ft_model_name_or_paths", dest="ft_model_name_or_paths", metavar="A,B,...",
+                      help="comma-separated fine-tuned children θ_t")
+    orig.add_argument("--ft_hessian_paths", dest="ft_hessian_paths", metavar="HA,HB,...",
+                      help="comma-separated Hessians F_t of the children, in the same order")
+    orig.add_argument("--scaling_factor_pt", dest="scaling_factor_pt", type=float, metavar="N0",
+                      help="N_0, the scale of the parent's Hessian (default 1.0, as the original)")
+    orig.add_argument("--scaling_factors_ft", dest="scaling_factors_ft", metavar="N1,N2,...",
+                      help="N_t, the scales of the children's Hessians (default 1.0 each)")
+    orig.add_argument("--delta_0", dest="delta_0", type=float, metavar="DELTA",
+                      help="prior precision δ added to N_0·F_0 (default 0.0, as the original; 1e-12 works well)")
+    orig.add_argument("--scaling_factor", dest="scaling_factor", type=float, metavar="ALPHA",
+                      help="α, one weight for every task vector (default 1.0)")
+    orig.add_argument("--scaling_factors", dest="scaling_factors", metavar="A1,A2,...",
+                      help="comma-separated α_t, one per child (instead of --scaling_factor)")
+    orig.add_argument("--out_model_path", dest="out_model_path", metavar="OUT", help="the output folder")
+    orig.add_argument("--task_type", dest="task_type", default="SEQ_CLS",
+                      help="accepted for compatibility; the merge reads weight files whatever the head")
+    orig.add_argument("--method", default=None,
+                      choices=["gradient_matching", "task_arithmetic", "average", "fisher_average", "ties", "dare"],
+                      help="default: gradient_matching when Hessians are given, else task_arithmetic")
     run = p.add_argument_group("execution")
     run.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
     run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     run.add_argument("--precision", choices=["float32", "float64"], default="float32", help="compute dtype")
-    run.add_argument("--out-dtype", default=None, help="dtype to write (default: the parent's)")
+    run.add_argument("--out-dtype", default=None, choices=["float32", "float16", "bfloat16", "float64"],
+                     help="dtype of the merged floating tensors (default: the parent's)")
     run.add_argument("--max-shard-size", default="5GB", help="safetensors shard size, e.g. 2GB, 500MB")
     run.add_argument("--block-rows", type=int, default=None, help="rows per block for elementwise methods")
     run.add_argument("--clamp-denominator", type=float, default=None, metavar="EPS",
