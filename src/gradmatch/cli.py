@@ -143,7 +143,8 @@ def _run_run(args) -> int:
                             **_executor_kwargs(args))
     if args.dry_run or result.returncode:
         return result.returncode
-    print(f"report: {result.report_dir / 'report.md'} (plots beside it)")
+    if (result.report_dir / "report.md").is_file():
+        print(f"report: {result.report_dir / 'report.md'} (plots beside it)")
     return 0
 
 

@@ -536,20 +536,34 @@ class _PartialResources(_Strict):
     gpus: int | None = _Field(default=None, ge=0)
 
 
-class ResourcesConfig(_Strict):
-    """Resources per kind of job; each kind falls back to ``default`` key by key."""
+#: Built-in resources per kind of job (under what an experiment's ``resources`` says).
+DEFAULT_JOB_RESOURCES: dict[str, dict[str, int]] = {
+    "prepare": {"mem_mb": 2000, "runtime": 30},
+    "train": {"threads": 2, "mem_mb": 8000, "runtime": 240},
+    "fisher": {"threads": 2, "mem_mb": 8000, "runtime": 120},
+    "evaluate": {"threads": 2, "mem_mb": 6000, "runtime": 60},
+    "merge": {"threads": 2, "mem_mb": 8000, "runtime": 120},
+    "report": {"mem_mb": 2000, "runtime": 10},
+}
 
-    default: Resources = _Field(default_factory=Resources)
-    prepare: _PartialResources = _Field(default_factory=lambda: _PartialResources(mem_mb=2000, runtime=30))
-    train: _PartialResources = _Field(default_factory=lambda: _PartialResources(threads=2, mem_mb=8000, runtime=240))
-    fisher: _PartialResources = _Field(default_factory=lambda: _PartialResources(threads=2, mem_mb=8000, runtime=120))
-    evaluate: _PartialResources = _Field(default_factory=lambda: _PartialResources(threads=2, mem_mb=6000, runtime=60))
-    merge: _PartialResources = _Field(default_factory=lambda: _PartialResources(threads=2, mem_mb=8000, runtime=120))
-    report: _PartialResources = _Field(default_factory=lambda: _PartialResources(mem_mb=2000, runtime=10))
+
+class ResourcesConfig(_Strict):
+    """Resources per kind of job. Precedence, lowest first: built-in ``Resources()`` defaults, the
+    built-in per-kind defaults (:data:`DEFAULT_JOB_RESOURCES`), the experiment's ``default``, its per-kind entry."""
+
+    default: _PartialResources = _Field(default_factory=_PartialResources)
+    prepare: _PartialResources = _Field(default_factory=_PartialResources)
+    train: _PartialResources = _Field(default_factory=_PartialResources)
+    fisher: _PartialResources = _Field(default_factory=_PartialResources)
+    evaluate: _PartialResources = _Field(default_factory=_PartialResources)
+    merge: _PartialResources = _Field(default_factory=_PartialResources)
+    report: _PartialResources = _Field(default_factory=_PartialResources)
 
     def for_kind(self, kind: str) -> Resources:
-        values = self.default.model_dump()
-        values.update({k: v for k, v in getattr(self, kind).model_dump().items() if v is not None})
+        values = Resources().model_dump()
+        values.update(DEFAULT_JOB_RESOURCES[kind])
+        for given in (self.default, getattr(self, kind)):
+            values.update({k: v for k, v in given.model_dump().items() if v is not None})
         return Resources(**values)
 
 

@@ -130,6 +130,17 @@ def _unlock_snakemake(workdir: Path, plan_path: Path) -> None:
                        check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def _remove_stale_temporaries(workdir: Path) -> None:
+    """Half-written job folders of a killed local run (we hold the run lock: nothing writes them now)."""
+    from gradmatch.fsutil import _OLD_PREFIX, _TMP_PREFIX
+
+    work = workdir / "work"
+    if work.is_dir():
+        for path in work.iterdir():
+            if path.name.startswith((_TMP_PREFIX, _OLD_PREFIX)):
+                shutil.rmtree(path, ignore_errors=True)
+
+
 def refresh_links(jobs: list[Job], workdir: Path) -> None:
     """Readable names for finished jobs: ``models/parent → ../work/<hash>/model`` and so on."""
     from gradmatch.pipeline.jobs import link_alias
@@ -174,6 +185,8 @@ def run_jobs(jobs: list[Job], workdir: str | os.PathLike, *, cores: int | None =
                                 jobs_limit=jobs_limit, slurm=slurm, extra_args=list(extra_args or []))
         if not dry_run:
             _unlock_snakemake(workdir, plan_path)
+            if executor == "local":
+                _remove_stale_temporaries(workdir)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         started = time.time()
         try:

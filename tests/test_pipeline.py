@@ -1,0 +1,207 @@
+"""The pipeline: experiment schema, job graph and hashes, and a tiny experiment run end to end with Snakemake."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gradmatch.cli import main
+from gradmatch.config import load_experiment
+from gradmatch.errors import UserError
+from gradmatch.pipeline.graph import build_jobs
+from pipeline_helpers import TINY, TINY_JOB_COUNT, finished_jobs, report_rows, tiny, write_experiment
+
+# --------------------------------------------------------------------------- schema
+
+
+def test_schema_defaults_and_resources():
+    exp = load_experiment(tiny(resources={"default": {"threads": 3}, "train": {"gpus": 1}}))
+    assert exp.resources.for_kind("train").model_dump() == {"threads": 3, "mem_mb": 8000, "runtime": 240, "gpus": 1}
+    assert exp.resources.for_kind("report").model_dump() == {"threads": 3, "mem_mb": 2000, "runtime": 10, "gpus": 0}
+    plain = load_experiment(tiny(resources={}))
+    assert plain.resources.for_kind("fisher").model_dump() == {"threads": 2, "mem_mb": 8000, "runtime": 120, "gpus": 0}
+    assert exp.multitask.enabled is True
+    assert [t.name for t in exp.tasks] == ["original", "rot90", "inverted"]
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"merges": [{"method": "nope"}]}, "unknown merge method"),
+    ({"children": []}, "children"),
+    ({"training": {"output_dir": "x"}}, "set by the pipeline"),
+    ({"children": [{"name": "original", "dataset": "digits-rot90"}]}, "unique"),
+    ({"merges": [{"method": "ties", "alphas": [1, 1]}]}, "repeat"),
+    ({"colour": "blue"}, "unknown key"),
+])
+def test_schema_rejects_bad_experiments(change, words):
+    with pytest.raises(UserError, match=words):
+        load_experiment(tiny(**change))
+
+
+def test_cli_bad_experiment_one_line_exit_2_nothing_written(tmp_path, capsys):
+    bad = write_experiment(tmp_path / "bad.yaml", tiny(merges=[{"method": "gradient_matching", "alphas": "x"}]))
+    workdir = tmp_path / "run"
+    assert main(["run", str(bad), "--workdir", str(workdir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gradmatch: error:") and "merges.0.alphas" in err and "\n" not in err
+    assert not workdir.exists()
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert main(["run", str(bad), "--cores", "0"]) == 2
+    assert main(["run", str(write_experiment(tmp_path / "ok.yaml")), "--workdir", str(workdir),
+                 "--data-dir", str(tmp_path / "nowhere")]) == 2
+    assert main(["run", str(tmp_path / "ok.yaml"), "--executor", "nosuchplugin"]) == 2
+    assert not workdir.exists()
+
+
+# --------------------------------------------------------------------------- graph and hashes
+
+
+def test_graph_shape_and_order():
+    jobs = build_jobs(TINY)
+    assert len(jobs) == TINY_JOB_COUNT
+    position = {j.hash: i for i, j in enumerate(jobs)}
+    for job in jobs:  # every job after its inputs
+        assert all(position[dep.hash] < position[job.hash] for dep in job.inputs.values())
+    by_name = {j.name: j for j in jobs}
+    assert by_name["fisher/parent"].inputs["data"] is by_name["data/original-train"]  # parent's own data
+    assert by_name["models/child-rot90"].inputs["init"] is by_name["models/parent"]
+    gm, ta = by_name["merges/gradient_matching"], by_name["merges/task_arithmetic"]
+    assert "parent_fisher" in gm.inputs and "child_fisher/rot90" in gm.inputs
+    assert not any("fisher" in role for role in ta.inputs)  # task arithmetic does not wait for Fishers
+    assert jobs[-1].kind == "report" and len(jobs[-1].inputs) == 4 + 2  # 4 models + 2 merge methods
+
+
+def test_hash_covers_what_determines_a_job_and_nothing_else():
+    base = {j.name: j.hash for j in build_jobs(TINY)}
+    assert base == {j.name: j.hash for j in build_jobs(TINY)}  # stable
+    assert len(set(base.values())) == len(base)
+    # a child's learning rate changes that child and everything downstream of it, nothing else
+    changed = tiny()
+    changed["children"][0]["training"] = {"learning_rate": 5e-4}
+    new = {j.name: j.hash for j in build_jobs(changed)}
+    differ = {name for name in base if base[name] != new[name]}
+    assert differ == {"models/child-rot90", "fisher/child-rot90", "eval/child-rot90", "merges/gradient_matching",
+                      "merges/task_arithmetic", "report"}
+    # resources and names do not enter the hash
+    res = {j.name: j.hash for j in build_jobs(tiny(resources={"default": {"threads": 2, "mem_mb": 9999}}))}
+    assert res == base
+
+
+def test_dry_run_lists_jobs_and_runs_nothing(tmp_path, capsys):
+    exp = write_experiment(tmp_path / "tiny.yaml")
+    workdir = tmp_path / "run"
+    assert main(["run", str(exp), "--workdir", str(workdir), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"{TINY_JOB_COUNT} jobs in {workdir.resolve()} (0 already done, {TINY_JOB_COUNT} to run)" in out
+    for name in ("models/parent", "fisher/child-inverted", "merges/gradient_matching", "eval/multitask", "report"):
+        assert name in out
+    assert not (workdir / "work").exists() and not (workdir / "report").exists()
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _run(exp_path: Path, workdir: Path, *extra: str, **kw) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "gradmatch", "run", str(exp_path), "--workdir", str(workdir), "--cores", "2", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """The tiny experiment run once, uninterrupted."""
+    root = tmp_path_factory.mktemp("pipeline")
+    exp = write_experiment(root / "tiny.yaml")
+    started = time.time()
+    proc = _run(exp, root / "run")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    print(f"tiny pipeline: {time.time() - started:.0f} s")
+    return root / "run", exp
+
+
+@pytest.mark.slow
+def test_end_to_end_report_links_and_rerun_skips_everything(finished_run):
+    workdir, exp = finished_run
+    rows = report_rows(workdir)
+    labels = [r["label"] for r in rows]
+    assert labels == ["parent", "child-rot90", "child-inverted", "gradient_matching α=0.5", "gradient_matching α=1",
+                      "task_arithmetic α=0.5", "task_arithmetic α=1", "multitask"]
+    for row in rows:
+        assert set(row["accuracy"]) == {"original", "rot90", "inverted"}
+        assert all(0.0 <= v <= 1.0 for v in row["accuracy"].values())
+        assert row["average"] == pytest.approx(sum(row["accuracy"].values()) / 3)
+    by = {r["label"]: r for r in rows}
+    assert by["parent"]["accuracy"]["original"] > 0.3  # learned something (chance is 0.1)
+    assert by["child-rot90"]["accuracy"]["rot90"] > 0.2
+    # readable names point into work/<hash>
+    assert (workdir / "models" / "parent" / "config.json").is_file()
+    assert (workdir / "models" / "child-rot90").resolve().parent.parent == (workdir / "work").resolve()
+    assert (workdir / "fisher" / "parent" / "hessian" / "fisher.json").is_file()
+    meta = json.loads((workdir / "models" / "child-inverted" / "training_metadata.json").read_text())
+    assert meta["num_train_examples"] == 120  # train_size: a seeded subset
+    for name in ("report.md", "report.json", "alpha_average.png", "alpha_per_task.png", "best_per_task.png"):
+        assert (workdir / "report" / name).stat().st_size > 0
+    table = (workdir / "report" / "report.md").read_text()
+    assert "| model | original | rot90 | inverted | average |" in table
+    # the merge configs rebuild a merge
+    assert (workdir / "merges" / "gradient_matching" / "configs" / "alpha-1.yaml").is_file()
+    # a rerun finds every job done and changes nothing
+    before = finished_jobs(workdir)
+    proc = _run(exp, workdir)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"({TINY_JOB_COUNT} already done, 0 to run)" in proc.stdout
+    assert finished_jobs(workdir) == before
+
+
+@pytest.mark.slow
+def test_report_command_rebuilds_the_same_table(finished_run, tmp_path, capsys):
+    workdir, _ = finished_run
+    out = tmp_path / "rep"
+    assert main(["report", str(workdir), "--out", str(out)]) == 0
+    assert json.loads((out / "report.json").read_text()) == json.loads((workdir / "report" / "report.json").read_text())
+    assert "| parent |" in capsys.readouterr().out
+    assert main(["report", str(tmp_path)]) == 2  # not a run folder
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_without_redoing_finished_jobs(finished_run, tmp_path):
+    reference, exp = finished_run
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "gradmatch", "run", str(exp), "--workdir", str(workdir), "--cores", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list((workdir / "work").glob("train-*/job.json")):
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole run: gradmatch, Snakemake and its running jobs
+        proc.wait()
+    first = finished_jobs(workdir)
+    assert any(j["kind"] == "train" for j in first) and len(first) < TINY_JOB_COUNT
+    resumed = _run(exp, workdir)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"({len(first)} already done" in resumed.stdout
+    after = finished_jobs(workdir)
+    assert len(after) == TINY_JOB_COUNT
+    assert all(after[h] == first[h] for h in first)  # finished jobs were not redone (same record, same seconds)
+    assert not list((workdir / "work").glob(".gradmatch-*"))  # half-written folders of the killed jobs cleaned
+    # same hashes and the same report as the uninterrupted run (deterministic given the seed)
+    assert set(after) == set(finished_jobs(reference))
+    assert report_rows(workdir) == report_rows(reference)
+
+
+@pytest.mark.slow
+def test_failing_job_shows_its_log(tmp_path):
+    exp = write_experiment(tmp_path / "bad.yaml", tiny(model=str(tmp_path / "no-such-model"), merges=[],
+                                                        multitask=False))
+    proc = _run(exp, tmp_path / "run")
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "job models/parent (train) failed; log:" in out
+    assert "no-such-model" in out  # the log's last lines name the problem
