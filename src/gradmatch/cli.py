@@ -71,6 +71,8 @@ def _add_merge(sub) -> None:
     run.add_argument("--block-rows", type=int, default=None, help="rows per block for elementwise methods")
     run.add_argument("--clamp-denominator", type=float, default=None, metavar="EPS",
                      help="clamp the gradient-matching denominator to at least EPS instead of failing")
+    run.add_argument("--threads", type=int, default=1,
+                     help="CPU threads for torch (default 1: merging is memory-bound; more can be slower on shared machines)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_merge)
 

@@ -29,8 +29,9 @@ def gradient_matching(
     is given, in which case the denominator is replaced by max(denominator, clamp_denominator).
     """
     H_0 = parent_scale * parent_fisher + delta_0
-    H = [N_t * F_t for N_t, F_t in zip(scales, fishers)]
-    denominator = H_0 + sum(alpha_s * H_s for alpha_s, H_s in zip(alphas, H))
+    denominator = H_0.clone()
+    for alpha_s, N_s, F_s in zip(alphas, scales, fishers):
+        denominator.add_(F_s, alpha=alpha_s * N_s)  # + α_s H_s, in place: one pass per task
     if clamp_denominator is not None:
         denominator = denominator.clamp(min=clamp_denominator)
     if denominator.numel() and not float(denominator.min()) > 0:  # also catches NaN
@@ -40,5 +41,7 @@ def gradient_matching(
             f"entr{'y' if int(bad.sum()) == 1 else 'ies'} (first at index {first_index(bad)}); "
             "set delta_0 > 0 (1e-12 works well) or clamp the denominator (--clamp-denominator EPS)"
         )
-    update = sum(alpha_t * (H_0 + H_t) * (theta_t - parent) for alpha_t, H_t, theta_t in zip(alphas, H, children))
+    update = torch.zeros_like(parent)
+    for alpha_t, N_t, F_t, theta_t in zip(alphas, scales, fishers, children):
+        update.addcmul_(torch.add(H_0, F_t, alpha=N_t), theta_t - parent, value=alpha_t)  # + α_t (H_0 + H_t) τ_t
     return parent + update / denominator

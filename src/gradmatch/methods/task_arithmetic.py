@@ -9,4 +9,7 @@ import torch
 
 def task_arithmetic(parent: torch.Tensor, children: Sequence[torch.Tensor], *, alphas: Sequence[float]) -> torch.Tensor:
     """θ = θ_0 + Σ_t α_t (θ_t − θ_0); a negative α_t removes task t."""
-    return parent + sum(alpha_t * (theta_t - parent) for alpha_t, theta_t in zip(alphas, children))
+    merged = parent.clone()
+    for alpha_t, theta_t in zip(alphas, children):
+        merged.add_(theta_t - parent, alpha=alpha_t)  # + α_t τ_t
+    return merged
