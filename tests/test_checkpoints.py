@@ -179,7 +179,8 @@ def test_copy_non_weight_files(tmp_path):
         (src / name).write_bytes(f"{name} \x00 bytes".encode())
     (src / "1_Pooling" / "config.json").write_text("{}")
     for name in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "tf_model.h5",
-                 "training_metadata.json", "model-00001-of-00002.safetensors"):
+                 "training_metadata.json", "model-00001-of-00002.safetensors", "optimizer.pt", "rng_state.pth",
+                 "training_args.bin", "trainer_state.json"):
         (src / name).write_text("weights")
     (src / "hessian" / "model.safetensors").write_text("weights")
     copy_non_weight_files(src, dst)

@@ -335,7 +335,8 @@ class ShardedWriter:
 #: Files and folders of a model folder that are weights or training artefacts, never copied to a merge.
 _WEIGHT_FILE = re.compile(
     r"(.*\.safetensors|.*\.safetensors\.index\.json|pytorch_model.*\.bin|.*\.bin\.index\.json|tf_model.*\.h5"
-    r"|flax_model.*\.msgpack|model\.ckpt.*|training_metadata\.json|fisher\.json|merge\.json|\.gradmatch-.*)"
+    r"|flax_model.*\.msgpack|model\.ckpt.*|training_metadata\.json|fisher\.json|merge\.json|\.gradmatch-.*"
+    r"|.*\.pt|.*\.pth|training_args\.bin|trainer_state\.json|adapter_model\..*)"
 )
 _SKIPPED_DIRS = re.compile(r"(hessian|checkpoint-.*|runs|\..*)")
 
