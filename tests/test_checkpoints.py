@@ -161,6 +161,9 @@ def test_folders_that_are_not_models(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="is not a model folder"):
         Checkpoint(tmp_path / "empty", "base model")
+    (tmp_path / "empty" / "adapter_config.json").write_text("{}")
+    with pytest.raises(UserError, match="is a LoRA/PEFT adapter"):
+        Checkpoint(tmp_path / "empty", "models[0]")
 
 
 def test_hessian_folder_layouts(tmp_path):

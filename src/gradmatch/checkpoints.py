@@ -168,6 +168,9 @@ class Checkpoint:
         if not self.folder.is_dir():
             raise UserError(f"{role} {self.folder} is a file, not a Hugging Face model folder")
         layout = weight_layout(self.folder)
+        if layout is None and (self.folder / "adapter_config.json").is_file():
+            raise UserError(f"{role} {self.folder} is a LoRA/PEFT adapter, not a full model: merge it into its "
+                            "base first (peft's merge_and_unload, as gradmatch train does) and save that")
         if layout is None:
             raise UserError(f"{role} {self.folder} is not a model folder: it has none of {', '.join(WEIGHT_LAYOUTS)}")
         self.layout = layout
