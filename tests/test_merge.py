@@ -156,7 +156,9 @@ def test_every_method_equals_its_float64_reference(fam, tmp_path, method):
 
 
 def test_scales_default_to_training_metadata_and_blocks_change_nothing(fam, tmp_path):
-    out = gradmatch.merge(gm_config(fam), tmp_path / "a", progress=False)
+    threads = torch.get_num_threads()
+    out = gradmatch.merge(gm_config(fam), tmp_path / "a", progress=False, threads=1)
+    assert torch.get_num_threads() == threads  # restored after the merge
     provenance = json.loads((out / "merge.json").read_text())
     assert provenance["base_hessian_scale"] == N_PARENT
     assert [m["hessian_scale"] for m in provenance["models"]] == list(N_CHILDREN)

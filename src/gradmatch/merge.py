@@ -20,7 +20,8 @@ from gradmatch.errors import UserError
 from gradmatch.fsutil import atomic_dir, check_output_dir
 from gradmatch.methods import MergeMethod, MethodError, get_method
 
-__all__ = ["merge", "merge_from_cli", "load_merge_config", "plan_merge", "MergePlan", "DEFAULT_BLOCK_ELEMENTS"]
+__all__ = ["merge", "merge_from_cli", "config_from_original_flags", "load_merge_config", "plan_merge", "MergePlan",
+           "DEFAULT_BLOCK_ELEMENTS"]
 
 #: Elementwise methods read a large tensor in blocks of rows holding about this many entries per input.
 DEFAULT_BLOCK_ELEMENTS = 1 << 16
