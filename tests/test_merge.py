@@ -200,7 +200,7 @@ def test_bfloat16_parent_gives_bfloat16_output(tmp_path):
 def test_sharded_and_bin_inputs_give_the_same_merge(fam, tmp_path):
     from gradmatch.checkpoints import ShardedWriter
 
-    # the parent as sharded safetensors with an index, the first child as pytorch_model.bin
+    # the parent as sharded safetensors with an index, the first child and a Hessian as pytorch_model.bin
     parent = tmp_path / "parent-sharded"
     parent.mkdir()
     for f in ("config.json", "tokenizer.json", "generation_config.json", "training_metadata.json"):
@@ -214,8 +214,12 @@ def test_sharded_and_bin_inputs_give_the_same_merge(fam, tmp_path):
     (child / "config.json").write_bytes((fam["children"][0] / "config.json").read_bytes())
     (child / "training_metadata.json").write_bytes((fam["children"][0] / "training_metadata.json").read_bytes())
     torch.save(load_folder(fam["children"][0]), child / "pytorch_model.bin")
+    hessian = tmp_path / "hessian-bin" / "hessian"  # the original code's layout: <dir>/hessian/pytorch_model.bin
+    hessian.mkdir(parents=True)
+    torch.save(load_folder(fam["hessians"][1]), hessian / "pytorch_model.bin")
     config = gm_config(fam, base=str(parent))
     config["models"][0]["model"] = str(child)
+    config["models"][1]["hessian"] = str(hessian.parent)
     a = load_folder(gradmatch.merge(config, tmp_path / "a", progress=False))
     b = load_folder(gradmatch.merge(gm_config(fam), tmp_path / "b", progress=False))
     assert all(torch.equal(a[k], b[k]) for k in b)
