@@ -174,6 +174,7 @@ class Checkpoint:
         if layout is None:
             raise UserError(f"{role} {self.folder} is not a model folder: it has none of {', '.join(WEIGHT_LAYOUTS)}")
         self.layout = layout
+        self._bin_tensor: tuple[str, torch.Tensor] | None = None
         self.tensors: dict[str, TensorInfo] = {}
         if layout in (SAFE_INDEX, BIN_INDEX):
             weight_map = _read_index(self.folder / layout)
@@ -218,8 +219,11 @@ class Checkpoint:
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
         """Tensor ``name`` (only rows ``rows`` of its first dimension, if given), in its stored dtype."""
         info = self.tensors[name]
-        if info.offset is None:
-            tensor = _load_bin(info.file)[name]
+        if info.offset is None:  # .bin: memory-mapped; keep only the tensor being read (its blocks share one load)
+            if self._bin_tensor is None or self._bin_tensor[0] != name:
+                self._bin_tensor = None  # unmap the previous file before mapping the next
+                self._bin_tensor = (name, _load_bin(info.file)[name])
+            tensor = self._bin_tensor[1]
             return (tensor if rows is None else tensor[rows]).clone()
         shape, offset = info.shape, info.offset
         if rows is not None:
