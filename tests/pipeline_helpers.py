@@ -17,7 +17,7 @@ TINY = {
         "name": "original", "dataset": "digits-original", "train_split": "train[:240]", "test_split": "test[:120]",
         "extra_train": [{"dataset": "digits-rot90", "split": "train[:40]"},
                         {"dataset": "digits-inverted", "split": "train[:40]"}],
-        "training": {"num_train_epochs": 10, "learning_rate": 3.0e-3},
+        "training": {"num_train_epochs": 20, "learning_rate": 3.0e-3},
     },
     "children": [
         {"name": "rot90", "dataset": "digits-rot90", "train_split": "train[40:200]", "test_split": "test[:120]"},

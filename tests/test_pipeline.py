@@ -137,7 +137,7 @@ def test_end_to_end_report_links_and_rerun_skips_everything(finished_run):
         assert row["average"] == pytest.approx(sum(row["accuracy"].values()) / 3)
     by = {r["label"]: r for r in rows}
     assert by["parent"]["accuracy"]["original"] > 0.3  # learned something (chance is 0.1)
-    assert by["child-rot90"]["accuracy"]["rot90"] > 0.2
+    assert by["child-rot90"]["accuracy"]["rot90"] > by["parent"]["accuracy"]["rot90"]  # fine-tuning helps its task
     # readable names point into work/<hash>
     assert (workdir / "models" / "parent" / "config.json").is_file()
     assert (workdir / "models" / "child-rot90").resolve().parent.parent == (workdir / "work").resolve()

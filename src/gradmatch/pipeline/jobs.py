@@ -272,7 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gradmatch.pipeline.jobs", description=__doc__.splitlines()[0])
     parser.add_argument("spec", help="the job's JSON spec (WORKDIR/jobs/<hash>.json)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-server", action="store_true", help="run here even when a job server is up")
     args = parser.parse_args(argv)
+    if not args.no_server and argv is None:  # the job's own command: hand it to a warm job server if one runs
+        from gradmatch.pipeline.jobserver import submit
+
+        code = submit(args.spec, args.threads)
+        if code is not None:
+            return code
     try:
         run_job(args.spec, threads=args.threads)
     except UserError as exc:

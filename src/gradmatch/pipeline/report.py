@@ -188,7 +188,7 @@ def write_plots(results: dict[str, Any], out: Path, dpi: int = 100) -> list[Path
         bars.append((f"{method} (α={best['alpha']:g})", values(best["accuracy"], best["average"])))
     if "multitask" in by_label:
         bars.append(("multitask", values(by_label["multitask"]["accuracy"], by_label["multitask"]["average"])))
-    fig, ax = plt.subplots(figsize=(max(6.4, 1.3 * len(groups) + 2), 4.2))
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.3 * len(groups) + 2) + 2.2, 4.2))
     width = 0.8 / max(1, len(bars))
     x = np.arange(len(groups))
     for i, (label, ys) in enumerate(bars):
@@ -198,7 +198,7 @@ def write_plots(results: dict[str, Any], out: Path, dpi: int = 100) -> list[Path
     ax.set_ylabel("accuracy")
     ax.set_title(f"{results['experiment']}: best setting of each method, per task")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(out / "best_per_task.png", dpi=dpi)
     plt.close(fig)

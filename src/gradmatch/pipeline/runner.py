@@ -21,6 +21,7 @@ from pathlib import Path
 from gradmatch.config import load_experiment
 from gradmatch.errors import UserError
 from gradmatch.fsutil import atomic_file
+from gradmatch.pipeline import jobserver
 from gradmatch.pipeline.graph import ALIAS_SUBDIR, Job, build_jobs, job_spec, plan_dict, toposort
 
 SNAKEFILE = Path(__file__).with_name("Snakefile.smk")
@@ -169,8 +170,14 @@ def describe_jobs(jobs: list[Job], workdir: Path) -> str:
 
 def run_jobs(jobs: list[Job], workdir: str | os.PathLike, *, cores: int | None = None, executor: str = "local",
              dry_run: bool = False, jobs_limit: int | None = None, slurm: SlurmOptions | None = None,
-             extra_args: list[str] | None = None, echo=print) -> RunResult:
-    """Run (or with ``dry_run`` list) ``jobs`` in ``workdir`` with Snakemake; finished jobs are skipped."""
+             extra_args: list[str] | None = None, echo=print, job_server: bool | None = None) -> RunResult:
+    """Run (or with ``dry_run`` list) ``jobs`` in ``workdir`` with Snakemake; finished jobs are skipped.
+
+    With the local executor, jobs start from a warm job server (:mod:`gradmatch.pipeline.jobserver`)
+    unless ``job_server=False`` or ``GRADMATCH_JOB_SERVER=off``.
+    """
+    if job_server is None:
+        job_server = os.environ.get(jobserver.ENV, "").lower() not in ("off", "0", "no")
     workdir = Path(workdir).resolve()
     jobs = toposort(jobs)
     if workdir.exists() and not workdir.is_dir():
@@ -189,10 +196,9 @@ def run_jobs(jobs: list[Job], workdir: str | os.PathLike, *, cores: int | None =
                 _remove_stale_temporaries(workdir)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         started = time.time()
-        try:
+        warm = executor == "local" and not dry_run and job_server and sum(not job_done(j, workdir) for j in jobs) > 1
+        with (jobserver.running(env) if warm else contextlib.nullcontext()):
             proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL)
-        except FileNotFoundError as exc:  # pragma: no cover - snakemake is a dependency
-            raise UserError(f"cannot start Snakemake: {exc}") from exc
         if not dry_run:
             refresh_links(jobs, workdir)
         failed = [j for j in jobs if not job_done(j, workdir) and _log_of(j, workdir).exists()
