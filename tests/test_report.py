@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gradmatch.pipeline.report import collect, markdown_table, report_run, write_report
+from gradmatch.pipeline.report import alpha_table, collect, markdown_table, report_run, write_report
 
 TASKS = ["a", "b"]
 
@@ -56,6 +56,9 @@ def test_rows_averages_and_best_alpha(run_inputs):
     assert "| parent | 90.0 | 50.0 | 70.0 |" in table
     assert "| **gradient_matching α=1** | 80.0 | 90.0 | **85.0** |" in table
     assert "| task_arithmetic α=1 | 30.0 | 20.0 | 25.0 |" in table
+    robustness = alpha_table(results)
+    assert robustness.splitlines()[0] == "| method | α=0.5 | α=1 |"
+    assert "| task_arithmetic | 80.0 | 25.0 |" in robustness and "| average | — | 70.0 |" in robustness
 
 
 def test_files_written_and_plots_are_pngs(run_inputs, tmp_path):

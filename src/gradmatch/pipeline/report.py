@@ -83,10 +83,28 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def alpha_table(results: dict[str, Any]) -> str:
+    """Average accuracy (%) of each merge method (rows) at each α (columns): the robustness in numbers."""
+    curves = _merge_curves(results)
+    alphas = sorted({r["alpha"] for rows in curves.values() for r in rows})
+    lines = ["| method | " + " | ".join(f"α={a:g}" for a in alphas) + " |", "|" + "---|" * (len(alphas) + 1)]
+    for method, rows in curves.items():
+        by_alpha = {r["alpha"]: r["average"] for r in rows}
+        cells = [f"{100 * by_alpha[a]:.1f}" if by_alpha.get(a) is not None else "—" for a in alphas]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    refs = [r for r in results["rows"] if r["kind"] == "model" and r["label"] in ("parent", "multitask")]
+    if refs:
+        lines += ["", "For reference: " + ", ".join(
+            f"{r['label']} {100 * r['average']:.1f}" for r in refs if r["average"] is not None) + "."]
+    return "\n".join(lines)
+
+
 def _text(results: dict[str, Any]) -> str:
     parts = [f"# {results['experiment']}: accuracy (%) of every model on every task", "",
              markdown_table(results), "",
              "Bold: each merge method's best α by average accuracy.", ""]
+    if any(r["kind"] == "merge" for r in results["rows"]):
+        parts += ["## Average accuracy (%) against α", "", alpha_table(results), ""]
     if results["missing"]:
         parts += [f"Not finished yet: {', '.join(results['missing'])}.", ""]
     parts += ["![accuracy against α](alpha_average.png)", "", "![accuracy against α per task](alpha_per_task.png)", "",
