@@ -120,7 +120,11 @@ def _read_local_file(path: Path, cache_dir: str | None = None):
     _check_readable(path)
     if path.stat().st_size == 0:
         raise UserError(f"data file {path} is empty")
+    from datasets.utils import logging as ds_logging
+
     builder = _LOCAL_SUFFIXES[path.suffix.lower()]
+    verbosity = ds_logging.get_verbosity()
+    ds_logging.set_verbosity(ds_logging.CRITICAL)  # a parse failure becomes our one-line error, not a log
     try:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir)
     except Exception as exc:  # DatasetGenerationError, ArrowInvalid, UnicodeDecodeError, ...
@@ -129,6 +133,8 @@ def _read_local_file(path: Path, cache_dir: str | None = None):
         if cause is not None:
             detail += ": " + " ".join(str(cause).split())[:300]
         raise UserError(f"cannot read data file {path}: {detail}") from exc
+    finally:
+        ds_logging.set_verbosity(verbosity)
     return ds
 
 
@@ -395,6 +401,29 @@ def load_split(
     Presets read ``<data_dir or $GRADMATCH_DATA_DIR>/<preset>/<split>.jsonl`` when a root is
     given, else the hub. Labels are checked (integers, not negative, below ``num_labels`` if given).
     """
+    with _quiet_datasets():
+        return _load_split(dataset_name, split, config_name, data_dir, cache_dir, num_labels)
+
+
+class _quiet_datasets:
+    """Silence `datasets`' own progress bars while reading and slicing (bars stay for real work)."""
+
+    def __enter__(self):
+        from datasets.utils import logging as ds_logging
+
+        self._was_enabled = ds_logging.is_progress_bar_enabled()
+        ds_logging.disable_progress_bar()
+        return self
+
+    def __exit__(self, *exc):
+        from datasets.utils import logging as ds_logging
+
+        if self._was_enabled:
+            ds_logging.enable_progress_bar()
+        return False
+
+
+def _load_split(dataset_name, split, config_name, data_dir, cache_dir, num_labels):
     import datasets
 
     names = [n.strip() for n in str(dataset_name).split(";")]
@@ -449,6 +478,12 @@ def is_tokenizer(processor) -> bool:
     from transformers import PreTrainedTokenizerBase
 
     return isinstance(processor, PreTrainedTokenizerBase)
+
+
+def model_max_length(model, max_length: int) -> int:
+    """``max_length`` capped at the model's number of position embeddings (when it has them)."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return min(int(max_length), int(positions)) if positions else int(max_length)
 
 
 def encode(dataset, processor, max_length: int = 128, *, num_labels: int | None = None, desc: str | None = None):

@@ -1,0 +1,223 @@
+"""Fine-tuning (`gradmatch train`): Hugging Face `Trainer` with AdamW, a warmup schedule and optional LoRA,
+writing a self-contained model folder with ``training_metadata.json`` atomically."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from gradmatch.errors import UserError
+
+log = logging.getLogger(__name__)
+
+#: Written at the root of every trained model folder; merge reads ``num_train_examples`` as N_t.
+METADATA_FILE = "training_metadata.json"
+
+
+def read_training_metadata(model_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The training metadata of a model folder written by `gradmatch train`, or None if it has none."""
+    path = Path(model_dir) / METADATA_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from exc
+
+
+def _num_labels(cfg, model_config, train_labels: list[int]) -> int:
+    """The head size: the config's ``num_labels``, else an existing head's size, else max label + 1 (at least 2)."""
+    if cfg.num_labels is not None:
+        return cfg.num_labels
+    architectures = getattr(model_config, "architectures", None) or []
+    if any(a.endswith(("ForSequenceClassification", "ForImageClassification")) for a in architectures):
+        return int(model_config.num_labels)
+    return max(2, max(train_labels) + 1)
+
+
+def _training_arguments(cfg, output_dir: Path, *, quiet: bool, has_eval: bool):
+    from transformers import TrainingArguments
+
+    scheduler, scheduler_kwargs = cfg.lr_scheduler, None
+    if cfg.min_lr > 0:
+        if cfg.lr_scheduler != "cosine":
+            raise UserError(f"min_lr {cfg.min_lr} needs lr_scheduler cosine (got {cfg.lr_scheduler})")
+        scheduler, scheduler_kwargs = "cosine_with_min_lr", {"min_lr": cfg.min_lr}
+    eval_strategy = cfg.evaluation_strategy or ("epoch" if has_eval else "no")
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type=scheduler,
+        lr_scheduler_kwargs=scheduler_kwargs or {},
+        optim="adamw_torch",
+        adam_beta1=cfg.beta1,
+        adam_beta2=cfg.beta2,
+        adam_epsilon=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        logging_strategy=cfg.logging_strategy,
+        logging_steps=cfg.logging_steps,
+        eval_strategy=eval_strategy,
+        eval_steps=cfg.eval_steps,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=quiet,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+    )
+
+
+def _accuracy(eval_prediction) -> dict[str, float]:
+    import numpy as np
+
+    logits = eval_prediction.predictions[0] if isinstance(eval_prediction.predictions, tuple) else eval_prediction.predictions
+    return {"accuracy": float(np.mean(np.argmax(logits, axis=-1) == eval_prediction.label_ids))}
+
+
+def _with_lora(model, lora, kind: str):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    target = lora.target_modules
+    peft_config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=target,
+        task_type=TaskType.SEQ_CLS if kind == "text" else None,
+        # image models: train the new classification head in full, as SEQ_CLS does for text
+        modules_to_save=None if kind == "text" else ["classifier"],
+    )
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as exc:
+        raise UserError(f"lora: {' '.join(str(exc).split())[:300]}") from exc
+
+
+def train(config, *, data_dir: str | os.PathLike | None = None, overwrite: bool = False, quiet: bool = False) -> Path:
+    """Fine-tune ``config.model_name_or_path`` on ``config.dataset_train_split`` and write a model folder.
+
+    ``config`` is a :class:`~gradmatch.config.TrainConfig`, a mapping of its keys (the original's
+    names) or a JSON/YAML file. The folder at ``output_dir`` holds config.json, model.safetensors, the
+    tokenizer or image processor, and ``training_metadata.json`` (number of training examples, data,
+    splits, seed, parent, the config). It appears atomically; an existing one is replaced only with
+    ``overwrite`` (or ``overwrite_output_dir: true``). Returns the folder.
+    """
+    from gradmatch.config import load_train_config
+    from gradmatch.data import encode, load_split, split_kind
+    from gradmatch.fsutil import atomic_dir, check_output_dir
+    from gradmatch.models import load_config, model_kind
+
+    cfg = load_train_config(config)
+    out = Path(cfg.output_dir)
+    overwrite = overwrite or cfg.overwrite_output_dir
+    check_output_dir(out, overwrite)
+
+    kind = model_kind(cfg.model_name_or_path)
+    train_data = load_split(cfg.dataset_name, cfg.dataset_train_split, config_name=cfg.dataset_config_name,
+                            data_dir=data_dir, cache_dir=cfg.cache_dir)
+    if split_kind(train_data) != kind:
+        raise UserError(f"{cfg.dataset_name} holds {split_kind(train_data)} examples but {cfg.model_name_or_path} "
+                        f"is a{'n' if kind == 'image' else ''} {kind} model")
+    train_labels = list(train_data["label"])
+    num_labels = _num_labels(cfg, load_config(cfg.model_name_or_path), train_labels)
+    val_data = None
+    if cfg.dataset_val_split:
+        val_data = load_split(cfg.dataset_name, cfg.dataset_val_split, config_name=cfg.dataset_config_name,
+                              data_dir=data_dir, cache_dir=cfg.cache_dir, num_labels=num_labels)
+    if max(train_labels) >= num_labels:
+        raise UserError(f"data set {cfg.dataset_name} ({cfg.dataset_train_split}): label {max(train_labels)} is "
+                        f"outside 0..{num_labels - 1} (num_labels is {num_labels})")
+
+    with atomic_dir(out, overwrite) as tmp:
+        metadata = _fit(cfg, tmp, train_data, val_data, num_labels, kind, quiet=quiet, encode=encode)
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    log.info("trained model written to %s", out)
+    return out
+
+
+def _fit(cfg, folder: Path, train_data, val_data, num_labels: int, kind: str, *, quiet: bool, encode) -> dict:
+    """Train in ``folder`` (a temporary folder) and save the final model there; return the metadata."""
+    import shutil
+
+    import transformers
+    from transformers import Trainer
+
+    from gradmatch import __version__
+    from gradmatch.data import collator, model_max_length
+    from gradmatch.models import load_for_classification, resolve_model
+
+    transformers.set_seed(cfg.seed)
+    model, processor = load_for_classification(
+        cfg.model_name_or_path, num_labels=num_labels, dropout=cfg.dropout, from_scratch=cfg.from_scratch, seed=cfg.seed
+    )
+    max_length = model_max_length(model, cfg.max_input_length)
+    train_encoded = encode(train_data, processor, max_length, desc="preparing training data")
+    val_encoded = encode(val_data, processor, max_length, desc="preparing validation data") if val_data else None
+    if cfg.lora is not None:
+        model = _with_lora(model, cfg.lora, kind)
+    work = folder / ".trainer"
+    args = _training_arguments(cfg, work, quiet=quiet, has_eval=val_encoded is not None)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        data_collator=collator(processor),
+        train_dataset=train_encoded,
+        eval_dataset=val_encoded,
+        processing_class=processor,
+        compute_metrics=_accuracy if val_encoded is not None else None,
+    )
+    result = trainer.train()
+    final_eval = trainer.evaluate() if val_encoded is not None else None
+    model = trainer.model
+    if cfg.lora is not None:
+        model = model.merge_and_unload()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    shutil.rmtree(work, ignore_errors=True)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    parent = cfg.model_name_or_path
+    try:
+        parent_path = resolve_model(parent) if not cfg.from_scratch else None
+    except UserError:
+        parent_path = None
+    return {
+        "gradmatch_version": __version__,
+        "num_train_examples": len(train_data),
+        "dataset_name": cfg.dataset_name,
+        "dataset_config_name": cfg.dataset_config_name,
+        "train_split": cfg.dataset_train_split,
+        "val_split": cfg.dataset_val_split,
+        "seed": cfg.seed,
+        "parent": parent,
+        "parent_path": parent_path,
+        "from_scratch": cfg.from_scratch or parent in _builtin_names(),
+        "num_labels": num_labels,
+        "kind": kind,
+        "lora": cfg.lora is not None,
+        "global_step": trainer.state.global_step,
+        "epochs": float(trainer.state.epoch or 0.0),
+        "train_loss": float(result.training_loss) if not math.isnan(result.training_loss) else None,
+        "loss_history": losses,
+        "eval": final_eval,
+        "log_history": trainer.state.log_history,
+        "ignored_keys": cfg.ignored_keys,
+        "config": cfg.model_dump(mode="json"),
+    }
+
+
+def _builtin_names() -> set[str]:
+    from gradmatch.models import BUILTIN_SPECS
+
+    return set(BUILTIN_SPECS)
