@@ -78,7 +78,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         raise UserError(f"cannot read {path}: {exc.strerror or exc}") from exc
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise UserError(f"{path} is corrupt: its header is not valid JSON ({exc})") from exc
     if not isinstance(header, dict):
         raise UserError(f"{path} is corrupt: its header is not a JSON object")
@@ -93,7 +93,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             begin, end = int(begin), int(end)
         except (KeyError, TypeError, ValueError):
             raise UserError(f"{path} is corrupt: the header entry of tensor {name!r} is malformed") from None
-        if code not in SAFETENSORS_DTYPES:
+        if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
             raise UserError(f"{path}: tensor {name!r} has unknown dtype {code!r}")
         itemsize, dtype = SAFETENSORS_DTYPES[code]
         if any(d < 0 for d in shape) or not 0 <= begin <= end:
@@ -133,7 +133,7 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
 def _read_index(path: Path) -> dict[str, str]:
     try:
         weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError) as exc:
         raise UserError(f"{path} is not a valid shard index (a JSON object with a weight_map): {exc}") from exc
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise UserError(f"{path}: weight_map must map tensor names to shard file names")
@@ -201,7 +201,7 @@ class Checkpoint:
         if config.is_file():
             try:
                 self.config = json.loads(config.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
                 raise UserError(f"{config} is not valid JSON: {exc}") from exc
 
     def __contains__(self, name: str) -> bool:
