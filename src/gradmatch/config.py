@@ -32,6 +32,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise UserError(f"config file {path} is not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {detail}") from exc
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of keys to values, not {type(data).__name__}")
+    bad = [key for key in data if not isinstance(key, str)]
+    if bad:
+        raise UserError(f"config file {path}: key {bad[0]!r} is not a name (keys must be strings)")
     return data
 
 
