@@ -183,7 +183,7 @@ def test_killed_run_resumes_without_redoing_finished_jobs(finished_run, tmp_path
         os.killpg(proc.pid, signal.SIGKILL)  # the whole run: gradmatch, Snakemake and its running jobs
         proc.wait()
     first = finished_jobs(workdir)
-    assert any(j["kind"] == "train" for j in first) and len(first) < TINY_JOB_COUNT
+    assert any(j["kind"] == "train" for j in first.values()) and len(first) < TINY_JOB_COUNT
     resumed = _run(exp, workdir)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"({len(first)} already done" in resumed.stdout

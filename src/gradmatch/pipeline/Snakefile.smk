@@ -1,4 +1,5 @@
 # Snakemake workflow of a gradmatch experiment: one rule per job of the plan that `gradmatch run` writes.
+# A job is done when work/<hash>/job.json exists (see gradmatch.pipeline.runner).
 # Run through `gradmatch run` (or gradmatch.pipeline.runner.run_jobs), which passes --config plan=PLAN.json.
 import json
 
@@ -9,7 +10,7 @@ _python = _plan["python"]
 rule all:
     default_target: True
     input:
-        [f"work/{job['hash']}" for job in _plan["jobs"]],
+        [f"work/{job['hash']}/job.json" for job in _plan["jobs"]],
 
 
 for _job in _plan["jobs"]:
@@ -21,9 +22,10 @@ for _job in _plan["jobs"]:
         name:
             _job["rule"]
         input:
-            [f"work/{h}" for h in _job["deps"]],
+            [f"work/{h}/job.json" for h in _job["deps"]],
         output:
-            directory(f"work/{_job['hash']}"),
+            # written last, inside a folder that appears atomically: it exists only for a finished job
+            f"work/{_job['hash']}/job.json",
         log:
             f"logs/{_job['rule']}.{_job['hash']}.log",
         threads: _job["resources"]["threads"]

@@ -45,10 +45,19 @@ def _fisher(folder: str | Path) -> str:
     return str(Path(folder) / "fisher")
 
 
+def write_file(path: str | Path, text: str) -> Path:
+    """Write ``text`` atomically, readable as the umask allows (not only by its owner, as a temp file is)."""
+    path = Path(path)
+    with atomic_file(path, encoding="utf-8") as fh:
+        fh.write(text)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+    return path
+
+
 def _write_json(path: Path, value: Any) -> None:
-    with atomic_file(path) as fh:
-        json.dump(value, fh, indent=2, sort_keys=False)
-        fh.write("\n")
+    write_file(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
 # --------------------------------------------------------------------------- prepare
@@ -188,8 +197,7 @@ def merge(params: dict[str, Any], inputs: dict[str, str], out: Path) -> None:
         tag = f"alpha-{alpha:g}"
         config = merge_config(params, inputs, alpha)
         (out / "configs").mkdir(exist_ok=True)
-        with atomic_file(out / "configs" / f"{tag}.yaml") as fh:
-            yaml.safe_dump(config, fh, sort_keys=False)
+        write_file(out / "configs" / f"{tag}.yaml", yaml.safe_dump(config, sort_keys=False))
         model_dir = out / "models" / tag
         print(f"{params['label']}: merging at α = {alpha:g}", flush=True)
         merge_models(config, model_dir, progress=False)

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 #: Environment variable naming the server's socket (set by the runner for Snakemake's local jobs).
 ENV = "GRADMATCH_JOB_SERVER"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gradmatch.errors import UserError
-from gradmatch.fsutil import atomic_dir, atomic_file
+from gradmatch.fsutil import atomic_dir
 
 #: The files a report folder holds.
 REPORT_FILES = ("report.md", "report.json", "alpha_average.png", "alpha_per_task.png", "best_per_task.png")
@@ -227,11 +227,10 @@ def write_plots(results: dict[str, Any], out: Path, dpi: int = 100) -> list[Path
 def write_report(results: dict[str, Any], out: str | os.PathLike) -> Path:
     """Write report.md, report.json and the PNG plots into the folder ``out`` (which must exist)."""
     out = Path(out)
-    with atomic_file(out / "report.json") as fh:
-        json.dump(results, fh, indent=2, ensure_ascii=False)
-        fh.write("\n")
-    with atomic_file(out / "report.md", encoding="utf-8") as fh:
-        fh.write(_text(results))
+    from gradmatch.pipeline.jobs import write_file
+
+    write_file(out / "report.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    write_file(out / "report.md", _text(results))
     write_plots(results, out)
     return out
 

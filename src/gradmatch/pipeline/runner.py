@@ -20,8 +20,8 @@ from pathlib import Path
 
 from gradmatch.config import load_experiment
 from gradmatch.errors import UserError
-from gradmatch.fsutil import atomic_file
 from gradmatch.pipeline import jobserver
+from gradmatch.pipeline.jobs import write_file
 from gradmatch.pipeline.graph import ALIAS_SUBDIR, Job, build_jobs, job_spec, plan_dict, toposort
 
 SNAKEFILE = Path(__file__).with_name("Snakefile.smk")
@@ -83,19 +83,14 @@ def write_plan(jobs: list[Job], workdir: Path) -> Path:
         spec_path = workdir / "jobs" / f"{job.hash}.json"
         text = json.dumps(job_spec(job, workdir), indent=2) + "\n"
         if not spec_path.exists() or spec_path.read_text() != text:
-            with atomic_file(spec_path) as fh:
-                fh.write(text)
-    plan_path = workdir / "plan.json"
-    with atomic_file(plan_path) as fh:
-        json.dump(plan_dict(jobs, workdir, sys.executable), fh, indent=2)
-        fh.write("\n")
-    return plan_path
+            write_file(spec_path, text)
+    return write_file(workdir / "plan.json", json.dumps(plan_dict(jobs, workdir, sys.executable), indent=2) + "\n")
 
 
 def snakemake_command(plan_path: Path, workdir: Path, *, cores: int | None, executor: str, dry_run: bool,
                       jobs_limit: int | None, slurm: SlurmOptions | None, extra_args: list[str]) -> list[str]:
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
-           "--config", f"plan={plan_path}", "--rerun-incomplete", "--keep-going", "--rerun-triggers", "input",
+           "--config", f"plan={plan_path}", "--ignore-incomplete", "--keep-going", "--rerun-triggers", "input",
            "--nocolor", "--quiet", "host", "reason", *(["rules"] if dry_run else [])]
     if dry_run:
         cmd += ["--dry-run"]
@@ -230,9 +225,7 @@ def run_experiment(experiment, *, workdir: str | os.PathLike | None = None, data
     jobs = build_jobs(exp, data_dir=data_dir)
     result = run_jobs(jobs, workdir, **kwargs)
     if not kwargs.get("dry_run"):
-        with atomic_file(result.workdir / "experiment.json") as fh:
-            json.dump(exp.model_dump(mode="json"), fh, indent=2)
-            fh.write("\n")
+        write_file(result.workdir / "experiment.json", json.dumps(exp.model_dump(mode="json"), indent=2) + "\n")
     return result
 
 
