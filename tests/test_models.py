@@ -65,3 +65,36 @@ def test_bad_models(tmp_path):
     make_tiny_bert(tmp_path / "notok", with_tokenizer=False)
     with pytest.raises(UserError, match="no usable tokenizer"):
         load_for_classification(tmp_path / "notok")
+
+
+def test_lora_adapter_folders_are_folded_into_full_weights(tmp_path):
+    from peft import LoraConfig, TaskType, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    from conftest import make_tiny_bert
+    from gradmatch.models import fold_lora_adapter
+
+    base = make_tiny_bert(tmp_path / "base", num_labels=3)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(AutoModelForSequenceClassification.from_pretrained(base),
+                                LoraConfig(task_type=TaskType.SEQ_CLS, r=4, target_modules=["query", "value"]))
+    for name, p in peft_model.named_parameters():  # stand-in for training: non-zero adapters and head
+        if "lora_B" in name or "classifier" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    expected = peft_model.merge_and_unload().state_dict()
+
+    assert model_kind(tmp_path / "adapter") == "text"
+    model, tok = load_for_classification(tmp_path / "adapter")
+    assert model.config.num_labels == 3 and tok("a")["input_ids"][0] == tok.cls_token_id
+    got = model.state_dict()
+    for key in ("bert.encoder.layer.0.attention.self.query.weight", "classifier.weight"):
+        torch.testing.assert_close(got[key], expected[key])
+    out = fold_lora_adapter(tmp_path / "adapter", tmp_path / "full")
+    saved = load_file(str(out / "model.safetensors"))
+    assert set(saved) == set(load_file(str(base / "model.safetensors")))
+    torch.testing.assert_close(saved["bert.encoder.layer.1.attention.self.value.weight"],
+                               expected["bert.encoder.layer.1.attention.self.value.weight"])
+    with pytest.raises(UserError, match="3-label head"):
+        load_for_classification(tmp_path / "adapter", num_labels=2)

@@ -25,7 +25,7 @@ def _check_output_file(path: Path, overwrite: bool) -> None:
         raise UserError(f"cannot create {path}: {parent} is not a folder")
 
 
-def _run_fisher(cfg, data_dir, overwrite: bool) -> dict[str, Any]:
+def _run_fisher(cfg, data_dir, overwrite: bool, quiet: bool) -> dict[str, Any]:
     try:
         from gradmatch.fisher import run_fisher
     except ImportError as exc:  # pragma: no cover - fisher.py ships with the package
@@ -42,6 +42,8 @@ def _run_fisher(cfg, data_dir, overwrite: bool) -> dict[str, Any]:
         seed=cfg.seed,
         data_dir=data_dir,
         overwrite=overwrite,
+        config_name=cfg.dataset_config_name,
+        progress=not quiet,
     )
     return {"method": cfg.method, "model": cfg.model_name_or_path, "dataset": cfg.dataset_name,
             "split": cfg.dataset_test_split, "fisher": str(out if out is not None else cfg.output_dir)}
@@ -91,7 +93,7 @@ def evaluate(config, *, data_dir: str | os.PathLike | None = None, overwrite: bo
 
     cfg = load_evaluate_config(config)
     if cfg.is_fisher():
-        return _run_fisher(cfg, data_dir, overwrite)
+        return _run_fisher(cfg, data_dir, overwrite, quiet)
 
     import numpy as np
     import torch

@@ -75,6 +75,12 @@ def load_config(name_or_path: str | os.PathLike):
     if name in BUILTIN_SPECS:
         model_type, values = BUILTIN_SPECS[name]
         return CONFIG_MAPPING[model_type](**values)
+    if is_lora_adapter(name):
+        config = load_config(_adapter_base(name))
+        num_labels = _adapter_num_labels(name)
+        if num_labels is not None:
+            config.num_labels = num_labels
+        return config
     source = str(Path(name).expanduser()) if _is_config_file(name) else resolve_model(name)
     try:
         return AutoConfig.from_pretrained(source)
@@ -157,6 +163,8 @@ def load_for_classification(
     from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
     name = str(name_or_path)
+    if is_lora_adapter(name):
+        return _load_lora_adapter(name, num_labels=num_labels, dropout=dropout, id2label=id2label, seed=seed)
     builtin = name in BUILTIN_SPECS
     from_scratch = from_scratch or builtin or _is_config_file(name)
     config = load_config(name)
@@ -192,3 +200,80 @@ def load_for_classification(
     except OSError as exc:
         raise UserError(f"cannot load model {name}: {' '.join(str(exc).split())[:300]}") from exc
     return model, _load_processor(source, kind, config, name, from_scratch=False)
+
+
+# --------------------------------------------------------------------------- LoRA adapter folders
+
+
+def is_lora_adapter(name_or_path: str | os.PathLike) -> bool:
+    """True for a peft adapter folder (``adapter_config.json``, no full weights of its own)."""
+    path = Path(str(name_or_path)).expanduser()
+    return path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
+
+
+def _adapter_base(folder: str) -> str:
+    import json
+
+    path = Path(folder).expanduser() / "adapter_config.json"
+    try:
+        base = json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from exc
+    if not base:
+        raise UserError(f"{path} names no base model (base_model_name_or_path)")
+    return str(base)
+
+
+def _adapter_num_labels(folder: str) -> int | None:
+    """The size of the classification head saved in an adapter folder (peft's modules_to_save), if any."""
+    from safetensors import safe_open
+
+    weights = Path(folder).expanduser() / "adapter_model.safetensors"
+    if not weights.is_file():
+        return None
+    try:
+        with safe_open(str(weights), "pt") as f:
+            for key in f.keys():
+                if key.endswith(("classifier.weight", "classifier.modules_to_save.default.weight", "score.weight",
+                                 "classifier.out_proj.weight")):
+                    return int(f.get_slice(key).get_shape()[0])
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise UserError(f"cannot read {weights}: {' '.join(str(exc).split())[:200]}") from exc
+    return None
+
+
+def _load_lora_adapter(folder: str, *, num_labels=None, dropout=None, id2label=None, seed=None):
+    """Base model + peft adapter, folded into full weights (``merge_and_unload``), and the processor."""
+    from peft import PeftModel
+
+    head = _adapter_num_labels(folder)
+    if num_labels is not None and head is not None and int(num_labels) != head:
+        raise UserError(f"adapter {folder} has a {head}-label head, not {num_labels}")
+    base = _adapter_base(folder)
+    model, processor = load_for_classification(base, num_labels=head or num_labels, dropout=dropout,
+                                               id2label=id2label, seed=seed)
+    try:
+        model = PeftModel.from_pretrained(model, str(Path(folder).expanduser())).merge_and_unload()
+    except Exception as exc:  # shape mismatches, missing adapter weights
+        raise UserError(f"cannot apply adapter {folder} to {base}: {' '.join(str(exc).split())[:300]}") from exc
+    kind = "image" if is_image_model(model.config) else "text"
+    own = Path(folder).expanduser()
+    has_processor = (own / "tokenizer_config.json").is_file() or (own / "preprocessor_config.json").is_file()
+    if has_processor:
+        processor = _load_processor(str(own), kind, model.config, folder, from_scratch=False)
+    return model, processor
+
+
+def fold_lora_adapter(adapter_dir: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write a peft LoRA adapter folder as a full Hugging Face model folder (adapters merged into the
+    weights), so it can be merged, evaluated or used as a parent like any fine-tuned model."""
+    from gradmatch.fsutil import atomic_dir, check_output_dir
+
+    if not is_lora_adapter(adapter_dir):
+        raise UserError(f"{adapter_dir} is not a LoRA adapter folder (no adapter_config.json)")
+    check_output_dir(out, overwrite)
+    model, processor = _load_lora_adapter(str(adapter_dir))
+    with atomic_dir(out, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    return Path(out)
