@@ -178,6 +178,10 @@ def _fit(cfg, folder: Path, train_data, val_data, num_labels: int, kind: str, *,
         processing_class=processor,
         compute_metrics=_accuracy if val_encoded is not None else None,
     )
+    if quiet:  # with the progress bar off, Trainer prints every log line instead
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     result = trainer.train()
     final_eval = trainer.evaluate() if val_encoded is not None else None
     model = trainer.model
