@@ -1,5 +1,5 @@
 """Benchmark of the Fisher estimators on MiniLM: the batch-size-1 loop, gradmatch's batched exact estimator, and
-a plain batched forward+backward (the ceiling); examples per second and peak memory, one subprocess per method.
+a plain batched forward+backward (the ceiling); examples per second (rounds interleaved) and peak memory.
 
     python benchmarks/fisher.py                                   # CPU, the real MiniLM weights
     PYTHONPATH=src python3 benchmarks/fisher.py --device cuda --random-init   # GPU, MiniLM's architecture
@@ -59,53 +59,118 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def run_one(args) -> dict:
-    """Time one method in this process; peak memory is this process's (CPU RSS or CUDA allocations)."""
+def _peak_rss_mib() -> float:
+    """This process's peak resident set (VmHWM; unlike ru_maxrss it does not inherit the parent's peak)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _method(name: str, model, device: str):
+    """``work(batches)`` for one method on ``model``."""
     import torch
 
     from gradmatch.fisher import FisherAccumulator, estimate_fisher_reference
 
-    model = build_model(args)
-    method, bs = args.only, args.batch_size
-    n = args.examples_loop if method == "loop" else args.examples
-    batches = make_batches(n + (bs if method != "loop" else args.warmup), 1 if method == "loop" else bs, args.length)
-    batches = [{k: v.to(args.device) for k, v in b.items()} for b in batches]
-    warm, timed = (batches[: args.warmup], batches[args.warmup:]) if method == "loop" else (batches[:1], batches[1:])
-
-    if method == "loop":
-        def work(bs_list):
-            estimate_fisher_reference(model, bs_list, estimator="sampled", seed=0)
-    elif method == "gradmatch":
+    if name == "loop":  # the original: one example at a time, square its full gradient
+        def work(batches):
+            estimate_fisher_reference(model, batches, estimator="sampled", seed=0)
+    elif name == "gradmatch":
         acc = FisherAccumulator(model, estimator="sampled", seed=0)
 
-        def work(bs_list):
+        def work(batches):
             with acc.attached():
-                for b in bs_list:
+                for b in batches:
                     acc.add(b)
     else:  # plain batched forward + backward of the summed log-likelihood, no per-example work
-        def work(bs_list):
-            for b in bs_list:
+        def work(batches):
+            for b in batches:
                 model.zero_grad(set_to_none=True)
                 logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
                 torch.log_softmax(logits, -1).gather(1, b["labels"].unsqueeze(1)).sum().backward()
+            model.zero_grad(set_to_none=True)
 
-    work(warm)
-    _sync(args.device)
+    def timed(batches):
+        _sync(device)
+        t0 = time.perf_counter()
+        work(batches)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    return timed
+
+
+def peak_memory(args) -> dict:
+    """Peak memory of one method in a fresh process (CPU: VmHWM; CUDA: max allocated), one warm-up and one
+    measured batch (the loop: two examples)."""
+    import torch
+
+    model = build_model(args)
+    bs = 1 if args.only == "loop" else args.batch_size
+    batches = [{k: v.to(args.device) for k, v in b.items()} for b in make_batches(2 * bs, bs, args.length)]
+    timed = _method(args.only, model, args.device)
+    timed(batches[:1])
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    work(timed)
-    _sync(args.device)
-    seconds = time.perf_counter() - t0
-    count = sum(int(b["input_ids"].shape[0]) for b in timed)
+    timed(batches[1:])
     if args.device.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated() / 2**20
-        peak_kind = "CUDA max allocated"
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        peak_kind = "max RSS"
-    return {"method": method, "batch_size": 1 if method == "loop" else bs, "examples": count,
-            "seconds": seconds, "examples_per_s": count / seconds, "peak_mib": peak, "peak_kind": peak_kind}
+        return {"peak_mib": torch.cuda.max_memory_allocated() / 2**20, "peak_kind": "CUDA max allocated"}
+    return {"peak_mib": _peak_rss_mib(), "peak_kind": "max RSS"}
+
+
+def throughput(args, runs) -> list[dict]:
+    """Examples per second of every (method, batch size), the rounds interleaved so that a change in the
+    machine's load hits all methods alike; the best round of each counts."""
+    model = build_model(args)
+    plan = []
+    for method, bs in runs:
+        n = args.examples_loop if method == "loop" else args.examples
+        size = 1 if method == "loop" else bs
+        batches = [{k: v.to(args.device) for k, v in b.items()} for b in make_batches(n, size, args.length)]
+        timed = _method(method, model, args.device)
+        timed(batches[: max(1, args.warmup if method == "loop" else 1)])  # warm-up
+        plan.append((method, size, batches, timed, []))
+    for r in range(args.rounds):
+        for method, size, batches, timed, times in plan:
+            times.append(timed(batches))
+        print(f"  round {r + 1}/{args.rounds}: " + ", ".join(
+            f"{m}/{s} {sum(int(b['input_ids'].shape[0]) for b in bb) / t[-1]:.2f} ex/s" for m, s, bb, _, t in plan),
+            file=sys.stderr, flush=True)
+    out = []
+    for method, size, batches, _, times in plan:
+        count = sum(int(b["input_ids"].shape[0]) for b in batches)
+        out.append({"method": method, "batch_size": size, "examples": count, "rounds": times,
+                    "examples_per_s": count / min(times)})
+    return out
+
+
+def check(args) -> dict:
+    """Correctness on this device: the batched estimate against the batch-size-1 loop (8 examples, both
+    estimators, variable lengths padded in the batch)."""
+    import torch
+
+    from gradmatch.fisher import estimate_fisher, estimate_fisher_reference
+
+    model = build_model(args)
+    batches = make_batches(8, 4, args.length)
+    for b in batches:  # variable lengths: example j of a batch keeps length - 13 * j tokens
+        for j in range(b["input_ids"].shape[0]):
+            b["attention_mask"][j, args.length - 13 * j:] = 0
+            b["input_ids"][j, args.length - 13 * j:] = 0
+    batches = [{k: v.to(args.device) for k, v in b.items()} for b in batches]
+    worst = {}
+    for estimator in ("sampled", "empirical"):
+        fast = estimate_fisher(model, batches, estimator=estimator, seed=0, progress=False)
+        slow = estimate_fisher_reference(model, batches, estimator=estimator, seed=0)
+        scale = max(float(v.abs().max()) for v in slow.values())
+        worst[estimator] = max(float(((fast[k] - slow[k]).abs() - 1e-7 * scale).clamp(min=0).div(
+            slow[k].abs().clamp(min=1e-30)).max()) for k in slow)
+    return worst
 
 
 def main(argv=None) -> int:
@@ -114,32 +179,44 @@ def main(argv=None) -> int:
     p.add_argument("--random-init", action="store_true", help="MiniLM's architecture with random weights")
     p.add_argument("--length", type=int, default=128)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32])
-    p.add_argument("--examples", type=int, default=96, help="timed examples per batched method")
-    p.add_argument("--examples-loop", type=int, default=48, help="timed examples for the batch-size-1 loop")
+    p.add_argument("--examples", type=int, default=64, help="examples per round for each batched method")
+    p.add_argument("--examples-loop", type=int, default=8, help="examples per round for the batch-size-1 loop")
     p.add_argument("--warmup", type=int, default=2, help="warm-up examples for the loop (one batch otherwise)")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds, methods interleaved; the best counts")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--check", action="store_true", help="first compare batched and loop estimates on this device")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--only", choices=["loop", "gradmatch", "plain"], help=argparse.SUPPRESS)
     p.add_argument("--batch-size", type=int, default=16, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.check and not args.only:
+        worst = check(args)
+        print("check: worst relative error of batched vs batch-size-1 loop (beyond 1e-7 of the largest entry): "
+              + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()), flush=True)
     if args.only:
-        print(json.dumps(run_one(args)))
+        print(json.dumps(peak_memory(args)))
         return 0
 
     runs = [("loop", 1)] + [(m, bs) for bs in args.batch_sizes for m in ("gradmatch", "plain")]
-    results = []
-    for method, bs in runs:
-        cmd = [sys.executable, os.path.abspath(__file__), "--only", method, "--batch-size", str(bs),
-               "--device", args.device, "--length", str(args.length), "--examples", str(args.examples),
-               "--examples-loop", str(args.examples_loop), "--warmup", str(args.warmup)]
+    results = throughput(args, runs)
+    for r in results:
+        cmd = [sys.executable, os.path.abspath(__file__), "--only", r["method"], "--batch-size", str(r["batch_size"]),
+               "--device", args.device, "--length", str(args.length)]
         if args.random_init:
             cmd.append("--random-init")
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.stderr.write(proc.stderr)
-            return proc.returncode
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        r = results[-1]
-        print(f"  {method:9s} bs={r['batch_size']:<3d} {r['examples_per_s']:8.2f} ex/s  peak {r['peak_mib']:8.0f} MiB",
+            print(f"{r['method']} (batch {r['batch_size']}) failed with exit status {proc.returncode}", file=sys.stderr)
+            return 1
+        r.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(f"  {r['method']:9s} bs={r['batch_size']:<3d} {r['examples_per_s']:8.2f} ex/s  peak {r['peak_mib']:8.0f} MiB",
               file=sys.stderr, flush=True)
 
     loop = results[0]["examples_per_s"]
@@ -154,7 +231,7 @@ def main(argv=None) -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"MiniLM ({'random init' if args.random_init else 'pretrained'}), length {args.length}, device {args.device} "
           f"({dev}, {threads} torch threads, load {load:.2f}), sampled estimator")
-    print(f"| method | batch | examples/s | peak memory (MiB, {results[0]['peak_kind']}) | × bs-1 loop | × plain fwd+bwd |")
+    print(f"| method | batch | examples/s | peak memory (MiB, {results[0]['peak_kind']}) | × (a) bs-1 loop | × (c) plain |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in results:
         ceiling = plain.get(r["batch_size"])

@@ -246,12 +246,44 @@ def test_run_fisher_writes_a_model_folder_with_metadata(bert, tmp_path):
     collate = gm_data.collator(tokenizer)
     batches = [dict(collate([encoded[i] for i in range(s, min(s + 4, 6))])) for s in (0, 4)]
     expected = estimate_fisher(model, batches, estimator="empirical", progress=False)
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        own = set(f.keys())
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         names = set(f.keys())
-        assert names == set(dict(model.named_parameters()))
+        assert names == own == set(dict(model.named_parameters()))
         for name in names:
             t = f.get_tensor(name)
             assert t.dtype == torch.float32
             torch.testing.assert_close(t, expected[name], rtol=1e-5, atol=1e-12)
     loaded = AutoModelForSequenceClassification.from_pretrained(folder)
     torch.testing.assert_close(loaded.classifier.weight, expected["classifier.weight"])
+
+
+def test_run_fisher_on_an_image_classifier(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from gradmatch import data as gm_data
+    from gradmatch.models import default_image_processor
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=16, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=32, num_labels=10)
+    model = ViTForImageClassification(config)
+    processor = default_image_processor(config)
+    model.save_pretrained(tmp_path / "vit")
+    processor.save_pretrained(tmp_path / "vit")
+    out = run_fisher(str(tmp_path / "vit"), "digits-original", "train[:6]", out=tmp_path / "out", batch_size=4,
+                     seed=1, progress=False)
+    encoded = gm_data.encode(gm_data.load_split("digits-original", "train[:6]"), processor)
+    batch = dict(gm_data.collator(processor)([encoded[i] for i in range(6)]))
+    expected = estimate_fisher(model, [batch], seed=1, progress=False)
+    # On disk: the names and shapes of the model's own checkpoint (transformers 5 renames ViT's modules in
+    # memory and back on saving), so the Hessian pairs tensor by tensor with the model folder.
+    written = load_file(out / "hessian" / "model.safetensors")
+    own = load_file(tmp_path / "vit" / "model.safetensors")
+    assert {k: v.shape for k, v in written.items()} == {k: v.shape for k, v in own.items()}
+    assert all(v.dtype == torch.float32 for v in written.values())
+    loaded = ViTForImageClassification.from_pretrained(out / "hessian")
+    assert_fisher_close({k: p.detach() for k, p in loaded.named_parameters()}, expected)
+    assert json.loads((out / "hessian" / "fisher.json").read_text())["num_examples"] == 6

@@ -26,8 +26,11 @@ ESTIMATORS = ("sampled", "empirical")
 _LABEL_KEYS = ("labels", "label")
 _INDEX_KEY = "index"
 
-#: Largest per-example gradient block (elements) formed at once; bounds memory of big layers/batches.
-_MAX_BLOCK = 1 << 25
+#: Largest block of per-example gradients (elements) formed at once. On CPUs a small block stays in cache
+#: between the matmul that writes it and the squaring that reads it (measured about 2x faster than one
+#: block per batch for MiniLM's feed-forward layers); GPUs want large blocks.
+_MAX_BLOCK_CPU = 1 << 19
+_MAX_BLOCK_GPU = 1 << 25
 
 
 # --------------------------------------------------------------------------- label sampling
@@ -53,6 +56,14 @@ def sample_labels(logits: torch.Tensor, indices: Iterable[int], seed: int) -> to
 # --------------------------------------------------------------------------- per-example squared gradients
 
 
+def _sum_of_squares(per_example: torch.Tensor) -> torch.Tensor:
+    """Σ_b x_b² over the first dimension. On GPUs a norm reads the block once (memory-bound there);
+    on CPUs squaring in place and summing is faster."""
+    if per_example.is_cuda:
+        return torch.linalg.vector_norm(per_example, dim=0).square_()
+    return per_example.square_().sum(0)
+
+
 def _linear_sq(A: torch.Tensor, G: torch.Tensor, weight_acc: torch.Tensor, bias_acc: torch.Tensor | None) -> None:
     """Add Σ_b (G_bᵀ A_b)² to ``weight_acc`` (and Σ_b (Σ_t G_bt)² to ``bias_acc``).
 
@@ -69,10 +80,10 @@ def _linear_sq(A: torch.Tensor, G: torch.Tensor, weight_acc: torch.Tensor, bias_
     G = G.reshape(B, -1, G.shape[-1])
     if bias_acc is not None:
         bias_acc.add_(G.sum(1).square().sum(0))
-    step = max(1, _MAX_BLOCK // weight_acc.numel())
+    step = max(1, (_MAX_BLOCK_GPU if A.is_cuda else _MAX_BLOCK_CPU) // weight_acc.numel())
     for start in range(0, B, step):
         per_example = torch.bmm(G[start:start + step].transpose(1, 2), A[start:start + step])  # (b, out, in)
-        weight_acc.add_(per_example.square_().sum(0))
+        weight_acc.add_(_sum_of_squares(per_example))
 
 
 def _embedding_sq(ids: torch.Tensor, G: torch.Tensor, num_rows: int, padding_idx: int | None,
@@ -95,10 +106,7 @@ def _embedding_sq(ids: torch.Tensor, G: torch.Tensor, num_rows: int, padding_idx
 def _layer_norm_sq(x: torch.Tensor, G: torch.Tensor, module: nn.LayerNorm, weight_acc, bias_acc) -> None:
     """LayerNorm: per-example gradients are token sums of G·x̂ (weight) and G (bias)."""
     B = x.shape[0]
-    dims = tuple(range(x.dim() - len(module.normalized_shape), x.dim()))
-    mean = x.mean(dims, keepdim=True)
-    var = x.var(dims, keepdim=True, unbiased=False)
-    x_hat = (x - mean) * torch.rsqrt(var + module.eps)
+    x_hat = F.layer_norm(x, module.normalized_shape, eps=module.eps)  # (x − mean) / sqrt(var + eps)
     shape = (B, -1, *module.normalized_shape)
     if weight_acc is not None:
         weight_acc.add_((G * x_hat).reshape(shape).sum(1).square().sum(0))
@@ -231,7 +239,7 @@ class FisherAccumulator:
             return
         x, version = saved
         if x._version != version:
-            raise RuntimeError(f"the input of {self._name(module)} was modified in place after its forward; "
+            raise UserError(f"the input of {self._name(module)} was modified in place after its forward; "
                                "cannot form per-example gradients")
         acc = {attr: self.sums[full] for attr, full in self._owner[module]}
         dtype = next(iter(acc.values())).dtype
