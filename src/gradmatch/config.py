@@ -518,6 +518,13 @@ class MergeSpec(_Strict):
             raise ValueError("alphas must not repeat")
         return [float(v) for v in value]
 
+    @_field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str | None) -> str | None:
+        if value is not None and not _NAME_RE.match(value):  # it names the folder merges/<name> of the run
+            raise ValueError("a merge name may hold only letters, digits, '_', '.' and '-' (it names a folder)")
+        return value
+
     @property
     def label(self) -> str:
         return self.name or self.method
@@ -602,6 +609,13 @@ class ExperimentConfig(_Strict):
     resources: ResourcesConfig = _Field(default_factory=ResourcesConfig)
 
     _training = _field_validator("training")(classmethod(lambda cls, v: _check_training_overrides(v)))
+
+    @_field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not _NAME_RE.match(value):  # it names the default run folder runs/<name>
+            raise ValueError("an experiment name may hold only letters, digits, '_', '.' and '-' (it names a folder)")
+        return value
 
     @_field_validator("multitask", mode="before")
     @classmethod
