@@ -110,6 +110,9 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             fh.keys()
     except SafetensorError as exc:
         raise UserError(f"{path} is corrupt or truncated: {exc}") from exc
+    except (RuntimeError, OSError) as exc:  # safe_open maps the whole file: a file larger than memory may not map
+        if "mmap" not in str(exc):  # (the checks above passed, and reading uses plain reads, not a map)
+            raise UserError(f"cannot open {path} with safetensors: {' '.join(str(exc).split())[:300]}") from exc
     return {info.name: info for _, info in sorted(tensors, key=lambda item: item[0])}
 
 
