@@ -159,7 +159,10 @@ def load_for_classification(
     one of another size than ``num_labels``, gets a new head. ``dropout`` overrides every dropout
     probability of the config. ``seed`` seeds the random initialisation of new weights.
     """
+    import pickle
+
     import transformers
+    from safetensors import SafetensorError
     from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
     name = str(name_or_path)
@@ -199,6 +202,9 @@ def load_for_classification(
         raise UserError(f"model {name}: {' '.join(str(exc).split())[:300]}") from exc
     except OSError as exc:
         raise UserError(f"cannot load model {name}: {' '.join(str(exc).split())[:300]}") from exc
+    except (pickle.UnpicklingError, RuntimeError, EOFError, SafetensorError) as exc:  # unsafe, corrupt or truncated weights
+        raise UserError(f"cannot load the weights of model {name} (corrupt, truncated, or not a plain tensor file: "
+                        f"only tensors are unpickled): {' '.join(str(exc).split())[:300]}") from exc
     return model, _load_processor(source, kind, config, name, from_scratch=False)
 
 
