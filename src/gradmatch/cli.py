@@ -295,17 +295,22 @@ def _add_mismatch(sub) -> None:
         help="the gradient mismatch of a merged model against its children",
         description="For each task t: ||alpha_t (grad L_t(merged) - grad L_t(child_t))|| on held-out data, "
         "and the norm of their sum (Daheim et al., ICLR 2024, section 3). Children and alphas default to "
-        "the merge's merge.json, data sets to each child's training data set.",
+        "the merge's merge.json, data sets to each child's training data set. With --run, every merge of a "
+        "finished `gradmatch run` is measured and test error is plotted against mismatch.",
     )
-    p.add_argument("merged", help="a merged model folder (written by gradmatch merge)")
+    p.add_argument("merged", nargs="?", help="a merged model folder (written by gradmatch merge)")
+    p.add_argument("--run", metavar="RUN_DIR", help="measure every merge of this pipeline run instead")
     p.add_argument("--children", help="comma-separated child folders (default: from merge.json)")
     p.add_argument("--alphas", help="comma-separated alpha_t (default: from merge.json)")
     p.add_argument("--data", action="append", help="the data set of each child, in order (repeat the flag)")
     p.add_argument("--split", default="test", help="held-out split (datasets syntax, default: test)")
     p.add_argument("--data-dir", default=None, help="local root of the data set presets")
+    p.add_argument("--max-examples", type=int, default=None,
+                   help="examples per task (default: all; 100 with --run)")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--out", default=None, help="write the result as JSON here")
+    p.add_argument("--out", default=None,
+                   help="write the result here: a JSON file, or with --run a folder (default RUN_DIR/mismatch)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_run_mismatch)
 
@@ -314,8 +319,20 @@ def _run_mismatch(args) -> int:
     import json
 
     from gradmatch.fsutil import atomic_file
-    from gradmatch.mismatch import gradient_mismatch
+    from gradmatch.mismatch import gradient_mismatch, write_run_mismatch
 
+    if (args.merged is None) == (args.run is None):
+        raise UserError("give either a merged model folder or --run RUN_DIR")
+    if args.run:
+        max_examples = 100 if args.max_examples is None else args.max_examples
+        out = write_run_mismatch(args.run, args.out, overwrite=args.overwrite, max_examples=max_examples,
+                                 max_length=args.max_length, batch_size=args.batch_size)
+        rows = json.loads((out / "mismatch.json").read_text(encoding="utf-8"))["merges"]
+        print(f"{'merge':<28} {'alpha':>6} {'mismatch':>10} {'test error':>10}")
+        for r in rows:
+            print(f"{r['label'][:28]:<28} {r['alpha']:>6.3g} {r['total_mismatch']:>10.4g} {r['mean_test_error']:>10.3f}")
+        print(f"written to {out / 'mismatch.json'} and {out / 'mismatch_vs_error.png'}")
+        return 0
     if args.out and os.path.exists(args.out) and not args.overwrite:
         raise UserError(f"output {args.out} already exists (pass --overwrite to replace it)")
     children = [c.strip() for c in args.children.split(",")] if args.children else None
@@ -324,7 +341,8 @@ def _run_mismatch(args) -> int:
     except ValueError:
         raise UserError(f"--alphas must be comma-separated numbers, not {args.alphas!r}") from None
     result = gradient_mismatch(args.merged, children=children, data=args.data, alphas=alphas, split=args.split,
-                               max_length=args.max_length, batch_size=args.batch_size, data_dir=args.data_dir)
+                               max_length=args.max_length, batch_size=args.batch_size, data_dir=args.data_dir,
+                               max_examples=args.max_examples)
     print(f"{'task':<24} {'alpha':>6} {'mismatch':>10} {'error':>7}")
     for t in result.tasks:
         print(f"{t.task[-24:]:<24} {t.alpha:>6.3g} {t.mismatch:>10.4g} {t.error_merged:>7.3f}")

@@ -88,7 +88,8 @@ def _norm(tensors: Iterable[Any]) -> float:
     return math.sqrt(sum(float((t * t).sum()) for t in tensors))
 
 
-def _batches(model_path: str, data: str, split: str, *, max_length: int, batch_size: int, data_dir, cache: dict):
+def _batches(model_path: str, data: str, split: str, *, max_length: int, batch_size: int, data_dir,
+             max_examples: int | None, cache: dict):
     """Load the model at ``model_path`` and the encoded examples of ``data`` for it (encodings cached by processor)."""
     import torch
 
@@ -99,6 +100,8 @@ def _batches(model_path: str, data: str, split: str, *, max_length: int, batch_s
     key = (data, type(processor).__name__, getattr(processor, "name_or_path", None))
     if key not in cache:
         raw = gdata.load_split(data, split, data_dir=data_dir, num_labels=model.config.num_labels)
+        if max_examples is not None:
+            raw = raw.select(range(min(max_examples, len(raw))))
         cache[key] = gdata.encode(raw, processor, gdata.model_max_length(model, max_length))
     loader = torch.utils.data.DataLoader(cache[key], batch_size=batch_size, shuffle=False,
                                          collate_fn=gdata.collator(processor))
@@ -138,6 +141,8 @@ def gradient_mismatch(
     max_length: int = 128,
     batch_size: int = 16,
     data_dir: str | os.PathLike | None = None,
+    max_examples: int | None = None,
+    child_gradients: dict | None = None,
     progress: bool = True,
 ) -> MergeMismatch:
     """Measure the gradient mismatch of ``merged`` on held-out data of each child's task.
@@ -146,6 +151,8 @@ def gradient_mismatch(
     mismatch_t = ‖α_t (∇L_t(θ̄) − ∇L_t(θ_t))‖ and total = ‖Σ_t α_t (∇L_t(θ̄) − ∇L_t(θ_t))‖, the term
     whose size bounds how far the merge θ̄ is from a model trained on all tasks. Children and α_t
     default to the merge's own record (``merge.json``); data sets to each child's training data set.
+    ``max_examples`` caps the examples per task; ``child_gradients``, a dict kept by the caller, caches
+    ∇L_t(θ_t) across calls (the children's gradients do not depend on the merge).
     """
     import torch
     from tqdm.auto import tqdm
@@ -160,8 +167,10 @@ def gradient_mismatch(
     data = list(data) if data is not None else [child_task(c) for c in children]
     if len(data) != len(children):
         raise UserError(f"{len(data)} data sets given for {len(children)} children")
-    if batch_size <= 0 or max_length <= 0:
-        raise UserError("batch size and max length must be positive")
+    if batch_size <= 0 or max_length <= 0 or (max_examples is not None and max_examples <= 0):
+        raise UserError("batch size, max length and max examples must be positive")
+    if child_gradients is None:
+        child_gradients = {}
 
     result = MergeMismatch(merged=str(merged), split=split)
     total: dict[str, torch.Tensor] | None = None
@@ -170,12 +179,17 @@ def gradient_mismatch(
     for child, task, alpha in bar:
         grads = {}
         stats = {}
+        child_key = (str(child), task, split, max_length, max_examples)
         for role, path in (("merged", str(merged)), ("child", child)):
+            if role == "child" and child_key in child_gradients:
+                grads[role], stats[role] = child_gradients[child_key]
+                continue
             model, loader = _batches(path, task, split, max_length=max_length, batch_size=batch_size,
-                                     data_dir=data_dir, cache=cache)
+                                     data_dir=data_dir, max_examples=max_examples, cache=cache)
             grads[role], loss, acc, n = loss_gradient(model, loader)
             stats[role] = (loss, acc, n)
             del model
+        child_gradients[child_key] = (grads["child"], stats["child"])
         if grads["merged"].keys() != grads["child"].keys():
             raise UserError(f"{merged} and {child} have different parameters")
         diff = {k: alpha * (grads["merged"][k] - grads["child"][k]) for k in grads["merged"]}
@@ -192,3 +206,123 @@ def gradient_mismatch(
     bar.close()
     result.total_mismatch = _norm(total.values()) if total else 0.0
     return result
+
+
+# --------------------------------------------------------------------------- every merge of a pipeline run
+
+
+def _finished_merge_jobs(run_dir: Path) -> list[dict[str, Any]]:
+    """The job specs of the run's finished merge jobs, in the order of the run's plan."""
+    plan_path = run_dir / "plan.json"
+    if not plan_path.is_file():
+        raise UserError(f"{run_dir} is not a gradmatch run folder: it has no plan.json")
+    try:
+        plan = json.loads(plan_path.read_text(encoding="utf-8"))
+        specs = [json.loads(Path(job["spec"]).read_text(encoding="utf-8"))
+                 for job in plan["jobs"] if job["kind"] == "merge"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"cannot read the plan of run {run_dir}: {exc}") from None
+    finished = [s for s in specs if (Path(s["out"]) / "metrics.json").is_file()]
+    if not finished:
+        raise UserError(f"run {run_dir} has no finished merge jobs yet")
+    return finished
+
+
+def run_mismatch(
+    run_dir: str | os.PathLike,
+    *,
+    max_examples: int | None = 100,
+    max_length: int = 128,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """The gradient mismatch of every merge (each method at each α) of a finished pipeline run.
+
+    Each merge is rebuilt from the YAML its job kept (``configs/alpha-*.yaml``) into a temporary folder
+    (or read from ``models/`` when kept), measured on the first ``max_examples`` examples of each
+    child's test set as the run prepared it, and set beside its test error from the run's metrics.
+    """
+    import tempfile
+
+    import yaml
+    from tqdm.auto import tqdm
+
+    from gradmatch.merge import merge
+
+    run_dir = Path(run_dir)
+    rows: list[dict[str, Any]] = []
+    cache: dict = {}
+    jobs = _finished_merge_jobs(run_dir)
+    work = [(spec, entry) for spec in jobs
+            for entry in json.loads((Path(spec["out"]) / "metrics.json").read_text(encoding="utf-8"))["alphas"]]
+    bar = tqdm(work, desc="mismatch of each merge", unit="merge", disable=None if progress else True)
+    with tempfile.TemporaryDirectory(prefix="gradmatch-mismatch-", dir=run_dir) as tmp:
+        for spec, entry in bar:
+            params, inputs, out = spec["params"], spec["inputs"], Path(spec["out"])
+            tag = f"alpha-{entry['alpha']:g}"
+            children = params["children"]
+            model = out / "models" / tag
+            if not model.is_dir():
+                config = yaml.safe_load((out / "configs" / f"{tag}.yaml").read_text(encoding="utf-8"))
+                model = merge(config, Path(tmp) / f"{params['label']}-{tag}", progress=False)
+            result = gradient_mismatch(
+                model, data=[str(Path(inputs[f"test/{c}"]) / "data") for c in children], split="test",
+                max_examples=max_examples, max_length=max_length, batch_size=batch_size,
+                child_gradients=cache, progress=False)
+            errors = {c: 1.0 - float(entry["tasks"][c]["accuracy"]) for c in children}
+            rows.append({
+                "method": params["method"], "label": params["label"], "alpha": float(entry["alpha"]),
+                "total_mismatch": result.total_mismatch,
+                "mismatch": {c: t.mismatch for c, t in zip(children, result.tasks)},
+                "test_error": errors, "mean_test_error": sum(errors.values()) / len(errors),
+                "examples_per_task": result.tasks[0].num_examples,
+            })
+            if model.parent == Path(tmp):
+                import shutil
+
+                shutil.rmtree(model)
+    bar.close()
+    return rows
+
+
+def plot_mismatch(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: str = "") -> Path:
+    """Test error against gradient mismatch, one colour per method, α written beside each point (Fig. 1, right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=100)
+    for label in dict.fromkeys(r["label"] for r in rows):
+        mine = sorted((r for r in rows if r["label"] == label), key=lambda r: r["alpha"])
+        xs = [r["total_mismatch"] for r in mine]
+        ys = [100 * r["mean_test_error"] for r in mine]
+        ax.plot(xs, ys, "o-", label=label, alpha=0.85)
+        for r, x, y in zip(mine, xs, ys):
+            ax.annotate(f"{r['alpha']:g}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.set_xlabel(r"gradient mismatch $\|\sum_t \alpha_t(\nabla L_t(\bar\theta) - \nabla L_t(\theta_t))\|$")
+    ax.set_ylabel("mean test error of the merged tasks (%)")
+    ax.set_title(title or "test error against gradient mismatch (numbers: α)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_run_mismatch(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, overwrite: bool = False,
+                       **kwargs) -> Path:
+    """Measure every merge of a run (:func:`run_mismatch`) and write ``mismatch.json`` and the plot to ``out``
+    (default ``RUN_DIR/mismatch``), atomically."""
+    from gradmatch.fsutil import atomic_dir, check_output_dir
+
+    out = Path(out) if out is not None else Path(run_dir) / "mismatch"
+    check_output_dir(out, overwrite)
+    rows = run_mismatch(run_dir, **kwargs)
+    with atomic_dir(out, overwrite) as tmp:
+        (tmp / "mismatch.json").write_text(json.dumps({"run": str(run_dir), "merges": rows}, indent=2) + "\n",
+                                           encoding="utf-8")
+        plot_mismatch(rows, tmp / "mismatch_vs_error.png")
+    return out
