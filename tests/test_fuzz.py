@@ -58,11 +58,13 @@ def test_config_seed_corpus(seed, tmp_path):
 @pytest.mark.parametrize("header, words", [
     (json.dumps({"a": {"dtype": [], "shape": [1], "data_offsets": [0, 4]}}).encode(), "unknown dtype"),
     (json.dumps({"a": {"dtype": {"F32": 1}, "shape": [1], "data_offsets": [0, 4]}}).encode(), "unknown dtype"),
+    (json.dumps({"a": {"dtype": "F32", "shape": [1e400], "data_offsets": [0, 4]}}).encode(), "malformed"),
+    (json.dumps({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 1e400]}}).encode(), "malformed"),
     (b"[" * 100_000, "not valid JSON"),
     (b'{"a":' * 50_000, "not valid JSON"),
 ])
 def test_header_found_by_fuzzing_is_a_user_error(tmp_path, header, words):
-    """These raised TypeError / RecursionError (a traceback) before the fix."""
+    """These raised TypeError / OverflowError / RecursionError (a traceback) before the fixes."""
     path = tmp_path / "model.safetensors"
     path.write_bytes(_file(header, bytes(8)))
     with pytest.raises(UserError, match=words) as info:

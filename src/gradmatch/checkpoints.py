@@ -91,7 +91,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             code, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
             shape = tuple(int(d) for d in shape)
             begin, end = int(begin), int(end)
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: a dimension 1e400 (infinity)
             raise UserError(f"{path} is corrupt: the header entry of tensor {name!r} is malformed") from None
         if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
             raise UserError(f"{path}: tensor {name!r} has unknown dtype {code!r}")

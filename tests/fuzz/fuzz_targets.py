@@ -156,7 +156,7 @@ def run_fuzz(kind: str, iterations: int, seed: int, workdir: Path, report_every:
                 accepted = [k for k, v in check_config(data, workdir / f"config{suffix}").items() if v == "ok"]
                 result = "accepted by " + "+".join(accepted) if accepted else "rejected by all"
         except BaseException:
-            crash = workdir / f"crash-{kind}-{seed}-{i}.bin"
+            crash = Path.cwd() / f"crash-{kind}-{seed}-{i}.bin"
             crash.write_bytes(data)
             print(f"iteration {i}: failure; input saved to {crash}")
             raise
