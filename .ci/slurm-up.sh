@@ -5,6 +5,11 @@
 set -euo pipefail
 dir=${SLURM_CI_DIR:-/tmp/gradmatch-slurm}
 mkdir -p "$dir"
+if command -v sinfo >/dev/null && [ -s "$dir/slurmctld.pid" ] && kill -0 "$(cat "$dir/slurmctld.pid")" 2>/dev/null \
+        && sinfo -h -o '%t' 2>/dev/null | grep -qx 'idle\|mix\|alloc'; then
+    echo "SLURM is already up (state in $dir)"
+    exit 0
+fi
 
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
     apt-get update -qq

@@ -205,3 +205,35 @@ def test_failing_job_shows_its_log(tmp_path):
     out = proc.stdout + proc.stderr
     assert "job models/parent (train) failed; log:" in out
     assert "no-such-model" in out  # the log's last lines name the problem
+
+
+def test_jobs_declare_their_inputs():
+    from gradmatch.pipeline.jobs import JOB_FUNCTIONS, JOB_IO, check_inputs
+
+    assert set(JOB_IO) == set(JOB_FUNCTIONS)
+    for job in build_jobs(TINY):  # every job the graph builds matches its kind's declaration (roles only)
+        declared = [d.rstrip("?") for d in JOB_IO[job.kind][0]]
+        for role in job.inputs:
+            assert any(role.startswith(d[:-1]) if d.endswith("*") else role == d for d in declared), (job, role)
+    with pytest.raises(UserError, match="missing input 'model'"):
+        check_inputs("fisher", {"data": "/x"})
+    with pytest.raises(UserError, match="unknown input 'extra'"):
+        check_inputs("prepare", {"extra": "/x"})
+
+
+def test_graph_can_be_extended_from_python(tmp_path):
+    from gradmatch.pipeline.graph import Job
+    from gradmatch.pipeline.runner import run_jobs
+
+    jobs = build_jobs(TINY)
+    by_name = {j.name: j for j in jobs}
+    extra = Job("evaluate", "eval/parent-long", {"label": "parent", "tasks": ["original"], "batch_size": 8,
+                                                 "max_length": 256},
+                {"model": by_name["models/parent"], "test/original": by_name["data/original-test"]})
+    lines = []
+    result = run_jobs(jobs + [extra], tmp_path / "run", dry_run=True, echo=lines.append)
+    assert result.returncode == 0
+    assert f"{TINY_JOB_COUNT + 1} jobs" in lines[0] and "eval/parent-long" in lines[1]
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert plan["jobs"][-1]["name"] in ("eval/parent-long", "report")
+    assert {j["name"] for j in plan["jobs"]} >= {"eval/parent-long", "models/parent"}

@@ -1,7 +1,8 @@
 """What each kind of pipeline job does: importable functions with declared inputs and outputs.
 
 Every job function takes ``(params, inputs, out)``: its parameters (JSON values), a mapping of input
-roles to the folders of finished upstream jobs, and an empty folder to fill. Run one from a spec file
+roles to the folders of finished upstream jobs, and an empty folder to fill; :data:`JOB_IO` declares
+the roles each kind reads and the files it writes (checked around every job). Run one from a spec file
 written by the runner: ``python -m gradmatch.pipeline.jobs WORKDIR/jobs/<hash>.json [--threads N]``.
 
 =========  ==============================================  =============================================
@@ -227,6 +228,40 @@ def report(params: dict[str, Any], inputs: dict[str, str], out: Path) -> None:
 JOB_FUNCTIONS = {"prepare": prepare, "train": train, "fisher": fisher, "evaluate": evaluate, "merge": merge,
                  "report": report}
 
+#: What each kind of job reads (input roles; ``x/*`` one per task or child; ``?`` optional) and what it
+#: leaves in its folder (besides job.json). Checked before and after every job.
+JOB_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "prepare": ((), ("data", "summary.json")),
+    "train": (("train", "init?"), ("model/config.json", "model/training_metadata.json")),
+    "fisher": (("model", "data"), ("fisher/hessian/fisher.json",)),
+    "evaluate": (("model", "test/*"), ("metrics.json", "eval")),
+    "merge": (("parent", "parent_fisher?", "child/*", "child_fisher/*?", "test/*"), ("metrics.json", "configs")),
+    "report": (("model/*", "merge/*?"), ("report.md", "report.json", "alpha_average.png", "alpha_per_task.png",
+                                        "best_per_task.png")),
+}
+
+
+def check_inputs(kind: str, inputs: dict[str, str]) -> None:
+    """Every required input role is given, no unknown one is, and each given folder is a finished job."""
+    declared = JOB_IO[kind][0]
+    for role in declared:
+        name = role.rstrip("?")
+        present = [r for r in inputs if (r.startswith(name[:-1]) if name.endswith("*") else r == name)]
+        if not present and not role.endswith("?"):
+            raise UserError(f"{kind} job: missing input {name!r} (declared inputs: {', '.join(declared)})")
+    for role, folder in inputs.items():
+        if not any(role.startswith(d.rstrip("?")[:-1]) if d.rstrip("?").endswith("*") else role == d.rstrip("?")
+                   for d in declared):
+            raise UserError(f"{kind} job: unknown input {role!r} (declared inputs: {', '.join(declared)})")
+        if not (Path(folder) / "job.json").is_file():
+            raise UserError(f"{kind} job: input {role!r} ({folder}) has not finished")
+
+
+def check_outputs(kind: str, folder: Path) -> None:
+    missing = [name for name in JOB_IO[kind][1] if not (folder / name).exists()]
+    if missing:
+        raise RuntimeError(f"{kind} job finished without writing {', '.join(missing)}")
+
 
 # --------------------------------------------------------------------------- running one job
 
@@ -266,8 +301,10 @@ def run_job(spec: dict[str, Any] | str | Path, *, threads: int = 1) -> Path:
     _set_threads(threads, kind)
     started = time.time()
     print(f"[gradmatch] {kind} job {spec['name']} ({spec['hash']}) with {threads} thread(s)", flush=True)
+    check_inputs(kind, spec["inputs"])
     with atomic_dir(out, overwrite=True) as tmp:
         JOB_FUNCTIONS[kind](spec["params"], spec["inputs"], tmp)
+        check_outputs(kind, tmp)
         _write_json(tmp / "job.json", {**{k: spec[k] for k in ("kind", "name", "hash", "params", "inputs")},
                                        "seconds": round(time.time() - started, 2)})
     if spec.get("alias"):
