@@ -244,17 +244,26 @@ def report_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None)
     plan_path = run_dir / "plan.json"
     if not plan_path.is_file():
         raise UserError(f"{run_dir} is not a gradmatch run folder (no plan.json)")
-    plan = json.loads(plan_path.read_text())
-    report_jobs = [j for j in plan["jobs"] if j["kind"] == "report"]
+    try:
+        plan = json.loads(plan_path.read_text())
+        report_jobs = [j for j in plan["jobs"] if j["kind"] == "report"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{plan_path} is not a readable gradmatch plan: {' '.join(str(exc).split())[:200]}") from None
     if not report_jobs:
         raise UserError(f"{plan_path} has no report job")
-    spec_path = Path(report_jobs[-1]["spec"])
-    if not spec_path.is_file():
-        spec_path = run_dir / "jobs" / spec_path.name
-    spec = json.loads(spec_path.read_text())
-    results = collect(spec["params"], spec["inputs"])
+    try:
+        spec_path = Path(report_jobs[-1]["spec"])
+        if not spec_path.is_file():
+            spec_path = run_dir / "jobs" / spec_path.name
+        spec = json.loads(spec_path.read_text())
+        results = collect(spec["params"], spec["inputs"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"the report job of {run_dir} (its spec in {run_dir / 'jobs'} or a metrics.json) cannot be read: "
+                        f"{' '.join(str(exc).split())[:200]}") from None
     if not results["rows"]:
         raise UserError(f"nothing in {run_dir} has finished yet: no evaluation to report")
+    if out and Path(out).is_dir() and any(Path(out).iterdir()) and not (Path(out) / "report.json").is_file():
+        raise UserError(f"output {out} already exists and is not a report folder (choose another --out)")
     out = Path(out) if out else run_dir / "report"
     if out.is_symlink():
         out.unlink()

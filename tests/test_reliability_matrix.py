@@ -1,0 +1,449 @@
+"""The bad-input matrix over every command (merge, fisher, train, evaluate, run, report, mismatch): each case
+gets exit status 2, exactly one line on stderr naming the problem and the file/key, no traceback, and nothing
+written or overwritten anywhere. Kinds the per-module tests already cover are not repeated here (see
+docs/reliability.md for the whole list, theirs and these)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from gradmatch.cli import main
+
+from conftest import make_tiny_bert
+from pipeline_helpers import tiny, write_experiment
+from test_merge import build_family, gm_config
+from test_security import snapshot
+
+TEXTS = ["a fine film", "the worst thing ever", "ok", "bad bad bad", "charming and warm", "dull", "I laughed", "meh"]
+
+
+def _jsonl(path: Path, rows) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _perturb(src: Path, dst: Path, seed: int, metadata: dict | None = None) -> Path:
+    shutil.copytree(src, dst)
+    g = torch.Generator().manual_seed(seed)
+    weights = load_file(dst / "model.safetensors")
+    save_file({k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+               for k, v in weights.items()}, dst / "model.safetensors", metadata={"format": "pt"})
+    if metadata:
+        (dst / "training_metadata.json").write_text(json.dumps(metadata))
+    return dst
+
+
+@dataclass
+class World:
+    """Read-only inputs shared by every case (a case breaks copies in its own tmp folder)."""
+
+    root: Path
+    bert: Path
+    data: Path
+    fam: dict
+    merge_yaml: Path
+    merged: Path
+    children: list[Path]
+    run: Path
+    experiment: Path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> World:
+    from gradmatch.merge import merge
+
+    root = tmp_path_factory.mktemp("world")
+    bert = make_tiny_bert(root / "bert", seed=3)
+    data = root / "data"
+    _jsonl(data / "train.jsonl", [{"text": t, "label": i % 2} for i, t in enumerate(TEXTS)])
+    _jsonl(data / "test.jsonl", [{"text": t, "label": (i + 1) % 2} for i, t in enumerate(TEXTS)])
+    fam = build_family(root / "fam", T=2)
+    merge_yaml = root / "merge.yaml"
+    merge_yaml.write_text(yaml.safe_dump(gm_config(fam)))
+    meta = {"num_train_examples": 8, "dataset_name": str(data)}
+    children = [_perturb(bert, root / f"child{i}", seed=i, metadata=meta) for i in range(2)]
+    merged = merge({"method": "task_arithmetic", "base": str(bert),
+                    "models": [{"model": str(c), "weight": 0.5} for c in children]}, root / "merged", progress=False)
+    # a finished run folder, as `gradmatch run` leaves it (one evaluated model), for `gradmatch report`
+    run = root / "run"
+    (run / "work" / "eval").mkdir(parents=True)
+    (run / "work" / "eval" / "metrics.json").write_text(json.dumps(
+        {"label": "parent", "kind": "model", "tasks": {"a": {"accuracy": 0.75, "macro_f1": 0.7, "num_examples": 8}}}))
+    spec = {"kind": "report", "params": {"experiment": "toy", "tasks": ["a"],
+                                         "entries": [{"key": "model/parent", "label": "parent", "kind": "model"}]},
+            "inputs": {"model/parent": str(run / "work" / "eval")}}
+    (run / "jobs").mkdir()
+    (run / "jobs" / "report-1.json").write_text(json.dumps(spec))
+    (run / "plan.json").write_text(json.dumps({"jobs": [{"kind": "report", "spec": str(run / "jobs" / "report-1.json")}]}))
+    experiment = write_experiment(root / "tiny.yaml")
+    return World(root, bert, data, fam, merge_yaml, merged, children, run, experiment)
+
+
+@dataclass
+class Case:
+    id: str
+    command: str
+    build: Callable[[World, Path], list]  # returns argv (words; paths as Path or str)
+    words: list[str]  # substrings of the one error line ({tmp} and {world} are replaced)
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _yaml(path: Path, value) -> Path:
+    return _write(path, yaml.safe_dump(value))
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _merge_with(w: World, t: Path, **changes) -> list:
+    return ["merge", _yaml(t / "m.yaml", gm_config(w.fam, **changes)), t / "out", "--quiet"]
+
+
+def _child_copy(w: World, t: Path, edit) -> list:
+    child = _copy(w.fam["children"][0], t / "child")
+    edit(child)
+    config = gm_config(w.fam)
+    config["models"][0]["model"] = str(child)
+    return ["merge", _yaml(t / "m.yaml", config), t / "out", "--quiet"]
+
+
+def _hessian_int(folder: Path) -> None:
+    sd = load_file(folder / "model.safetensors")
+    sd["layer.bias"] = torch.zeros(8, dtype=torch.int32)
+    save_file(sd, folder / "model.safetensors")
+
+
+def _hessian_copy(w: World, t: Path, edit) -> list:
+    hessian = _copy(w.fam["hessians"][1], t / "hessian")
+    edit(hessian)
+    config = gm_config(w.fam)
+    config["models"][1]["hessian"] = str(hessian)
+    return ["merge", _yaml(t / "m.yaml", config), t / "out", "--quiet"]
+
+
+def _sharded_missing(child: Path) -> None:
+    (child / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"emb.weight": "model-00001-of-00002.safetensors"}}))
+    (child / "model.safetensors").unlink()
+
+
+def _lora(child: Path) -> None:
+    for f in child.iterdir():
+        f.unlink()
+    (child / "adapter_config.json").write_text("{}")
+    (child / "adapter_model.safetensors").write_bytes(b"")
+
+
+def _fisher(w: World, t: Path, **flags) -> list:
+    options = {"--model": w.bert, "--data": w.data, "--split": "train", "--out": t / "fisher-out"}
+    options.update(flags)
+    argv = ["fisher", "--quiet"]
+    for k, v in options.items():
+        if v is not None:
+            argv += [k, v]
+    return argv
+
+
+def _train(w: World, t: Path, name="train.json", **changes) -> list:
+    config = {"model_name_or_path": str(w.bert), "dataset_name": str(w.data), "output_dir": str(t / "trained"),
+              "num_train_epochs": 1, "per_device_train_batch_size": 4, "max_input_length": 16}
+    config.update(changes)
+    config = {k: v for k, v in config.items() if v is not None}
+    path = t / name
+    path.write_text(json.dumps(config) if name.endswith(".json") else yaml.safe_dump(config))
+    return ["train", path, "--quiet"]
+
+
+def _evaluate(w: World, t: Path, **changes) -> list:
+    config = {"model_name_or_path": str(w.bert), "dataset_name": str(w.data), "output_dir": str(t / "evaluated")}
+    config.update(changes)
+    config = {k: v for k, v in config.items() if v is not None}
+    return ["evaluate", _write(t / "eval.json", json.dumps(config)), "--quiet"]
+
+
+def _run(w: World, t: Path, *extra, **changes) -> list:
+    return ["run", write_experiment(t / "exp.yaml", tiny(**changes)), "--workdir", t / "workdir", "--dry-run", *extra]
+
+
+def _locked_run(w: World, t: Path) -> list:
+    workdir = t / "workdir"
+    workdir.mkdir()
+    fh = open(workdir / ".gradmatch-run.lock", "w")
+    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    _HELD.append(fh)  # released after the case
+    return ["run", w.experiment, "--workdir", workdir]
+
+
+_HELD: list = []
+_PROGRESS = re.compile(r"\d+%\|.*\|")
+
+
+def _report_copy(w: World, t: Path, edit, *extra) -> list:
+    run = _copy(w.run, t / "run")
+    spec = run / "jobs" / "report-1.json"
+    text = spec.read_text().replace(str(w.run), str(run))
+    spec.write_text(text)
+    (run / "plan.json").write_text((run / "plan.json").read_text().replace(str(w.run), str(run)))
+    edit(run)
+    return ["report", run, *extra]
+
+
+def _mismatch(w: World, t: Path, *extra, merged=None) -> list:
+    return ["mismatch", merged or w.merged, "--split", "train", *map(str, extra)]
+
+
+def _merge_record(w: World, t: Path, text: str) -> Path:
+    merged = _copy(w.merged, t / "merged")
+    (merged / "merge.json").write_text(text)
+    return merged
+
+
+CASES = [
+    # ---------------------------------------------------------------- merge (kinds test_merge.py does not cover)
+    Case("merge: config file missing", "merge", lambda w, t: ["merge", t / "nope.yaml", t / "out"],
+         ["config file", "nope.yaml", "does not exist"]),
+    Case("merge: config is not YAML", "merge", lambda w, t: ["merge", _write(t / "m.yaml", "method: [unclosed\n"), t / "out"],
+         ["m.yaml", "not valid YAML"]),
+    Case("merge: config is a list", "merge", lambda w, t: ["merge", _write(t / "m.yaml", "- a\n- b\n"), t / "out"],
+         ["m.yaml", "must hold a mapping", "list"]),
+    Case("merge: config is a folder", "merge", lambda w, t: ["merge", t, t / "out"], ["config file", "is a folder"]),
+    Case("merge: no children", "merge", lambda w, t: _merge_with(w, t, models=[]), ["m.yaml", "models", "at least 1"]),
+    Case("merge: output is a file", "merge",
+         lambda w, t: ["merge", w.merge_yaml, _write(t / "out.txt", "mine"), "--overwrite", "--quiet"],
+         ["out.txt", "exists and is not a folder"]),
+    Case("merge: output replaces the base model", "merge",
+         lambda w, t: ["merge", w.merge_yaml, w.fam["parent"], "--overwrite", "--quiet"],
+         ["would replace the input base model", "parent"]),
+    Case("merge: bad shard size", "merge", lambda w, t: ["merge", w.merge_yaml, t / "out", "--max-shard-size", "5 parsecs"],
+         ["cannot read the size", "5 parsecs"]),
+    Case("merge: zero block rows", "merge", lambda w, t: ["merge", w.merge_yaml, t / "out", "--block-rows", "0"],
+         ["block rows must be positive"]),
+    Case("merge: zero threads", "merge", lambda w, t: ["merge", w.merge_yaml, t / "out", "--threads", "0"],
+         ["threads must be positive"]),
+    Case("merge: unknown precision", "merge", lambda w, t: ["merge", w.merge_yaml, t / "out", "--precision", "int8"],
+         ["--precision", "invalid choice", "int8"]),
+    Case("merge: clamp for another method", "merge",
+         lambda w, t: _merge_with(w, t, method="task_arithmetic", parameters={}) + ["--clamp-denominator", "1e-6"],
+         ["--clamp-denominator", "gradient_matching only", "task_arithmetic"]),
+    Case("merge: negative weights in an average", "merge",
+         lambda w, t: _merge_with(w, t, method="fisher_average", parameters={}, models=[
+             {"model": str(w.fam["children"][0]), "hessian": str(w.fam["hessians"][0]), "weight": -1.0}]),
+         ["m.yaml", "non-negative weights"]),
+    Case("merge: shard index names a missing shard", "merge", lambda w, t: _child_copy(w, t, _sharded_missing),
+         ["child/model.safetensors.index.json", "model-00001-of-00002.safetensors", "does not exist"]),
+    Case("merge: child config.json corrupt", "merge",
+         lambda w, t: _child_copy(w, t, lambda c: (c / "config.json").write_text("{model_type: toy")),
+         ["child/config.json", "not valid JSON"]),
+    Case("merge: training_metadata.json corrupt", "merge",
+         lambda w, t: _child_copy(w, t, lambda c: (c / "training_metadata.json").write_text('{"num_train_examples": "many"}')),
+         ["child/training_metadata.json", "num_train_examples must be a positive integer"]),
+    Case("merge: a LoRA adapter as a child", "merge", lambda w, t: _child_copy(w, t, _lora),
+         ["models[0]", "LoRA/PEFT adapter", "merge_and_unload"]),
+    Case("merge: integer Hessian", "merge", lambda w, t: _hessian_copy(w, t, _hessian_int),
+         ["'layer.bias'", "hessian/model.safetensors", "not floating point"]),
+    # ---------------------------------------------------------------- fisher
+    Case("fisher: model missing", "fisher", lambda w, t: _fisher(w, t, **{"--model": t / "nomodel"}),
+         ["nomodel", "does not exist"]),
+    Case("fisher: data missing", "fisher", lambda w, t: _fisher(w, t, **{"--data": t / "nodata"}), ["nodata"]),
+    Case("fisher: batch size 0", "fisher", lambda w, t: _fisher(w, t, **{"--batch-size": "0"}),
+         ["--batch-size must be at least 1"]),
+    Case("fisher: unknown estimator", "fisher", lambda w, t: _fisher(w, t, **{"--estimator": "exact"}),
+         ["--estimator", "invalid choice", "exact"]),
+    Case("fisher: output is a file", "fisher", lambda w, t: _fisher(w, t, **{"--out": _write(t / "f.txt", "mine")}),
+         ["f.txt", "already exists"]),
+    Case("fisher: split syntax", "fisher", lambda w, t: _fisher(w, t, **{"--split": "train[::2]"}), ["train[::2]"]),
+    Case("fisher: images for a text model", "fisher", lambda w, t: _fisher(w, t, **{"--data": "digits-original"}),
+         ["digits-original", "label 9 is outside 0..1"]),
+    Case("fisher: truncated model weights", "fisher",
+         lambda w, t: _fisher(w, t, **{"--model": _truncated_model(w, t)}), ["cannot load the weights", "model"]),
+    Case("fisher: no --split", "fisher", lambda w, t: _fisher(w, t, **{"--split": None}),
+         ["the following arguments are required: --split"]),
+    # ---------------------------------------------------------------- train
+    Case("train: config missing", "train", lambda w, t: ["train", t / "none.json"], ["none.json", "does not exist"]),
+    Case("train: config is not JSON", "train", lambda w, t: ["train", _write(t / "c.json", "{'lr': 1}")],
+         ["c.json", "not valid JSON"]),
+    Case("train: negative learning rate", "train", lambda w, t: _train(w, t, learning_rate=-1e-3),
+         ["train.json", "learning_rate", "greater than 0"]),
+    Case("train: learning rate not a number", "train", lambda w, t: _train(w, t, learning_rate="fast"),
+         ["train.json", "learning_rate", "valid number"]),
+    Case("train: evaluation without a validation split", "train", lambda w, t: _train(w, t, evaluation_strategy="epoch"),
+         ["train.json", "needs dataset_val_split"]),
+    Case("train: min_lr with a linear schedule", "train", lambda w, t: _train(w, t, min_lr=1e-6),
+         ["min_lr", "needs lr_scheduler cosine"]),
+    Case("train: output is a file", "train", lambda w, t: _train(w, t, output_dir=str(_write(t / "o.txt", "mine"))),
+         ["o.txt", "already exists"]),
+    Case("train: text data for an image model", "train", lambda w, t: _train(w, t, model_name_or_path="vit-digits"),
+         ["holds text examples", "vit-digits", "image model"]),
+    Case("train: a key and its alias", "train", lambda w, t: _train(w, t, lr_scheduler="linear", lr_scheduler_type="cosine"),
+         ["train.json", "lr_scheduler or lr_scheduler_type, not both"]),
+    Case("train: the Fisher method", "train", lambda w, t: _train(w, t, method="sequence_classification_squared_gradients"),
+         ["train.json", "gradmatch evaluate"]),
+    Case("train: validation split out of range", "train", lambda w, t: _train(w, t, dataset_val_split="test[20:40]"),
+         ["out of range"]),
+    Case("train: integer key", "train", lambda w, t: ["train", _write(t / "c.yaml", "1: 2\nmodel_name_or_path: m\n")],
+         ["c.yaml", "key 1 is not a name"]),
+    # ---------------------------------------------------------------- evaluate
+    Case("evaluate: unknown method", "evaluate", lambda w, t: _evaluate(w, t, method="regression"),
+         ["eval.json", "unknown method 'regression'"]),
+    Case("evaluate: metrics and predictions in one file", "evaluate",
+         lambda w, t: _evaluate(w, t, output_dir=None, metric_output_file=str(t / "m.json"),
+                                prediction_output_file=str(t / "m.json")), ["same file", "m.json"]),
+    Case("evaluate: metrics under a file", "evaluate",
+         lambda w, t: _evaluate(w, t, output_dir=None, metric_output_file=str(_write(t / "f", "x") / "m.json")),
+         ["m.json", "is not a folder"]),
+    Case("evaluate: metrics exist", "evaluate",
+         lambda w, t: _evaluate(w, t, output_dir=str(_write(t / "ev" / "metrics.json", "old").parent)),
+         ["metrics.json already exists", "--overwrite"]),
+    Case("evaluate: model missing", "evaluate", lambda w, t: _evaluate(w, t, model_name_or_path=str(t / "gone")),
+         ["gone", "does not exist"]),
+    Case("evaluate: Fisher output exists", "evaluate",
+         lambda w, t: _evaluate(w, t, method="sequence_classification_squared_gradients",
+                                output_dir=str(_write(t / "fo" / "keep.txt", "x").parent)), ["fo", "already exists"]),
+    Case("evaluate: split the data lacks", "evaluate", lambda w, t: _evaluate(w, t, dataset_test_split="validation"),
+         ["validation"]),
+    Case("evaluate: config is a list", "evaluate", lambda w, t: ["evaluate", _write(t / "e.json", "[1, 2]")],
+         ["e.json", "must hold a mapping"]),
+    # ---------------------------------------------------------------- run
+    Case("run: experiment is not YAML", "run", lambda w, t: ["run", _write(t / "e.yaml", "parent: {name: a\n"), "--dry-run"],
+         ["e.yaml", "not valid YAML"]),
+    Case("run: empty experiment", "run", lambda w, t: ["run", _write(t / "e.yaml", ""), "--dry-run"],
+         ["e.yaml", "must hold a mapping", "NoneType"]),
+    Case("run: unknown nested key", "run", lambda w, t: _run(w, t, resources={"train": {"cpus": 4}}),
+         ["exp.yaml", "resources.train.cpus", "unknown key"]),
+    Case("run: no model", "run", lambda w, t: ["run", _yaml(t / "e.yaml", {k: v for k, v in tiny().items() if k != "model"}),
+                                              "--dry-run"], ["e.yaml", "model", "Field required"]),
+    Case("run: unknown merge parameter", "run",
+         lambda w, t: _run(w, t, merges=[{"method": "gradient_matching", "parameters": {"delta": 1.0}}]),
+         ["exp.yaml", "merges.0", "parameters.delta", "not a parameter of gradient_matching"]),
+    Case("run: merge parameter out of range", "run",
+         lambda w, t: _run(w, t, merges=[{"method": "ties", "parameters": {"density": 1.5}}]),
+         ["exp.yaml", "merges.0", "parameters.density", "less than or equal to 1"]),
+    Case("run: negative resources", "run", lambda w, t: _run(w, t, resources={"default": {"mem_mb": -1}}),
+         ["exp.yaml", "resources.default.mem_mb", "greater than 0"]),
+    Case("run: zero jobs", "run", lambda w, t: _run(w, t, "--jobs", "0"), ["--jobs must be positive"]),
+    Case("run: unbalanced snakemake args", "run", lambda w, t: _run(w, t, "--snakemake-args", "--foo 'bar"),
+         ["--snakemake-args", "quotation"]),
+    Case("run: run folder is a file", "run",
+         lambda w, t: ["run", w.experiment, "--workdir", _write(t / "wd", "mine"), "--dry-run"],
+         ["run folder", "wd", "not a folder"]),
+    Case("run: another run holds the folder", "run", _locked_run, ["another gradmatch run", "workdir"]),
+    Case("run: task name with a path", "run",
+         lambda w, t: _run(w, t, children=[{"name": "../../etc", "dataset": "digits-rot90"}]),
+         ["exp.yaml", "children.0.name", "letters, digits"]),
+    # ---------------------------------------------------------------- report
+    Case("report: run folder missing", "report", lambda w, t: ["report", t / "norun"], ["norun", "not a gradmatch run folder"]),
+    Case("report: plan.json corrupt", "report",
+         lambda w, t: _report_copy(w, t, lambda r: (r / "plan.json").write_text("{not json")),
+         ["run/plan.json", "not a readable gradmatch plan"]),
+    Case("report: plan.json of another shape", "report",
+         lambda w, t: _report_copy(w, t, lambda r: (r / "plan.json").write_text("[1, 2]")),
+         ["run/plan.json", "not a readable gradmatch plan"]),
+    Case("report: no report job", "report",
+         lambda w, t: _report_copy(w, t, lambda r: (r / "plan.json").write_text('{"jobs": []}')),
+         ["run/plan.json", "has no report job"]),
+    Case("report: report spec missing", "report",
+         lambda w, t: _report_copy(w, t, lambda r: (r / "jobs" / "report-1.json").unlink()),
+         ["report job of", "cannot be read", "report-1.json"]),
+    Case("report: metrics.json corrupt", "report",
+         lambda w, t: _report_copy(w, t, lambda r: (r / "work" / "eval" / "metrics.json").write_text("{")),
+         ["metrics.json", "cannot read"]),
+    Case("report: nothing finished", "report",
+         lambda w, t: _report_copy(w, t, lambda r: (r / "work" / "eval" / "metrics.json").unlink()),
+         ["nothing in", "has finished yet"]),
+    Case("report: --out is a file", "report",
+         lambda w, t: _report_copy(w, t, lambda r: None, "--out", str(_write(t / "rep.txt", "mine"))),
+         ["rep.txt", "not a folder"]),
+    Case("report: --out is someone's folder", "report",
+         lambda w, t: _report_copy(w, t, lambda r: None, "--out", str(_write(t / "docs" / "thesis.tex", "mine").parent)),
+         ["docs", "already exists and is not a report folder"]),
+    # ---------------------------------------------------------------- mismatch
+    Case("mismatch: merged folder missing", "mismatch", lambda w, t: _mismatch(w, t, merged=t / "gone"),
+         ["gone", "no merge.json"]),
+    Case("mismatch: merge.json corrupt", "mismatch",
+         lambda w, t: _mismatch(w, t, merged=_merge_record(w, t, '{"models": 3}')), ["merge.json", "not a merge record"]),
+    Case("mismatch: wrong number of data sets", "mismatch",
+         lambda w, t: _mismatch(w, t, "--data", w.data), ["1 data sets given for 2 children"]),
+    Case("mismatch: child without training metadata", "mismatch",
+         lambda w, t: _mismatch(w, t, "--children", f"{w.bert},{w.bert}", "--alphas", "0.5,0.5"),
+         ["child", "bert", "training_metadata.json", "--data"]),
+    Case("mismatch: batch size 0", "mismatch", lambda w, t: _mismatch(w, t, "--batch-size", "0"),
+         ["batch size", "must be positive"]),
+    Case("mismatch: --out under a file", "mismatch",
+         lambda w, t: _mismatch(w, t, "--out", _write(t / "f.txt", "mine") / "m.json"), ["f.txt/m.json", "not one"]),
+    Case("mismatch: --out is a folder", "mismatch",
+         lambda w, t: _mismatch(w, t, "--out", (t / "outdir").mkdir() or t / "outdir", "--overwrite"),
+         ["outdir", "is a folder"]),
+    Case("mismatch: child of another architecture", "mismatch",
+         lambda w, t: _mismatch(w, t, "--children", f"{_other_bert(t)},{w.children[1]}", "--alphas", "0.5,0.5",
+                                "--data", w.data, "--data", w.data), ["have different parameters"]),
+    Case("mismatch: split the data lacks", "mismatch",
+         lambda w, t: ["mismatch", w.merged, "--split", "validation"], ["validation"]),
+]
+
+
+def _truncated_model(w: World, t: Path) -> Path:
+    model = _copy(w.bert, t / "model")
+    data = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return model
+
+
+def _other_bert(t: Path) -> Path:
+    return make_tiny_bert(t / "other", seed=5, layers=1, with_tokenizer=True)
+
+
+#: Commands whose cases load transformers/datasets (marked slow only for grouping; each is a few seconds at most).
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(world, tmp_path, capfd, case):
+    work = tmp_path / "case"
+    work.mkdir()
+    argv = [str(a) for a in case.build(world, work)]
+    before = snapshot(tmp_path), snapshot(world.root)
+    capfd.readouterr()
+    try:
+        rc = main(argv)
+    finally:
+        while _HELD:
+            _HELD.pop().close()
+    out, err = capfd.readouterr()
+    assert rc == 2, (rc, out[-2000:], err[-3000:])
+    lines = err.strip().splitlines()
+    if case.command == "mismatch":  # no --quiet: models load (with transformers' progress bars) before late checks
+        lines = [line for line in lines if line.strip() and not _PROGRESS.search(line)]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("gradmatch: error: ") and "Traceback" not in err + out, err
+    for word in case.words:
+        assert word in lines[0], (word, lines[0])
+    after = snapshot(tmp_path), snapshot(world.root)
+    if case.id == "run: another run holds the folder":  # the refused run opened the lock file to try it
+        before[0].pop("case/workdir/.gradmatch-run.lock"), after[0].pop("case/workdir/.gradmatch-run.lock")
+    assert after == before  # nothing written, nothing overwritten
+
+
+def test_the_matrix_covers_every_command():
+    by_command: dict[str, int] = {}
+    for case in CASES:
+        by_command[case.command] = by_command.get(case.command, 0) + 1
+    assert set(by_command) == {"merge", "fisher", "train", "evaluate", "run", "report", "mismatch"}
+    assert min(by_command.values()) >= 7 and len(CASES) >= 60, by_command
+    assert len({c.id for c in CASES}) == len(CASES)
