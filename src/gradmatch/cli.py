@@ -335,6 +335,9 @@ def _run_mismatch(args) -> int:
         return 0
     if args.out and os.path.exists(args.out) and not args.overwrite:
         raise UserError(f"output {args.out} already exists (pass --overwrite to replace it)")
+    if args.out and (os.path.isdir(args.out) or os.path.exists(os.path.dirname(os.path.abspath(args.out)))
+                     and not os.path.isdir(os.path.dirname(os.path.abspath(args.out)))):
+        raise UserError(f"cannot write {args.out}: it is a folder or its parent is not one")
     children = [c.strip() for c in args.children.split(",")] if args.children else None
     try:
         alphas = [float(a) for a in args.alphas.split(",")] if args.alphas else None
