@@ -518,6 +518,19 @@ class MergeSpec(_Strict):
             raise ValueError("alphas must not repeat")
         return [float(v) for v in value]
 
+    @_model_validator(mode="after")
+    def _check_parameters(self):
+        """The method's parameters are checked now, not when the merge job runs hours later (kept as given: they
+        enter the job's hash)."""
+        try:
+            METHOD_PARAMETERS[self.method].model_validate(self.parameters)
+        except _ValidationError as exc:
+            first = exc.errors()[0]
+            key = ".".join(str(p) for p in first.get("loc", ())) or "(top level)"
+            msg = f"not a parameter of {self.method}" if first.get("type") == "extra_forbidden" else first.get("msg")
+            raise ValueError(f"parameters.{key}: {msg}") from None
+        return self
+
     @_field_validator("name")
     @classmethod
     def _safe_name(cls, value: str | None) -> str | None:
