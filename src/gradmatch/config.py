@@ -314,6 +314,8 @@ class TrainConfig(_TeBase):
     def _eval_needs_split(self):
         if self.evaluation_strategy not in (None, "no") and not self.dataset_val_split:
             raise ValueError(f"evaluation_strategy {self.evaluation_strategy!r} needs dataset_val_split")
+        if self.min_lr > 0 and self.lr_scheduler != "cosine":  # found here, before the model and data load
+            raise ValueError(f"min_lr {self.min_lr} needs lr_scheduler cosine (got {self.lr_scheduler})")
         return self
 
 
