@@ -77,6 +77,9 @@ def _local_model(name: str, role: str) -> Path:
     """A model folder from a path, an alias (``minilm``) or a Hugging Face hub id (downloaded when online)."""
     from gradmatch.models import resolve_model
 
+    path = Path(name).expanduser()
+    if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        return path  # a LoRA adapter (no config.json): Checkpoint says how to turn it into a full model
     try:
         resolved = resolve_model(name)
     except UserError as exc:
