@@ -98,6 +98,7 @@ def test_bad_evaluate_configs(tiny_bert, toy, tmp_path):
     assert not (tmp_path / "e").exists()
 
 
+@pytest.mark.slow
 def test_cli_evaluate_prints_and_fails_cleanly(tiny_bert, toy, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))

@@ -187,8 +187,9 @@ def test_original_configs_are_accepted_after_changing_their_paths(tiny_bert, pol
 def test_minilm_on_rotten_tomatoes_beats_70_percent(sentiment_root, tmp_path):
     """MiniLM, one short epoch on 512 Rotten Tomatoes training examples, > 70% on 500 test examples.
 
-    Measured (2 shared cores): ~55 s training, ~15 s evaluation; accuracy 0.752 / 0.758 with seeds 0 / 1.
-    With batch 16 (32 steps) the same epoch reached only 0.72, with lr 5e-5 0.66: 64 steps of 1e-4 it is.
+    Measured (2 shared cores): ~55 s training, ~15 s evaluation; accuracy 0.752 / 0.758 / 0.702 with
+    seeds 0 / 1 / 2 (the test uses seed 0). Batch 16 (32 steps) reached 0.72, lr 5e-5 0.66, lr 2e-4 with
+    warmup 0.746 / 0.660 / 0.742, batch 4 0.738 / 0.718 / 0.714: 64 steps of 1e-4 it is.
     """
     from gradmatch.evaluate import evaluate
 
@@ -233,6 +234,7 @@ def _bad_cases(tiny_bert: Path, data: Path, tmp: Path):
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["unknown keys", "unknown preset", "split out of range", "labels outside num_labels",
                                   "empty data", "unreadable file", "missing model"])
 def test_bad_input_gives_one_line_and_exit_2(case, tiny_bert, polarity_folder, tmp_path):
@@ -253,6 +255,7 @@ def test_bad_input_gives_one_line_and_exit_2(case, tiny_bert, polarity_folder, t
     assert not any(p.name.startswith(".gradmatch") for p in tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_existing_output_folder_is_kept_without_overwrite(tiny_bert, polarity_folder, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
