@@ -208,3 +208,12 @@ def test_encode_images():
     expected = np.asarray(ds[0]["image"], dtype=np.float32) / 255.0 * 2 - 1
     np.testing.assert_allclose(batch["pixel_values"][0, 0].numpy(), expected, atol=1e-5)
     assert batch["labels"].tolist() == list(ds["label"])
+
+
+def test_presets_without_a_root_go_to_the_hub(monkeypatch):
+    """Offline (as in these tests) the hub is out of reach: one clear error that names the local way."""
+    monkeypatch.delenv("GRADMATCH_DATA_DIR", raising=False)
+    with pytest.raises(UserError, match=r"cannot load data set imdb from the hub.*--data-dir"):
+        load_split("imdb", "train[:5]")
+    with pytest.raises(UserError, match="cannot load data set someone/data from the hub"):
+        load_split("someone/data", "train")

@@ -189,7 +189,8 @@ def _local_source(path: Path, cache_dir: str | None, label: str | None = None) -
     return _Source(label, splits)
 
 
-def _hub_source(hub_id: str, config_name: str | None, cache_dir: str | None, label: str | None = None) -> _Source:
+def _hub_source(hub_id: str, config_name: str | None, cache_dir: str | None, label: str | None = None,
+                hint: str = "") -> _Source:
     import datasets
 
     label = label or hub_id
@@ -202,7 +203,7 @@ def _hub_source(hub_id: str, config_name: str | None, cache_dir: str | None, lab
                 raise UserError(f"data set {label} has no split {split!r}: {' '.join(str(exc).split())[:200]}") from exc
             raise UserError(f"cannot load data set {label} from the hub: {' '.join(str(exc).split())[:300]}") from exc
         except Exception as exc:  # network, missing repository, offline mode
-            raise UserError(f"cannot load data set {label} from the hub: {' '.join(str(exc).split())[:300]}") from exc
+            raise UserError(f"cannot load data set {label} from the hub: {' '.join(str(exc).split())[:300]}{hint}") from exc
 
     class _HubSplits(dict):
         def __contains__(self, key):  # every name is tried on the hub
@@ -254,7 +255,8 @@ def _source(name: str, config_name: str | None, data_dir, cache_dir: str | None)
             if not folder.is_dir():
                 raise UserError(f"data set {preset}: the data root {root} has no folder {preset}/")
             return _local_source(folder, cache_dir, label=f"{preset} ({folder})"), preset
-        return _hub_source(PRESETS[preset].hub_id, None, cache_dir, label=preset), preset
+        hint = f" (for a local copy give --data-dir or ${DATA_DIR_ENV}: <root>/{preset}/<split>.jsonl)"
+        return _hub_source(PRESETS[preset].hub_id, None, cache_dir, label=preset, hint=hint), preset
     path = Path(name).expanduser()
     if path.exists():
         return _local_source(path, cache_dir), None
