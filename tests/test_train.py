@@ -279,3 +279,18 @@ def test_docs_name_every_config_key():
     keys |= {f"lora.{k}" for k in LoraSettings.model_fields}
     missing = sorted(k for k in keys if f"`{k}`" not in text)
     assert not missing, f"docs/config.md does not describe: {missing}"
+
+
+def test_docs_examples_are_valid_configs():
+    import re
+
+    import yaml
+
+    text = (Path(__file__).parents[1] / "docs" / "config.md").read_text()
+    blocks = re.findall(r"```(yaml|json)\n(.*?)```", text, flags=re.S)
+    train_cfg = load_train_config(yaml.safe_load(blocks[0][1]))
+    assert train_cfg.model_name_or_path == "minilm" and train_cfg.learning_rate == 1e-4 and train_cfg.dropout == 0.0
+    eval_cfg = load_evaluate_config(yaml.safe_load(blocks[1][1]))
+    assert eval_cfg.metric_path() == Path("results/rt-child.metrics.json")
+    fisher_cfg = load_evaluate_config(json.loads(blocks[2][1]))
+    assert fisher_cfg.is_fisher() and fisher_cfg.output_dir == "fishers/rt-child"
