@@ -77,6 +77,19 @@ def _method(name: str, model, device: str):
 
     from gradmatch.fisher import FisherAccumulator, estimate_fisher_reference
 
+    if name == "gradmatch_sqsum":  # variant: square in place and sum, instead of the GPU's norm
+        import gradmatch.fisher as gf
+
+        inner = _method("gradmatch", model, device)
+
+        def variant(batches):
+            saved, gf._sum_of_squares = gf._sum_of_squares, lambda p: p.square_().sum(0)
+            try:
+                return inner(batches)
+            finally:
+                gf._sum_of_squares = saved
+
+        return variant
     if name == "loop":  # the original: one example at a time, square its full gradient
         def work(batches):
             estimate_fisher_reference(model, batches, estimator="sampled", seed=0)
@@ -185,6 +198,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="timed rounds, methods interleaved; the best counts")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--check", action="store_true", help="first compare batched and loop estimates on this device")
+    p.add_argument("--variants", action="store_true", help="also time implementation variants (A/B)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--only", choices=["loop", "gradmatch", "plain"], help=argparse.SUPPRESS)
     p.add_argument("--batch-size", type=int, default=16, help=argparse.SUPPRESS)
@@ -201,9 +215,13 @@ def main(argv=None) -> int:
         print(json.dumps(peak_memory(args)))
         return 0
 
-    runs = [("loop", 1)] + [(m, bs) for bs in args.batch_sizes for m in ("gradmatch", "plain")]
+    methods = ("gradmatch", "plain") + (("gradmatch_sqsum",) if args.variants else ())
+    runs = [("loop", 1)] + [(m, bs) for bs in args.batch_sizes for m in methods]
     results = throughput(args, runs)
     for r in results:
+        if r["method"] not in ("loop", "gradmatch", "plain"):
+            r.update(peak_mib=float("nan"), peak_kind=results[0].get("peak_kind", ""))
+            continue
         cmd = [sys.executable, os.path.abspath(__file__), "--only", r["method"], "--batch-size", str(r["batch_size"]),
                "--device", args.device, "--length", str(args.length)]
         if args.random_init:
@@ -237,7 +255,7 @@ def main(argv=None) -> int:
         ceiling = plain.get(r["batch_size"])
         vs_plain = f"{r['examples_per_s'] / ceiling:.2f}" if ceiling and r["method"] != "loop" else "–"
         name = {"loop": "(a) batch-size-1 loop", "gradmatch": "(b) gradmatch exact",
-                "plain": "(c) plain fwd+bwd (ceiling)"}[r["method"]]
+                "plain": "(c) plain fwd+bwd (ceiling)"}.get(r["method"], f"variant {r['method']}")
         print(f"| {name} | {r['batch_size']} | {r['examples_per_s']:.2f} | {r['peak_mib']:.0f} | "
               f"{r['examples_per_s'] / loop:.2f} | {vs_plain} |")
     if args.json:
