@@ -91,7 +91,7 @@ def snakemake_command(plan_path: Path, workdir: Path, *, cores: int | None, exec
                       jobs_limit: int | None, slurm: SlurmOptions | None, extra_args: list[str]) -> list[str]:
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
            "--config", f"plan={plan_path}", "--ignore-incomplete", "--keep-going", "--rerun-triggers", "input",
-           "--nocolor", "--quiet", "host", "reason", *(["rules"] if dry_run else [])]
+           "--nocolor", "--quiet", "host", "reason", "rules"]
     if dry_run:
         cmd += ["--dry-run"]
     if executor == "local":
@@ -181,8 +181,10 @@ def run_jobs(jobs: list[Job], workdir: str | os.PathLike, *, cores: int | None =
     with _run_lock(workdir):
         plan_path = write_plan(jobs, workdir)
         done = [j for j in jobs if job_done(j, workdir)]
-        echo(f"{len(jobs)} jobs in {workdir} ({len(done)} already done, {len(jobs) - len(done)} to run):")
-        echo(describe_jobs(jobs, workdir))
+        echo(f"{len(jobs)} jobs in {workdir} ({len(done)} already done, {len(jobs) - len(done)} to run)"
+             + (":" if dry_run else ""))
+        if dry_run:
+            echo(describe_jobs(jobs, workdir))
         cmd = snakemake_command(plan_path, workdir, cores=cores, executor=executor, dry_run=dry_run,
                                 jobs_limit=jobs_limit, slurm=slurm, extra_args=list(extra_args or []))
         if not dry_run:
