@@ -287,3 +287,11 @@ def test_run_fisher_on_an_image_classifier(tmp_path):
     loaded = ViTForImageClassification.from_pretrained(out / "hessian")
     assert_fisher_close({k: p.detach() for k, p in loaded.named_parameters()}, expected)
     assert json.loads((out / "hessian" / "fisher.json").read_text())["num_examples"] == 6
+
+
+def test_run_fisher_rejects_a_missing_gpu_before_any_work(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(UserError, match="no CUDA GPU"):
+        run_fisher("unused", "unused", "train", out=tmp_path / "out", device="cuda")
+    assert not (tmp_path / "out").exists()

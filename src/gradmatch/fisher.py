@@ -215,7 +215,9 @@ class FisherAccumulator:
             raise UserError(f"module {self._name(module)} ({type(module).__name__}) owns parameters but does not "
                             "return one tensor: exact per-example Fisher is not supported for it")
         B = self._batch_size
-        x = args[0] if args else None
+        x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+        if kind != "generic" and not isinstance(x, torch.Tensor):
+            kind = "generic"  # called without a tensor input: recompute it instead
         if kind == "embedding" and x.shape[0] == 1 and B > 1:
             # A row shared by the batch (BERT's position ids): give each example its own copy so its
             # output gradient stays per example.
@@ -241,7 +243,7 @@ class FisherAccumulator:
         x, version = saved
         if x._version != version:
             raise UserError(f"the input of {self._name(module)} was modified in place after its forward; "
-                               "cannot form per-example gradients")
+                            "cannot form per-example gradients")
         acc = {attr: self.sums[full] for attr, full in self._owner[module]}
         dtype = next(iter(acc.values())).dtype
         G = G.detach().to(dtype)
@@ -446,7 +448,7 @@ def _check_classification_head(name: str, config) -> None:
                         "the Fisher of log p(y|x) needs a trained classifier; fine-tune it first")
 
 
-def _distributed() -> tuple[int, int, bool]:
+def _distributed(use_cuda: bool) -> tuple[int, int, bool]:
     """(rank, world size, whether we started the process group) under torchrun; (0, 1, False) otherwise."""
     import torch.distributed as dist
 
@@ -455,7 +457,7 @@ def _distributed() -> tuple[int, int, bool]:
         return 0, 1, False
     started = False
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if use_cuda else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
@@ -506,6 +508,13 @@ def run_fisher(model: str, data: str, split: str, *, out: str | os.PathLike, est
             raise UserError(f"{flag} must be at least 1 (got {value})")
     if max_examples is not None and int(max_examples) < 1:
         raise UserError(f"--max-examples must be at least 1 (got {max_examples})")
+    if device is not None:
+        try:
+            dev = torch.device(device)
+        except RuntimeError as exc:
+            raise UserError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, ...)") from exc
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {device}: no CUDA GPU is available here")
     out = check_output_dir(out, overwrite)
 
     from gradmatch import data as gm_data
@@ -529,11 +538,12 @@ def run_fisher(model: str, data: str, split: str, *, out: str | os.PathLike, est
     if int(net.config.num_labels) != num_labels:  # pragma: no cover - the loader keeps the config's head
         raise UserError(f"model {name}: head has {net.config.num_labels} labels, config {num_labels}")
     length = gm_data.model_max_length(net, max_length)
-    rank, world, started = _distributed()
+    use_cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+    rank, world, started = _distributed(use_cuda)
     try:
         encoded = gm_data.encode(dataset, processor, length)
-        if device is None:
-            device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+        if device is None or (world > 1 and device == "cuda"):  # under torchrun: this process's GPU
+            device = f"cuda:{torch.cuda.current_device()}" if use_cuda else "cpu"
         fingerprint = model_fingerprint(net) if rank == 0 else None
         net.to(device)
         indices = list(range(rank, len(encoded), world))
