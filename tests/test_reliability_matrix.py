@@ -447,3 +447,6 @@ def test_the_matrix_covers_every_command():
     assert set(by_command) == {"merge", "fisher", "train", "evaluate", "run", "report", "mismatch"}
     assert min(by_command.values()) >= 7 and len(CASES) >= 60, by_command
     assert len({c.id for c in CASES}) == len(CASES)
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "reliability.md").read_text()
+    missing = [c.id for c in CASES if f"| {c.command} | {c.id.split(': ', 1)[1]} |" not in doc]
+    assert not missing, f"not listed in docs/reliability.md: {missing}"
