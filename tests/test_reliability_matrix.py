@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -412,7 +411,6 @@ def _other_bert(t: Path) -> Path:
     return make_tiny_bert(t / "other", seed=5, layers=1, with_tokenizer=True)
 
 
-#: Commands whose cases load transformers/datasets (marked slow only for grouping; each is a few seconds at most).
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input(world, tmp_path, capfd, case):
     work = tmp_path / "case"
