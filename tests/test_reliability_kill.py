@@ -174,11 +174,19 @@ def test_sigkill_at_random_moments_of_run(tmp_path):
     rng = random.Random(7)
     workdir = tmp_path / "run"
     killed_with = []
+    # the first kill lands early (start-up, data preparation); the others once a seeded random number of jobs is
+    # done, plus a random delay, so they hit training, Fisher, merge and evaluation jobs while they run
+    targets = sorted(rng.sample(range(2, MICRO_JOBS - 1), RUN_TRIALS - 1))
     for trial in range(RUN_TRIALS):
-        # each trial kills a resumed run at a random moment; the next trial resumes from what it left
+        # each trial kills a resumed run; the next trial resumes from what it left
         proc = subprocess.Popen(_run_cmd(exp, workdir), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
-        time.sleep(rng.uniform(0.15, 0.5) * whole if trial == 0 else rng.uniform(0.1, 0.3) * whole)
+        if trial == 0:
+            time.sleep(rng.uniform(0.05, 0.2) * whole)
+        else:
+            count = lambda: len(list((workdir / "work").glob("*/job.json")))  # noqa: E731
+            assert _wait_for(lambda: count() >= targets[trial - 1], proc, 600), "the run ended before the kill"
+            time.sleep(rng.uniform(0.0, 2.0))
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # gradmatch, Snakemake, the job server and its running jobs
         except ProcessLookupError:  # pragma: no cover - the run had already ended
