@@ -175,7 +175,7 @@ def _add_demo(sub) -> None:
                        description="Run the embedded demo experiment offline (scikit-learn digits as image "
                        "domains, a small ViT trained from scratch, children per domain, every merge with an α "
                        "sweep) and print its table.")
-    p.add_argument("--out", default="gradmatch-demo", help="run folder (default: ./gradmatch-demo)")
+    p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
     p.add_argument("--dry-run", "-n", action="store_true", help="list the jobs; run nothing")
     p.add_argument("--print-config", action="store_true", help="print the demo's experiment YAML and exit")
     _add_executor_flags(p)

@@ -17,7 +17,7 @@ from gradmatch.errors import UserError
 DEMO_EXPERIMENT = Path(__file__).with_name("experiments") / "demo.yaml"
 
 
-def run_demo(out: str | os.PathLike = "gradmatch-demo", *, dry_run: bool = False, experiment=None, echo=print,
+def run_demo(out: str | os.PathLike = "runs/demo", *, dry_run: bool = False, experiment=None, echo=print,
              **run_kwargs) -> int:
     """Run the demo (or ``experiment``, e.g. a smaller dict for tests) in ``out``; print the table.
 
