@@ -80,3 +80,16 @@ def test_report_run_needs_a_run_folder(tmp_path):
 
     with pytest.raises(UserError, match="not a gradmatch run folder"):
         report_run(tmp_path)
+
+
+def test_partial_report_with_one_child_only(run_inputs, tmp_path):
+    """`gradmatch report` on a run where only one child has been evaluated still draws every plot."""
+    params, inputs = run_inputs
+    only = {"model/child-b": inputs["model/child-b"]}
+    results = collect(params, only)
+    assert [r["label"] for r in results["rows"]] == ["child-b"] and results["best"] == {}
+    assert "parent" in results["missing"] and "gradient_matching" in results["missing"]
+    out = tmp_path / "partial"
+    out.mkdir()
+    write_report(results, out)
+    assert (out / "alpha_per_task.png").stat().st_size > 0 and (out / "best_per_task.png").stat().st_size > 0

@@ -166,7 +166,8 @@ def write_plots(results: dict[str, Any], out: Path, dpi: int = 100) -> list[Path
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     _plot_alpha(ax, curves, refs, lambda r: r["average"], f"{results['experiment']}: average accuracy against α")
-    ax.legend(fontsize=8, loc="best")
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(out / "alpha_average.png", dpi=dpi)
     plt.close(fig)
@@ -180,7 +181,8 @@ def write_plots(results: dict[str, Any], out: Path, dpi: int = 100) -> list[Path
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8)
+    if labels:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(out / "alpha_per_task.png", dpi=dpi)
     plt.close(fig)
@@ -216,7 +218,8 @@ def write_plots(results: dict[str, Any], out: Path, dpi: int = 100) -> list[Path
     ax.set_ylabel("accuracy")
     ax.set_title(f"{results['experiment']}: best setting of each method, per task")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    if bars:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(out / "best_per_task.png", dpi=dpi)
     plt.close(fig)
