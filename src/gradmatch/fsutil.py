@@ -42,7 +42,7 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX + out.name + "-", dir=parent))
     try:
         yield tmp
-        os.chmod(tmp, 0o755)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only
         if out.exists():
             if not overwrite:
                 raise UserError(f"output {out} appeared while working (pass --overwrite to replace it)")
@@ -70,11 +70,18 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; give it a normal file's mode
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(path: Path) -> None:

@@ -47,13 +47,10 @@ def _fisher(folder: str | Path) -> str:
 
 
 def write_file(path: str | Path, text: str) -> Path:
-    """Write ``text`` atomically, readable as the umask allows (not only by its owner, as a temp file is)."""
+    """Write ``text`` atomically."""
     path = Path(path)
     with atomic_file(path, encoding="utf-8") as fh:
         fh.write(text)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
     return path
 
 
