@@ -160,7 +160,8 @@ def running(env: dict[str, str]):
     """Start a server for the duration of a local run; sets ``env[ENV]`` to its socket."""
     folder = tempfile.mkdtemp(prefix="gradmatch-js-")
     path = os.path.join(folder, "sock")
-    proc = subprocess.Popen([sys.executable, "-m", "gradmatch.pipeline.jobserver", path], stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "gradmatch.pipeline.jobserver", path], stdin=subprocess.DEVNULL,
+                            env=dict(env))
     deadline = time.time() + 10
     while not os.path.exists(path) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
