@@ -165,8 +165,6 @@ def throughput(args, runs) -> list[dict]:
 def check(args) -> dict:
     """Correctness on this device: the batched estimate against the batch-size-1 loop (8 examples, both
     estimators, variable lengths padded in the batch)."""
-    import torch
-
     from gradmatch.fisher import estimate_fisher, estimate_fisher_reference
 
     model = build_model(args)
