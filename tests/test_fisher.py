@@ -295,3 +295,23 @@ def test_run_fisher_rejects_a_missing_gpu_before_any_work(tmp_path):
     with pytest.raises(UserError, match="no CUDA GPU"):
         run_fisher("unused", "unused", "train", out=tmp_path / "out", device="cuda")
     assert not (tmp_path / "out").exists()
+
+
+class _Twice(nn.Module):
+    """ALBERT-style sharing: one layer applied twice per forward pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return _Out(self.b(self.a(torch.tanh(self.a(x)))))
+
+
+def test_a_module_run_twice_per_forward_fails_loudly():
+    model = _Twice()
+    with pytest.raises(UserError, match="module a runs more than once per forward pass"):
+        estimate_fisher(model, [{"x": torch.randn(3, 4)}], progress=False)
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(not m._forward_hooks for m in model.modules())  # hooks removed after the failure
