@@ -237,3 +237,24 @@ def test_graph_can_be_extended_from_python(tmp_path):
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
     assert plan["jobs"][-1]["name"] in ("eval/parent-long", "report")
     assert {j["name"] for j in plan["jobs"]} >= {"eval/parent-long", "models/parent"}
+
+
+@pytest.mark.slow
+def test_mismatch_of_every_merge_of_a_run(finished_run, tmp_path):
+    """gradmatch mismatch --run: every method at every α, rebuilt from the kept configs, beside its test error."""
+    import math
+
+    workdir, _ = finished_run
+    out = tmp_path / "mismatch"
+    assert main(["mismatch", "--run", str(workdir), "--max-examples", "16", "--out", str(out)]) == 0
+    rows = json.loads((out / "mismatch.json").read_text())["merges"]
+    assert [(r["method"], r["alpha"]) for r in rows] == [("gradient_matching", 0.5), ("gradient_matching", 1.0),
+                                                         ("task_arithmetic", 0.5), ("task_arithmetic", 1.0)]
+    accuracy = {r["label"]: r["accuracy"] for r in report_rows(workdir)}
+    for r in rows:
+        assert math.isfinite(r["total_mismatch"]) and r["total_mismatch"] > 0
+        assert set(r["mismatch"]) == {"rot90", "inverted"} and r["examples_per_task"] == 16
+        for task, error in r["test_error"].items():
+            assert error == pytest.approx(1 - accuracy[f"{r['method']} α={r['alpha']:g}"][task], abs=1e-9)
+    assert (out / "mismatch_vs_error.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list(workdir.glob("gradmatch-mismatch-*"))  # rebuilt merges are cleaned up
