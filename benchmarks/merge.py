@@ -1,14 +1,16 @@
 """Merge benchmark: wall time and peak memory of `gradmatch merge` against a naive in-memory merge,
 reading the inputs once, and mergekit's task arithmetic, for T = 1, 2, 4, 8 MiniLM-sized children.
 
-    python benchmarks/merge.py [--T 1 2 4 8] [--repeats 3] [--workdir DIR] [--cache cold|warm|both]
+    python benchmarks/merge.py [--T 1 2 4 8] [--repeats 5] [--workdir DIR] [--cache cold|warm|both]
                                [--mergekit-venv PATH] [--write-docs]
 
 Every contender runs as its own process under ``/usr/bin/time -v``; wall time is measured around the
 process (start-up included) and peak memory is the maximum resident set size that ``time -v`` reports
 (it counts touched pages of memory-mapped files, SPEC §6). Contenders run interleaved — for each
-repeat, for each T, every contender once, in an order rotated per repeat — and the median of the
-repeats is reported, so that load from other processes on the machine hits all of them alike.
+repeat, for each T, every contender once, in an order rotated per repeat — so that load from other
+processes hits all of them alike. Time is reported as the best of the repeats (other load only ever
+adds time) with the median beside it, plus the CPU time (user + sys, less sensitive to other load);
+memory as the largest peak of the repeats. The targets are judged on best wall time and largest RSS.
 
 Cache policy per run: ``cold`` evicts every input file from the page cache (``sync`` then
 ``posix_fadvise(DONTNEED)`` on each file; the interpreters and libraries stay cached, so start-up is
@@ -49,7 +51,7 @@ CONTENDERS = {
     "gm": "gradmatch merge, gradient_matching",
     "ta": "gradmatch merge, task_arithmetic",
     "naive": "naive gradient matching (original script: all in memory)",
-    "read_py": "read inputs once (python: safe_open + get_tensor of every tensor)",
+    "read_py": "read inputs once (python: import torch + safetensors, then readinto of every byte into one reused buffer)",
     "read_cat": "read inputs once (cat > /dev/null)",
     "mergekit": "mergekit-yaml task_arithmetic",
 }
@@ -181,15 +183,19 @@ def write_configs(cfg_dir: Path, t: int, paths: dict) -> dict[str, Path]:
     return out
 
 
+# Read every byte of every input once, after the start-up any Python merge pays (torch, safetensors).
+# Plain reads into one reused buffer: safetensors 0.8 (installed here) `get_tensor` returns tensors backed by the
+# file's memory map without touching their pages, so "safe_open + get_tensor" would read almost nothing.
 _READ_PY = """
 import sys
-from safetensors import safe_open
+import torch, safetensors.torch
+buf = memoryview(bytearray(1 << 24))
 n = 0
 for path in sys.argv[1:]:
-    with safe_open(path, "pt") as f:
-        for key in f.keys():
-            n += f.get_tensor(key).numel()
-print(n, "values read")
+    with open(path, "rb", buffering=0) as fh:
+        while got := fh.readinto(buf):
+            n += got
+print(n, "bytes read")
 """
 
 
@@ -278,7 +284,9 @@ def run_once(argv: list[str], out: Path, log: Path, inputs: list[Path], cache: s
         report = Path(tf.name).read_text()
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", report)
     rss_mb = int(m.group(1)) / 1024 if m else float("nan")
-    result = {"ok": proc.returncode == 0, "rc": proc.returncode, "wall": wall, "rss_mb": rss_mb, "cached_before": frac}
+    cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", report))
+    result = {"ok": proc.returncode == 0, "rc": proc.returncode, "wall": wall, "cpu": cpu, "rss_mb": rss_mb,
+              "cached_before": frac}
     if proc.returncode != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-3:]
         result["error"] = " | ".join(tail)
@@ -340,6 +348,20 @@ def machine() -> str:
             f"Python {platform.python_version()}, torch {torch.__version__}")  # fmt: skip
 
 
+def engine_version() -> str:
+    """The git commit of the checkout and a digest of the engine's sources (to notice changes mid-run)."""
+    import hashlib
+
+    src = REPO / "src" / "gradmatch"
+    files = sorted([src / "merge.py", src / "checkpoints.py", *(src / "methods").glob("*.py")])
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files if f.exists())).hexdigest()[:10]
+    res = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%h", "--", *map(str, files)],
+                         capture_output=True, text=True)  # fmt: skip
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", *map(str, files)],
+                           capture_output=True, text=True).stdout.strip()  # fmt: skip
+    return f"gradmatch commit {res.stdout.strip() or '?'}{' + uncommitted engine changes' if dirty else ''} (engine digest {digest})"
+
+
 def mergekit_version(venv: Path | None) -> str | None:
     if not venv or not (venv / "bin" / "python").exists():
         return None
@@ -349,7 +371,8 @@ def mergekit_version(venv: Path | None) -> str | None:
 
 
 def summarise(samples: dict) -> dict:
-    """samples[cache][T][contender] -> list of results  =>  median wall and RSS of the successful runs."""
+    """samples[cache][T][contender] -> list of results  =>  per (cache, T, contender): best and median wall
+    time, median CPU time and the largest peak RSS of the successful runs."""
     out = {}
     for cache, by_t in samples.items():
         for t, by_c in by_t.items():
@@ -357,9 +380,10 @@ def summarise(samples: dict) -> dict:
                 ok = [r for r in runs if r["ok"]]
                 if ok:
                     out[(cache, t, c)] = {
-                        "wall": statistics.median(r["wall"] for r in ok),
-                        "wall_min": min(r["wall"] for r in ok),
-                        "rss_mb": statistics.median(r["rss_mb"] for r in ok),
+                        "wall": min(r["wall"] for r in ok),
+                        "wall_median": statistics.median(r["wall"] for r in ok),
+                        "cpu": statistics.median(r["cpu"] for r in ok),
+                        "rss_mb": max(r["rss_mb"] for r in ok),
                         "n": len(ok),
                     }
                 elif runs:
@@ -374,7 +398,8 @@ def _fmt(x, spec=".2f", suffix=""):
 def tables(summary: dict, ts: list[int], caches: list[str], contenders: list[str]) -> str:
     lines = []
     for cache in caches:
-        lines.append(f"\n**{cache} inputs** — median wall time in s / peak RSS in MB\n")
+        lines.append(f"\n**{cache} inputs** — wall time in s: best of the runs (median) [median CPU time user+sys] "
+                     "/ peak RSS in MB (largest of the runs)\n")
         head = "| T | " + " | ".join(contenders) + " |"
         lines += [head, "|" + "---|" * (len(contenders) + 1)]
         for t in ts:
@@ -386,7 +411,7 @@ def tables(summary: dict, ts: list[int], caches: list[str], contenders: list[str
                 elif "error" in s:
                     cells.append("failed")
                 else:
-                    cells.append(f"{s['wall']:.2f} s / {s['rss_mb']:.0f} MB")
+                    cells.append(f"{s['wall']:.2f} ({s['wall_median']:.2f}) [{s['cpu']:.2f}] / {s['rss_mb']:.0f} MB")
             lines.append(f"| {t} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -415,9 +440,11 @@ def targets(summary: dict, ts: list[int], caches: list[str]) -> tuple[str, list[
             rows.append((cache, "`gm` peak RSS / `naive` peak RSS at T=4", 0.5,
                          {4: ratio(get(cache, 4, "gm", "rss_mb"), get(cache, 4, "naive", "rss_mb"))}))  # fmt: skip
         rows.append((cache, "`gm` time / `read_py` time (read inputs once)", 2.0, per_t("gm", "read_py", "wall")))
+        rows.append((cache, "`gm` CPU time / `read_py` CPU time (info)", None, per_t("gm", "read_py", "cpu")))
         rows.append((cache, "`gm` time / `read_cat` time (info)", None, per_t("gm", "read_cat", "wall")))
         for c in ("ta", "gm"):
             rows.append((cache, f"`{c}` time / `mergekit` time", 1.0, per_t(c, "mergekit", "wall")))
+            rows.append((cache, f"`{c}` CPU time / `mergekit` CPU time (info)", None, per_t(c, "mergekit", "cpu")))
             rows.append((cache, f"`{c}` peak RSS / `mergekit` peak RSS", 1.0, per_t(c, "mergekit", "rss_mb")))
     lines = ["| inputs | ratio | limit | " + " | ".join(f"T={t}" for t in ts) + " | verdict |",
              "|---|---|---|" + "---|" * len(ts) + "---|"]  # fmt: skip
@@ -452,7 +479,7 @@ def write_docs(section: str) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--T", type=int, nargs="+", default=[1, 2, 4, 8], help="numbers of children")
-    p.add_argument("--repeats", type=int, default=3, help="runs per contender, T and cache policy (median)")
+    p.add_argument("--repeats", type=int, default=5, help="runs per contender, T and cache policy")
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "gradmatch-bench-merge")
     p.add_argument("--cache", choices=["cold", "warm", "both"], default="both")
     p.add_argument("--mergekit-venv", type=Path, default=REPO / ".venv-mergekit",
@@ -483,6 +510,8 @@ def main(argv=None) -> int:
     env = dict(os.environ)
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    engine_before = engine_version()
+    print(f"engine: {engine_before}", file=sys.stderr)
     runs = work / "runs"
     shutil.rmtree(runs, ignore_errors=True)
     runs.mkdir(parents=True)
@@ -506,7 +535,7 @@ def main(argv=None) -> int:
                     res = run_once(cmd, out, runs / f"T{t}-{cache}-{c}.log", files, cache, env)
                     samples[cache][t][c].append(res)
                     done += 1
-                    status = f"{res['wall']:7.2f} s {res['rss_mb']:7.0f} MB" if res["ok"] else f"FAILED: {res.get('error', '')[:160]}"
+                    status = f"{res['wall']:7.2f} s {res['cpu']:6.2f} cpu-s {res['rss_mb']:7.0f} MB" if res["ok"] else f"FAILED: {res.get('error', '')[:160]}"
                     print(f"[{done:3d}/{total}] rep {rep + 1} T={t} {cache:4s} {c:9s} {status}", file=sys.stderr, flush=True)
                 # correctness, once per T: gradmatch against the naive merge and against mergekit
                 if rep == 0 and cache == caches[0] and not args.no_check:
@@ -520,6 +549,11 @@ def main(argv=None) -> int:
                 for c in contenders:
                     shutil.rmtree(runs / f"T{t}-{cache}-{c}", ignore_errors=True)
 
+    engine_after = engine_version()
+    engine_note = engine_before if engine_after == engine_before else (
+        f"**the engine changed during the run**: {engine_before} at the start, {engine_after} at the end")
+    if engine_after != engine_before:
+        print(f"WARNING: {engine_note}", file=sys.stderr)
     summary = summarise(samples)
     table = tables(summary, ts, caches, contenders)
     target_table, _ = targets(summary, ts, caches)
@@ -539,13 +573,14 @@ def main(argv=None) -> int:
         f"Command: `{command.strip()}` (script: `benchmarks/merge.py`, see `benchmarks/README.md`).",
         f"Date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.",
         f"Machine: {machine()}" + (f"; mergekit {mk_ver} in its own venv." if mk_ver else "; mergekit not installed."),
+        f"Engine: {engine_note}.",
         "",
         f"Inputs: MiniLM (`minilm`, 22.7M parameters, float32, 87 MB per file) as BertForSequenceClassification "
         f"with 2 labels; T children = parent + N(0, {NOISE_STD}²) noise; a Hessian per model (random, "
         f"non-negative). Gradient matching reads 2T+2 files, task arithmetic T+1. N_0 = N_t = {SCALE:g}, "
         f"δ = {DELTA:g}, α_t = 1. Each contender is a separate process (start-up included); peak memory "
         "is the maximum RSS from `/usr/bin/time -v` (counts touched pages of memory-mapped inputs); "
-        f"median of {args.repeats} interleaved runs; "
+        f"{args.repeats} interleaved runs per cell (time: best and median; RSS: largest); "
         + (f"OMP_NUM_THREADS={args.threads} for every contender. " if args.threads else "library-default threads. ")
         + "*cold*: inputs evicted from the page cache before "
         "each run (`posix_fadvise(DONTNEED)`), *warm*: inputs read once before each run.",
