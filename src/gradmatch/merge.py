@@ -387,12 +387,37 @@ def merge(
     saved_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
+    _keep_freed_memory()
     try:
         _write(plan, executor, out, overwrite=overwrite, shard_bytes=shard_bytes, out_dtype=out_dtype, params=params,
                precision=precision, progress=progress)
     finally:
         torch.set_num_threads(saved_threads)
     return out
+
+
+#: glibc's mallopt parameters: blocks below this size come from the heap and freed memory is kept for reuse.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _ALLOCATOR_KEEP = -1, -3, 64 << 20
+
+
+def _keep_freed_memory() -> None:
+    """Let glibc reuse the memory of one block's tensors for the next instead of returning it to the system.
+
+    By default every block's buffers (a few hundred KB each, above glibc's mmap threshold) are mapped
+    fresh and unmapped after use, so each page faults in again: at 8 children that was half the merge's
+    time. Blocks are small, so the retained memory stays a few MB per input. No-op off glibc.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, _ALLOCATOR_KEEP)
+    mallopt(_M_TRIM_THRESHOLD, _ALLOCATOR_KEEP)
 
 
 def _write(plan: MergePlan, executor: _Executor, out: Path, *, overwrite: bool, shard_bytes: int,
