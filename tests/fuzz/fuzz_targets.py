@@ -176,5 +176,19 @@ def parse_args(description: str):
     return parser.parse_args()
 
 
+def main(kind: str, doc: str) -> None:
+    """The command line of a long fuzz run of ``kind`` (``safetensors`` or ``config``)."""
+    import tempfile
+    import time
+
+    args = parse_args(doc.splitlines()[0])
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="gradmatch-fuzz-") as tmp:
+        workdir = Path(args.workdir) if args.workdir else Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        counts = run_fuzz(kind, args.iterations, args.seed, workdir)
+    print(f"{kind}: {args.iterations} iterations, seed {args.seed}, {time.time() - started:.0f} s, no failure: {counts}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     raise SystemExit("run fuzz_safetensors.py or fuzz_configs.py")
