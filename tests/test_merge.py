@@ -489,7 +489,7 @@ FLAG_CASES = [
     ("wrong number of hessians", ["--ft_hessian_paths", "{h0}"], ["--ft_hessian_paths has 1 paths", "3 models"]),
     ("scale that is no number", ["--scaling_factors_ft", "1,x,2"], ["--scaling_factors_ft", "'x' is not a number"]),
     ("no output", ["--out_model_path", ""], ["--out_model_path is required"]),
-    ("cuda missing", ["--device", "cuda"], ["cuda", "CUDA is not available"]),
+    ("cuda missing", ["--device", "cuda"], ["cuda", "no CUDA GPU"]),
     ("unknown flag", ["--frobnicate"], ["unrecognized arguments: --frobnicate"]),
 ]
 

@@ -509,12 +509,9 @@ def run_fisher(model: str, data: str, split: str, *, out: str | os.PathLike, est
     if max_examples is not None and int(max_examples) < 1:
         raise UserError(f"--max-examples must be at least 1 (got {max_examples})")
     if device is not None:
-        try:
-            dev = torch.device(device)
-        except RuntimeError as exc:
-            raise UserError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, ...)") from exc
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"--device {device}: no CUDA GPU is available here")
+        from gradmatch.devices import parse_device
+
+        parse_device(device)
     out = check_output_dir(out, overwrite)
 
     from gradmatch import data as gm_data

@@ -16,6 +16,7 @@ import torch
 
 from gradmatch.checkpoints import Checkpoint, ShardedWriter, copy_non_weight_files, find_hessian_folder, parse_size
 from gradmatch.config import HESSIAN_METHODS, MergeConfig, read_config_file, validation_message
+from gradmatch.devices import parse_device
 from gradmatch.errors import UserError
 from gradmatch.fsutil import atomic_dir, check_output_dir
 from gradmatch.methods import MergeMethod, MethodError, get_method
@@ -306,18 +307,6 @@ class _Executor:
         return out
 
 
-def _device(device: str | torch.device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise UserError(f"unknown device {device!r}: {exc}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device} was asked for but CUDA is not available on this machine")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UserError(f"device {device} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return dev
-
-
 def _provenance(plan: MergePlan, params: dict[str, Any], precision: str, out_dtype: str | None) -> dict[str, Any]:
     from gradmatch import __version__
 
@@ -376,7 +365,7 @@ def merge(
     if clamp_denominator is not None and not clamp_denominator > 0:
         raise UserError(f"the denominator clamp must be positive, got {clamp_denominator}")
     shard_bytes = parse_size(max_shard_size)
-    dev = _device(device)
+    dev = parse_device(device)
     plan = plan_merge(cfg, clamp_denominator=clamp_denominator)
     _check_output_not_input(out, plan)
     params = dict(cfg.parameters)
