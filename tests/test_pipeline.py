@@ -258,3 +258,26 @@ def test_mismatch_of_every_merge_of_a_run(finished_run, tmp_path):
             assert error == pytest.approx(1 - accuracy[f"{r['method']} α={r['alpha']:g}"][task], abs=1e-9)
     assert (out / "mismatch_vs_error.png").read_bytes()[:4] == b"\x89PNG"
     assert not list(workdir.glob("gradmatch-mismatch-*"))  # rebuilt merges are cleaned up
+
+
+def test_job_server_stops_when_its_run_is_killed():
+    """A `gradmatch run` killed with SIGKILL cannot stop its warm job server: the server notices and exits."""
+    code = ("import time\nfrom gradmatch.pipeline import jobserver\n"
+            "proc = jobserver.running({}).__enter__()\nprint(proc.pid, flush=True)\ntime.sleep(120)\n")
+    run = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    server = int(run.stdout.readline())
+    run.kill()
+    run.wait()
+    deadline = time.time() + 60
+
+    def alive() -> bool:
+        try:
+            return Path(f"/proc/{server}/stat").read_text().split()[2] != "Z"
+        except FileNotFoundError:
+            return False
+
+    while alive() and time.time() < deadline:
+        time.sleep(0.2)
+    if alive():
+        os.kill(server, signal.SIGKILL)
+        pytest.fail("the job server outlived the run that started it")

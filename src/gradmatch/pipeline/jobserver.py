@@ -100,7 +100,11 @@ def _run_child(request: dict, fds: list[int]) -> None:
 
 
 def serve(path: str) -> None:
-    """Bind ``path``, import the heavy modules, then fork one child per request (single-threaded)."""
+    """Bind ``path``, import the heavy modules, then fork one child per request (single-threaded).
+
+    The server stops when the `gradmatch run` that started it goes away, even if that run was killed.
+    """
+    owner = os.getppid()
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path)
     server.listen(64)  # jobs that connect while the imports run wait in the backlog
@@ -122,6 +126,8 @@ def serve(path: str) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     while True:
+        if os.getppid() != owner:  # that run was killed without stopping us: stop too, never linger
+            stop()
         readable, _, _ = select.select([server, *children.values()], [], [], 0.2)
         for sock in readable:
             if sock is server:
