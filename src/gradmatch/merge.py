@@ -143,6 +143,20 @@ def _check_same_architecture(parent: Checkpoint, other: Checkpoint) -> None:
             raise UserError(f"{other.role} {other.folder} has {key} {theirs} but the base model {parent.folder} has {mine}")
 
 
+def _check_tensors(ckpt: Checkpoint, parent: Checkpoint, merged: list[str], why_needed: str) -> None:
+    """``ckpt`` holds no tensor the parent lacks, and every merged tensor with the parent's shape."""
+    for name in ckpt:
+        if name not in parent:
+            raise UserError(f"{ckpt.role} {ckpt.folder} has tensor {name!r} which the base model {parent.folder} lacks")
+    for name in merged:
+        if name not in ckpt:
+            raise UserError(f"{ckpt.role} {ckpt.folder} lacks tensor {name!r} {why_needed}")
+        info = ckpt.info(name)
+        if info.shape != parent.info(name).shape:
+            raise UserError(f"tensor {name!r} has shape {list(info.shape)} in {info.file} "
+                            f"but {list(parent.info(name).shape)} in the base model {parent.info(name).file}")
+
+
 def plan_merge(config: MergeConfig, *, clamp_denominator: float | None = None) -> MergePlan:
     """Open and validate every input (paths, headers, architectures, key sets, shapes, scales) before any work."""
     method = get_method(config.method)
@@ -168,28 +182,13 @@ def plan_merge(config: MergeConfig, *, clamp_denominator: float | None = None) -
 
     merged = [name for name, info in parent.tensors.items() if _is_mergeable(name, info.dtype)]
     for child in children:
-        for name in child:
-            if name not in parent:
-                raise UserError(f"{child.role} {child.folder} has tensor {name!r} which the base model {parent.folder} lacks")
-        for name in merged:
-            if name not in child:
-                raise UserError(f"{child.role} {child.folder} lacks tensor {name!r} of the base model {parent.folder}")
-            if child.info(name).shape != parent.info(name).shape:
-                raise UserError(f"tensor {name!r} has shape {list(child.info(name).shape)} in {child.info(name).file} "
-                                f"but {list(parent.info(name).shape)} in the base model {parent.info(name).file}")
+        _check_tensors(child, parent, merged, f"of the base model {parent.folder}")
     for h in [parent_hessian, *hessians]:
         if h is None:
             continue
-        for name in h:
-            if name not in parent:
-                raise UserError(f"{h.role} {h.folder} has tensor {name!r} which the base model {parent.folder} lacks")
+        _check_tensors(h, parent, merged, f"(needed by {config.method})")
         for name in merged:
-            if name not in h:
-                raise UserError(f"{h.role} {h.folder} lacks tensor {name!r} (needed by {config.method})")
             info = h.info(name)
-            if info.shape != parent.info(name).shape:
-                raise UserError(f"tensor {name!r} has shape {list(info.shape)} in {info.file} "
-                                f"but {list(parent.info(name).shape)} in the base model {parent.info(name).file}")
             if not info.is_floating:
                 raise UserError(f"tensor {name!r} of {info.file} is {info.dtype}, not floating point as a Hessian must be")
 
