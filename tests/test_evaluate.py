@@ -11,12 +11,9 @@ import pytest
 
 from gradmatch import UserError
 from gradmatch.evaluate import evaluate
+from conftest import write_jsonl as _write_jsonl
 
 
-def _write_jsonl(path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import make_tiny_bert
+from conftest import make_tiny_bert, write_jsonl
 from gradmatch.errors import UserError
 from gradmatch.mismatch import gradient_mismatch, loss_gradient
 
@@ -21,10 +21,7 @@ TEXTS = ["a wonderful film", "terrible and boring", "i loved every minute", "awf
 
 
 def _write_task(path, flip: bool = False):
-    rows = [{"text": t, "label": (i % 2) ^ int(flip)} for i, t in enumerate(TEXTS)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return str(path)
+    return str(write_jsonl(path, [{"text": t, "label": (i % 2) ^ int(flip)} for i, t in enumerate(TEXTS)]))
 
 
 def _perturbed(src, dst, scale: float, seed: int):

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from gradmatch.cli import main
 
-from conftest import make_tiny_bert
+from conftest import make_tiny_bert, write_jsonl as _jsonl
 from pipeline_helpers import tiny, write_experiment
 from test_merge import build_family, gm_config
 from test_security import snapshot
@@ -28,10 +28,6 @@ from test_security import snapshot
 TEXTS = ["a fine film", "the worst thing ever", "ok", "bad bad bad", "charming and warm", "dull", "I laughed", "meh"]
 
 
-def _jsonl(path: Path, rows) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 def _perturb(src: Path, dst: Path, seed: int, metadata: dict | None = None) -> Path:

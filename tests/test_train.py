@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from gradmatch import UserError
 from gradmatch.config import load_evaluate_config, load_train_config
 from gradmatch.train import METADATA_FILE, read_training_metadata, train
+from conftest import write_jsonl as _write_jsonl
 
 FIXTURES = Path(__file__).parent / "fixtures" / "original_configs"
 #: The keys of the original's configs that hold paths (the only ones the tests may change).
@@ -23,10 +24,6 @@ PATH_KEYS = {"model_name_or_path", "dataset_name", "output_dir", "cache_dir", "m
              "prediction_output_file"}
 
 
-def _write_jsonl(path: Path, rows) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 @pytest.fixture
