@@ -5,7 +5,7 @@ from __future__ import annotations
 import yaml
 
 from gradmatch.cli import main
-from gradmatch.config import load_experiment
+from gradmatch.config.experiment import load_experiment
 from gradmatch.demo import DEMO_EXPERIMENT
 from gradmatch.pipeline.graph import build_jobs
 

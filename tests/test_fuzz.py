@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "fuzz"))
 from fuzz_targets import CORPUS, check_config, check_safetensors, mutate  # noqa: E402
 
 from gradmatch.checkpoints import SAFETENSORS_DTYPES, read_safetensors_header  # noqa: E402
-from gradmatch.config import load_experiment, load_train_config  # noqa: E402
+from gradmatch.config.experiment import load_experiment  # noqa: E402
+from gradmatch.config.run import load_train_config  # noqa: E402
 from gradmatch.errors import UserError  # noqa: E402
 from gradmatch.merge import load_merge_config  # noqa: E402
 

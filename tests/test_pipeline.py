@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from gradmatch.cli import main
-from gradmatch.config import load_experiment
+from gradmatch.config.experiment import load_experiment
 from gradmatch.errors import UserError
 from gradmatch.pipeline.graph import build_jobs
 from pipeline_helpers import TINY, TINY_JOB_COUNT, finished_jobs, report_rows, tiny, write_experiment

@@ -237,9 +237,9 @@ CASES = [
          ["threads must be positive"]),
     Case("merge: unknown precision", "merge", lambda w, t: ["merge", w.merge_yaml, t / "out", "--precision", "int8"],
          ["--precision", "invalid choice", "int8"]),
-    Case("merge: clamp for another method", "merge",
+    Case("merge: the removed clamp flag", "merge",
          lambda w, t: _merge_with(w, t, method="task_arithmetic", parameters={}) + ["--clamp-denominator", "1e-6"],
-         ["--clamp-denominator", "gradient_matching only", "task_arithmetic"]),
+         ["--clamp-denominator was replaced", "max_update_ratio"]),
     Case("merge: negative weights in an average", "merge",
          lambda w, t: _merge_with(w, t, method="fisher_average", parameters={}, models=[
              {"model": str(w.fam["children"][0]), "hessian": str(w.fam["hessians"][0]), "weight": -1.0}]),

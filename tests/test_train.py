@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from gradmatch import UserError
-from gradmatch.config import load_evaluate_config, load_train_config
+from gradmatch.config.run import load_evaluate_config, load_train_config
 from gradmatch.train import METADATA_FILE, read_training_metadata, train
 from conftest import write_jsonl as _write_jsonl
 
@@ -269,7 +269,7 @@ def test_existing_output_folder_is_kept_without_overwrite(tiny_bert, polarity_fo
 
 
 def test_docs_name_every_config_key():
-    from gradmatch.config import ORIGINAL_IGNORED_KEYS, EvaluateConfig, LoraSettings, TrainConfig
+    from gradmatch.config.run import ORIGINAL_IGNORED_KEYS, EvaluateConfig, LoraSettings, TrainConfig
 
     text = (Path(__file__).parents[1] / "docs" / "config.md").read_text()
     keys = (set(TrainConfig.model_fields) | set(EvaluateConfig.model_fields) | set(ORIGINAL_IGNORED_KEYS)) - {"ignored_keys"}

@@ -89,7 +89,7 @@ def evaluate(config, *, data_dir: str | os.PathLike | None = None, overwrite: bo
     With ``method: sequence_classification_squared_gradients`` the model's diagonal Fisher is
     written to ``<output_dir>/hessian`` instead (as `gradmatch fisher` does).
     """
-    from gradmatch.config import load_evaluate_config
+    from gradmatch.config.run import load_evaluate_config
 
     cfg = load_evaluate_config(config)
     if cfg.is_fisher():

@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from gradmatch.errors import UserError
 
-ESTIMATORS = ("sampled", "empirical")
+from gradmatch.config.fisher import ESTIMATORS  # noqa: E402 - the names, declared once
 
 #: Keys of a batch that are not model inputs.
 _LABEL_KEYS = ("labels", "label")

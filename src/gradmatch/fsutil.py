@@ -131,6 +131,14 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator:
         raise
 
 
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; returns the path."""
+    path = Path(path)
+    with atomic_file(path, encoding="utf-8") as fh:
+        fh.write(text)
+    return path
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -1,10 +1,11 @@
 """The merge engine: validate the inputs, stream one tensor name (or block of rows) at a time through a
-merge method, write the result atomically as a Hugging Face folder. Also the `gradmatch merge` flag forms."""
+merge method, write the result atomically as a Hugging Face folder."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -15,40 +16,22 @@ from typing import Any
 import torch
 
 from gradmatch.checkpoints import Checkpoint, ShardedWriter, copy_non_weight_files, find_hessian_folder, parse_size
-from gradmatch.config import HESSIAN_METHODS, MergeConfig, read_config_file, validation_message
+from gradmatch.config.merge import OUT_DTYPES, MergeConfig, load_merge_config
 from gradmatch.devices import parse_device
 from gradmatch.errors import UserError
 from gradmatch.fsutil import atomic_dir, check_output_dir
 from gradmatch.methods import MergeMethod, MethodError, get_method
 
-__all__ = ["merge", "merge_from_cli", "config_from_original_flags", "load_merge_config", "plan_merge", "MergePlan",
-           "DEFAULT_BLOCK_ELEMENTS"]
+__all__ = ["merge", "load_merge_config", "plan_merge", "MergePlan", "DEFAULT_BLOCK_ELEMENTS"]
+
+log = logging.getLogger(__name__)
 
 #: Elementwise methods read a large tensor in blocks of rows holding about this many entries per input.
 DEFAULT_BLOCK_ELEMENTS = 1 << 16
 #: Entries copied from the parent whatever the method (as the original code did), besides non-floating ones.
 _PARENT_ONLY = ("position_ids", "masked_bias")
 _PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
-_OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
-# --------------------------------------------------------------------------- configuration
-
-
-def load_merge_config(config: MergeConfig | Mapping[str, Any] | str | os.PathLike) -> MergeConfig:
-    """A MergeConfig from itself, a dict of the YAML form, or the path of a YAML/JSON file."""
-    from pydantic import ValidationError
-
-    if isinstance(config, MergeConfig):
-        return config
-    if isinstance(config, Mapping):
-        data, source = dict(config), "merge config"
-    else:
-        data, source = read_config_file(config), str(config)
-    try:
-        return MergeConfig.model_validate(data)
-    except ValidationError as exc:
-        raise UserError(validation_message(exc, source).replace("Value error, ", "")) from None
+_OUT_DTYPES = {name: getattr(torch, name) for name in OUT_DTYPES}
 
 
 # --------------------------------------------------------------------------- planning and validation
@@ -157,7 +140,7 @@ def _check_tensors(ckpt: Checkpoint, parent: Checkpoint, merged: list[str], why_
                             f"but {list(parent.info(name).shape)} in the base model {parent.info(name).file}")
 
 
-def plan_merge(config: MergeConfig, *, clamp_denominator: float | None = None) -> MergePlan:
+def plan_merge(config: MergeConfig) -> MergePlan:
     """Open and validate every input (paths, headers, architectures, key sets, shapes, scales) before any work."""
     method = get_method(config.method)
     parent = Checkpoint(_local_model(config.base, "base model"), "base model")
@@ -186,22 +169,20 @@ def plan_merge(config: MergeConfig, *, clamp_denominator: float | None = None) -
     for h in [parent_hessian, *hessians]:
         if h is None:
             continue
-        _check_tensors(h, parent, merged, f"(needed by {config.method})")
+        _check_tensors(h, parent, merged, f"(needed by {method.name})")
         for name in merged:
             info = h.info(name)
             if not info.is_floating:
                 raise UserError(f"tensor {name!r} of {info.file} is {info.dtype}, not floating point as a Hessian must be")
 
     scales = parent_scale = None
+    # N_t: gradient matching needs the true training-set sizes; Fisher averaging uses the Fisher as stored.
+    default = 1.0 if method.hessian_scale == "one" else None
     if method.uses_child_hessians:
-        # gradient matching needs the true N_t; Fisher averaging uses the Fisher as stored unless told.
-        default = None if config.method == "gradient_matching" else 1.0
         scales = [_scale(e.hessian_scale, c.folder, f"models[{i}]", f"models[{i}].hessian_scale", default)
                   for i, (e, c) in enumerate(zip(config.models, children))]
     if method.uses_parent_hessian:
-        parent_scale = _scale(config.base_hessian_scale, parent.folder, "the base model", "base_hessian_scale", None)
-    if clamp_denominator is not None and config.method != "gradient_matching":
-        raise UserError(f"--clamp-denominator applies to gradient_matching only, not {config.method}")
+        parent_scale = _scale(config.base_hessian_scale, parent.folder, "the base model", "base_hessian_scale", default)
     return MergePlan(config, method, parent, children, parent_hessian, hessians, config.weights(),
                      parent_scale, scales, merged)
 
@@ -231,18 +212,16 @@ def _finite(tensor: torch.Tensor) -> bool:
     return tensor.numel() == 0 or (math.isfinite(float(tensor.min())) and math.isfinite(float(tensor.max())))
 
 
-#: Methods in whose formula every input enters every output entry arithmetically (0·NaN = NaN), so a
-#: NaN/Inf anywhere shows in the result: the engine checks the result and looks for the culprit only then.
-_PROPAGATES_NAN = ("gradient_matching", "task_arithmetic")
-
-
 class _Executor:
-    """Computes one output tensor at a time from a validated plan."""
+    """Computes one output tensor at a time from a validated plan; sums the method's statistics per tensor."""
 
     def __init__(self, plan: MergePlan, params: dict[str, Any], device: torch.device, compute: torch.dtype,
                  block_rows: int | None):
-        self.plan, self.params, self.device, self.compute, self.block_rows = plan, params, device, compute, block_rows
-        self.inputs = plan.method.inputs
+        self.plan, self.device, self.compute, self.block_rows = plan, device, compute, block_rows
+        self.method = plan.method
+        self.params = params
+        self.call_params = self.method.call_parameters(params)
+        self.stats: dict[str, dict[str, int]] = {}  # statistic -> tensor name -> count
 
     def _load(self, ckpt: Checkpoint, name: str, rows: slice | None, hessian: bool) -> torch.Tensor:
         tensor = ckpt.read(name, rows).to(self.device, self.compute)
@@ -258,55 +237,83 @@ class _Executor:
             if not _finite(tensor):
                 raise UserError(f"{_where(name, rows)} of {ckpt.info(name).file} holds NaN or Inf values")
 
-    def _compute(self, name: str, rows: slice | None) -> torch.Tensor:
-        p = self.plan
-        self._loaded: list[tuple[Checkpoint, torch.Tensor]] = []
+    def _inputs(self, name: str, rows: slice | None) -> dict[str, Any]:
+        """The engine inputs the method takes (see gradmatch.methods.base.ENGINE_INPUTS), for one block."""
+        p, wanted = self.plan, self.method.inputs
         kwargs: dict[str, Any] = {
             "parent": self._load(p.parent, name, rows, False),
             "children": [self._load(c, name, rows, False) for c in p.children],
         }
-        if "alphas" in self.inputs:
+        if "alphas" in wanted:
             kwargs["alphas"] = p.alphas
-        if "weights" in self.inputs:
+        if "weights" in wanted:
             kwargs["weights"] = p.alphas
-        if "fishers" in self.inputs:
+        if "fishers" in wanted:
             kwargs["fishers"] = [self._load(h, name, rows, True) for h in p.hessians]
             kwargs["scales"] = p.scales
-        if "parent_fisher" in self.inputs:
+        if "parent_fisher" in wanted:
             kwargs["parent_fisher"] = self._load(p.parent_hessian, name, rows, True)
             kwargs["parent_scale"] = p.parent_scale
-        if "generator" in self.inputs:
-            kwargs["generator"] = torch.Generator().manual_seed(_tensor_seed(self.params.get("seed", 0), name))
-        if p.config.method not in _PROPAGATES_NAN:
+        if "generator" in wanted:
+            kwargs["generator"] = torch.Generator().manual_seed(_tensor_seed(self.params["seed"], name))
+        return {k: v for k, v in kwargs.items() if k in wanted}
+
+    def _compute(self, name: str, rows: slice | None) -> torch.Tensor:
+        self._loaded: list[tuple[Checkpoint, torch.Tensor]] = []
+        kwargs = self._inputs(name, rows)
+        stats: dict[str, int] = {}
+        if "stats" in self.method.inputs:
+            kwargs["stats"] = stats
+        if not self.method.propagates_nan:
             self._blame_non_finite(name, rows)
         where = _where(name, rows)
         try:
-            result = p.method.function(**kwargs, **self.params)
+            result = self.method.function(**kwargs, **self.call_params)
         except MethodError as exc:
             self._blame_non_finite(name, rows)
-            raise UserError(f"{p.config.method}: {where} of {p.parent.info(name).file}: {exc}") from None
+            raise UserError(f"{self.method.name}: {where} of {self.plan.parent.info(name).file}: {exc}") from None
         if not _finite(result):
             self._blame_non_finite(name, rows)
-            raise UserError(f"{p.config.method}: {where}: the merged values overflow to NaN or Inf")
+            raise UserError(f"{self.method.name}: {where}: the merged values overflow to NaN or Inf")
+        for key, value in stats.items():
+            per_tensor = self.stats.setdefault(key, {})
+            per_tensor[name] = per_tensor.get(name, 0) + int(value)
         self._loaded = []
+        return result
+
+    def _cast(self, name: str, rows: slice | None, out_dtype: torch.dtype) -> torch.Tensor:
+        result = self._compute(name, rows).to("cpu", out_dtype)
+        if not _finite(result):  # finite in the compute dtype, but beyond the output dtype's range
+            raise UserError(f"{self.method.name}: {_where(name, rows)}: the merged values overflow "
+                            f"{str(out_dtype).removeprefix('torch.')} (largest {torch.finfo(out_dtype).max:.4g}); "
+                            "choose a wider --out-dtype or smaller weights")
         return result
 
     def tensor(self, name: str, out_dtype: torch.dtype) -> torch.Tensor:
         info = self.plan.parent.info(name)
-        if not info.shape or not self.plan.method.elementwise:
-            return self._compute(name, None).to("cpu", out_dtype)
+        if not info.shape or not (self.method.elementwise or self.method.rowwise):
+            return self._cast(name, None, out_dtype)
         row_numel = max(1, info.numel // info.shape[0])
         rows = self.block_rows or max(1, DEFAULT_BLOCK_ELEMENTS // row_numel)
         if rows >= info.shape[0]:
-            return self._compute(name, None).to("cpu", out_dtype)
+            return self._cast(name, None, out_dtype)
         out = torch.empty(info.shape, dtype=out_dtype)
         for start in range(0, info.shape[0], rows):
             block = slice(start, min(start + rows, info.shape[0]))
-            out[block] = self._compute(name, block).to("cpu", out_dtype)
+            out[block] = self._cast(name, block, out_dtype)
         return out
 
 
-def _provenance(plan: MergePlan, params: dict[str, Any], precision: str, out_dtype: str | None) -> dict[str, Any]:
+def _statistics(plan: MergePlan, executor: _Executor) -> dict[str, Any]:
+    """What the method counted (e.g. entries its guard touched): totals, the fraction of merged entries, per tensor."""
+    entries = sum(plan.parent.info(name).numel for name in plan.merged)
+    return {key: {"total": sum(per_tensor.values()), "fraction": sum(per_tensor.values()) / max(1, entries),
+                  "per_tensor": {name: n for name, n in per_tensor.items() if n}}
+            for key, per_tensor in executor.stats.items()}
+
+
+def _provenance(plan: MergePlan, params: dict[str, Any], precision: str, out_dtype: str | None,
+                statistics: dict[str, Any]) -> dict[str, Any]:
     from gradmatch import __version__
 
     c = plan.config
@@ -322,6 +329,8 @@ def _provenance(plan: MergePlan, params: dict[str, Any], precision: str, out_dty
                    for i, e in enumerate(c.models)],
         "precision": precision,
         "out_dtype": out_dtype,
+        "merged_entries": sum(plan.parent.info(name).numel for name in plan.merged),
+        "statistics": statistics,
     }
 
 
@@ -335,7 +344,6 @@ def merge(
     out_dtype: str | None = None,
     max_shard_size: str | int = "5GB",
     block_rows: int | None = None,
-    clamp_denominator: float | None = None,
     progress: bool = True,
     threads: int | None = 1,
 ) -> Path:
@@ -361,15 +369,11 @@ def merge(
         raise UserError(f"threads must be positive, got {threads}")
     if block_rows is not None and block_rows <= 0:
         raise UserError(f"block rows must be positive, got {block_rows}")
-    if clamp_denominator is not None and not clamp_denominator > 0:
-        raise UserError(f"the denominator clamp must be positive, got {clamp_denominator}")
     shard_bytes = parse_size(max_shard_size)
     dev = parse_device(device)
-    plan = plan_merge(cfg, clamp_denominator=clamp_denominator)
+    plan = plan_merge(cfg)
     _check_output_not_input(out, plan)
     params = dict(cfg.parameters)
-    if clamp_denominator is not None:
-        params["clamp_denominator"] = clamp_denominator
     executor = _Executor(plan, params, dev, _PRECISIONS[precision], block_rows)
 
     saved_threads = torch.get_num_threads()
@@ -381,6 +385,13 @@ def merge(
                precision=precision, progress=progress)
     finally:
         torch.set_num_threads(saved_threads)
+    guarded = executor.stats.get("guarded_entries")
+    if guarded and sum(guarded.values()):
+        total, entries = sum(guarded.values()), sum(plan.parent.info(n).numel for n in plan.merged)
+        log.warning("%s: the removal guard bounded %s of %s entries (%.2f%%) in %d tensors (max_update_ratio %g); "
+                    "per tensor in %s", plan.method.name, f"{total:,}", f"{entries:,}", 100 * total / entries,
+                    sum(1 for n in guarded.values() if n), params.get("max_update_ratio", float("nan")),
+                    Path(out) / "merge.json")
     return out
 
 
@@ -413,7 +424,6 @@ def _write(plan: MergePlan, executor: _Executor, out: Path, *, overwrite: bool, 
     """Stream every tensor through the executor into shards in a temporary folder, then rename it to ``out``."""
     from tqdm.auto import tqdm
 
-    cfg = plan.config
     with atomic_dir(out, overwrite) as tmp:
         copy_non_weight_files(plan.parent.folder, tmp)
         if out_dtype is not None:
@@ -421,7 +431,7 @@ def _write(plan: MergePlan, executor: _Executor, out: Path, *, overwrite: bool, 
         writer = ShardedWriter(tmp, shard_bytes)
         names = list(plan.parent.tensors)
         merged = set(plan.merged)
-        bar = tqdm(names, desc=f"{cfg.method}", unit="tensor", disable=None if progress else True, leave=False)
+        bar = tqdm(names, desc=plan.method.name, unit="tensor", disable=None if progress else True, leave=False)
         for name in bar:
             info = plan.parent.info(name)
             if name in merged:
@@ -431,8 +441,8 @@ def _write(plan: MergePlan, executor: _Executor, out: Path, *, overwrite: bool, 
                 writer.add(name, plan.parent.read(name))
         bar.close()
         writer.finish()
-        (tmp / "merge.json").write_text(json.dumps(_provenance(plan, params, precision, out_dtype), indent=2) + "\n",
-                                        encoding="utf-8")
+        record = _provenance(plan, params, precision, out_dtype, _statistics(plan, executor))
+        (tmp / "merge.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
 def _set_config_dtype(config: Path, out_dtype: str) -> None:
@@ -443,95 +453,6 @@ def _set_config_dtype(config: Path, out_dtype: str) -> None:
     key = "dtype" if "dtype" in data or "torch_dtype" not in data else "torch_dtype"
     data[key] = out_dtype
     config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-# --------------------------------------------------------------------------- command line
-
-
-_ORIGINAL_FLAGS = ("pretrained_model_name_or_path", "pretrained_hessian_path", "ft_model_name_or_paths",
-                   "ft_hessian_paths", "scaling_factor_pt", "scaling_factors_ft", "delta_0", "scaling_factor",
-                   "scaling_factors", "out_model_path", "method")
-
-
-def _split(text: str | None) -> list[str]:
-    return [part.strip() for part in text.split(",")] if text else []
-
-
-def _floats(text: str | None, flag: str) -> list[float]:
-    values = []
-    for part in _split(text):
-        try:
-            values.append(float(part))
-        except ValueError:
-            raise UserError(f"--{flag}: {part!r} is not a number") from None
-    return values
-
-
-def config_from_original_flags(args) -> tuple[dict[str, Any], str]:
-    """The merge config and output folder that the original scripts' flags mean.
-
-    Same meaning and defaults as `uncertainty_based_gradient_matching.py` (``--scaling_factor`` 1.0,
-    ``--scaling_factor_pt`` 1.0, ``--delta_0`` 0.0) and `task_arithmetic.py`. The method is
-    gradient_matching when Hessians are given, else task_arithmetic, unless ``--method`` says otherwise.
-    ``--scaling_factors_ft`` defaults to 1.0 per child (the original required it).
-    """
-    if not args.pretrained_model_name_or_path:
-        raise UserError("give a merge YAML and an output folder (gradmatch merge CONFIG.yaml OUT) "
-                        "or the original flags, starting with --pretrained_model_name_or_path")
-    if not args.out_model_path:
-        raise UserError("--out_model_path is required with the original flags")
-    models = _split(args.ft_model_name_or_paths)
-    if not models:
-        raise UserError("--ft_model_name_or_paths is required: the comma-separated fine-tuned models")
-    hessians = _split(args.ft_hessian_paths)
-    method = args.method or ("gradient_matching" if hessians or args.pretrained_hessian_path else "task_arithmetic")
-    if args.scaling_factor is not None and args.scaling_factors:
-        raise UserError("give either --scaling_factor (one α for all) or --scaling_factors (one per model), not both")
-    alphas = _floats(args.scaling_factors, "scaling_factors") or [1.0 if args.scaling_factor is None else args.scaling_factor] * len(models)
-    if len(alphas) != len(models):
-        raise UserError(f"--scaling_factors has {len(alphas)} values but --ft_model_name_or_paths has {len(models)} models")
-    uses_hessians = method in HESSIAN_METHODS
-    if uses_hessians and len(hessians) != len(models):
-        raise UserError(f"--ft_hessian_paths has {len(hessians)} paths but --ft_model_name_or_paths has {len(models)} models")
-    scales = _floats(args.scaling_factors_ft, "scaling_factors_ft") or [1.0] * len(models)
-    if len(scales) != len(models):
-        raise UserError(f"--scaling_factors_ft has {len(scales)} values but --ft_model_name_or_paths has {len(models)} models")
-    if any(s < 0 for s in scales) or (args.scaling_factor_pt is not None and args.scaling_factor_pt < 0):
-        raise UserError("Hessian scaling factors must not be negative")
-    config: dict[str, Any] = {
-        "method": method,
-        "base": args.pretrained_model_name_or_path,
-        "models": [{"model": m, "weight": a} for m, a in zip(models, alphas)],
-    }
-    if uses_hessians:
-        for entry, h, s in zip(config["models"], hessians, scales):
-            entry.update(hessian=h, hessian_scale=s)
-    if method == "gradient_matching":
-        if not args.pretrained_hessian_path:
-            raise UserError("gradient_matching needs --pretrained_hessian_path")
-        config["base_hessian"] = args.pretrained_hessian_path
-        config["base_hessian_scale"] = 1.0 if args.scaling_factor_pt is None else args.scaling_factor_pt
-        config["parameters"] = {"delta_0": 0.0 if args.delta_0 is None else args.delta_0}
-    elif args.delta_0 is not None:
-        raise UserError(f"--delta_0 applies to gradient_matching only, not {method}")
-    return config, args.out_model_path
-
-
-def merge_from_cli(args) -> Path:
-    """Run `gradmatch merge` from parsed arguments: ``CONFIG.yaml OUT`` or the original flags."""
-    flags = [f for f in _ORIGINAL_FLAGS if getattr(args, f, None) is not None]
-    if args.config is not None:
-        if flags:
-            raise UserError(f"give either a merge YAML or the original flags, not both (got --{flags[0]})")
-        if args.out is None:
-            raise UserError("give the output folder: gradmatch merge CONFIG.yaml OUT")
-        config, out = args.config, args.out
-    else:
-        config, out = config_from_original_flags(args)
-    return merge(config, out, overwrite=args.overwrite, device=args.device, precision=args.precision,
-                 out_dtype=args.out_dtype, max_shard_size=args.max_shard_size, block_rows=args.block_rows,
-                 clamp_denominator=args.clamp_denominator, progress=not args.quiet,
-                 threads=getattr(args, "threads", 1))
 
 
 class _CallableModule(type(json)):

@@ -114,7 +114,7 @@ def train(config, *, data_dir: str | os.PathLike | None = None, overwrite: bool 
     splits, seed, parent, the config). It appears atomically; an existing one is replaced only with
     ``overwrite`` (or ``overwrite_output_dir: true``). Returns the folder.
     """
-    from gradmatch.config import load_train_config
+    from gradmatch.config.run import load_train_config
     from gradmatch.data import encode, load_split, split_kind
     from gradmatch.fsutil import atomic_dir, check_output_dir
     from gradmatch.models import load_config, model_kind

@@ -62,7 +62,8 @@ def _raw(tensor):
 
 #: The config readers: (name, function of a path).
 def _readers():
-    from gradmatch.config import load_evaluate_config, load_experiment, load_train_config
+    from gradmatch.config.experiment import load_experiment
+    from gradmatch.config.run import load_evaluate_config, load_train_config
     from gradmatch.merge import load_merge_config
 
     return {"merge": load_merge_config, "train": load_train_config, "evaluate": load_evaluate_config,

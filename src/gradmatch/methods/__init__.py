@@ -1,68 +1,48 @@
-"""The merge methods, one small pure function of one parameter's tensors each, and their registry."""
+"""The merge methods and their registry: every file of this folder is one method, found by its name.
+
+A new method is one new file here (see :mod:`gradmatch.methods.base`); the merge YAML schema, the
+``--method`` choices, the experiment schema, the engine's input checks and the report ask this registry.
+"""
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
-from dataclasses import dataclass
+import importlib
+import pkgutil
+from functools import cache
 
-import torch
+from gradmatch.methods.base import MergeMethod, MethodError, Parameters
 
-from gradmatch.methods.average import average
-from gradmatch.methods.base import MethodError
-from gradmatch.methods.dare import dare
-from gradmatch.methods.fisher_average import fisher_average
-from gradmatch.methods.gradient_matching import gradient_matching
-from gradmatch.methods.task_arithmetic import task_arithmetic
-from gradmatch.methods.ties import ties
+__all__ = ["MergeMethod", "MethodError", "Parameters", "get_method", "method_names", "registry"]
 
-__all__ = ["MergeMethod", "METHODS", "MethodError", "get_method",
-           "average", "dare", "fisher_average", "gradient_matching", "task_arithmetic", "ties"]
+#: Modules of this package that are not methods.
+_NOT_METHODS = {"base"}
 
 
-@dataclass(frozen=True)
-class MergeMethod:
-    """A method and what the engine must feed it.
-
-    ``elementwise``: each output entry depends only on the same entry of the inputs, so the engine may
-    stream a large tensor in blocks of rows. The inputs a method takes are read from its signature:
-    ``parent``, ``children``, ``alphas`` or ``weights`` (the per-model weights), ``fishers`` and
-    ``scales`` (children's Hessians), ``parent_fisher`` and ``parent_scale``, ``generator``.
-    """
-
-    name: str
-    function: Callable[..., torch.Tensor]
-    elementwise: bool
-
-    @property
-    def inputs(self) -> frozenset[str]:
-        return frozenset(inspect.signature(self.function).parameters)
-
-    @property
-    def uses_child_hessians(self) -> bool:
-        return "fishers" in self.inputs
-
-    @property
-    def uses_parent_hessian(self) -> bool:
-        return "parent_fisher" in self.inputs
+@cache
+def registry() -> dict[str, MergeMethod]:
+    """Every method of this package, by name (the file's name), in alphabetical order."""
+    methods: dict[str, MergeMethod] = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name in _NOT_METHODS or info.name.startswith("_") or info.ispkg:
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        method = getattr(module, "METHOD", None)
+        if not isinstance(method, MergeMethod):
+            raise TypeError(f"{module.__file__} defines no METHOD = MergeMethod(...)")
+        method = MergeMethod(**{**method.__dict__, "name": info.name,
+                                "summary": method.summary or (module.__doc__ or "").strip().splitlines()[0]})
+        method.check()
+        methods[info.name] = method
+    return methods
 
 
-METHODS: dict[str, MergeMethod] = {
-    m.name: m
-    for m in (
-        MergeMethod("gradient_matching", gradient_matching, elementwise=True),
-        MergeMethod("task_arithmetic", task_arithmetic, elementwise=True),
-        MergeMethod("average", average, elementwise=True),
-        MergeMethod("fisher_average", fisher_average, elementwise=True),
-        MergeMethod("ties", ties, elementwise=False),
-        MergeMethod("dare", dare, elementwise=False),
-    )
-}
+def method_names() -> tuple[str, ...]:
+    return tuple(registry())
 
 
 def get_method(name: str) -> MergeMethod:
-    """The registered method called ``name``."""
+    """The registered method called ``name``; a ValueError naming the known ones otherwise."""
     try:
-        return METHODS[name]
+        return registry()[name]
     except KeyError:
-        raise ValueError(f"unknown merge method {name!r}; known: {', '.join(METHODS)}") from None
+        raise ValueError(f"unknown merge method {name!r} (known: {', '.join(registry())})") from None

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
+from pydantic import Field
 
-from gradmatch.methods.base import MethodError
+from gradmatch.methods.base import MergeMethod, MethodError, Parameters
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+class AverageParameters(Parameters):
+    include_base: bool = Field(False, description="also average the parent, with weight base_weight")
+    base_weight: float = Field(1.0, ge=0, allow_inf_nan=False)
 
 
 def average(
@@ -25,3 +34,6 @@ def average(
     if total == 0:
         raise MethodError("the averaging weights sum to zero")
     return sum(w * theta for w, theta in terms) / total
+
+
+METHOD = MergeMethod(average, AverageParameters, elementwise=True)

@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
+from pydantic import Field
+
+from gradmatch.methods.base import MergeMethod, Parameters
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+class FisherAverageParameters(Parameters):
+    epsilon: float = Field(0.0, ge=0, allow_inf_nan=False,
+                           description="added to every scaled Fisher N_t·F_t (Matena & Raffel's floor)")
 
 
 def fisher_average(
@@ -26,4 +37,7 @@ def fisher_average(
     numerator = sum(P_t * theta_t for P_t, theta_t in zip(precisions, children))
     fallback = sum(lam * theta_t for lam, theta_t in zip(weights, children)) / sum(weights)
     defined = denominator != 0
-    return torch.where(defined, numerator / torch.where(defined, denominator, 1.0), fallback)
+    return (numerator / denominator.masked_fill(~defined, 1.0)).where(defined, fallback)
+
+
+METHOD = MergeMethod(fisher_average, FisherAverageParameters, elementwise=True, hessian_scale="one")

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
+from gradmatch.methods.base import MergeMethod
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 
 def task_arithmetic(parent: torch.Tensor, children: Sequence[torch.Tensor], *, alphas: Sequence[float]) -> torch.Tensor:
@@ -13,3 +17,6 @@ def task_arithmetic(parent: torch.Tensor, children: Sequence[torch.Tensor], *, a
     for alpha_t, theta_t in zip(alphas, children):
         merged.add_(theta_t - parent, alpha=alpha_t)  # + α_t τ_t
     return merged
+
+
+METHOD = MergeMethod(task_arithmetic, elementwise=True, propagates_nan=True)

@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
+from pydantic import Field
+
+from gradmatch.methods.base import MergeMethod, Parameters
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+class TiesParameters(Parameters):
+    density: float = Field(0.2, gt=0, le=1, description="fraction k of each task vector's entries kept (top-k magnitudes)")
 
 
 def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
@@ -14,17 +24,17 @@ def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
     if k >= n:
         return tau
     if k == 0:
-        return torch.zeros_like(tau)
+        return tau.new_zeros(tau.shape)
     threshold = tau.abs().reshape(-1).kthvalue(n - k + 1).values
-    return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
+    return tau.where(tau.abs() >= threshold, 0.0)
 
 
 def elect_and_mean(weighted_taus: Sequence[torch.Tensor]) -> torch.Tensor:
     """Elect each entry's sign by its summed mass, then average the entries that agree with it (disjoint mean)."""
-    gamma = torch.sign(sum(weighted_taus))
-    agreeing = [(torch.sign(tau) == gamma) & (tau != 0) for tau in weighted_taus]
+    gamma = sum(weighted_taus).sign()
+    agreeing = [(tau.sign() == gamma) & (tau != 0) for tau in weighted_taus]
     count = sum(a.to(gamma.dtype) for a in agreeing)
-    total = sum(torch.where(a, tau, torch.zeros_like(tau)) for a, tau in zip(agreeing, weighted_taus))
+    total = sum(tau.where(a, 0.0) for a, tau in zip(agreeing, weighted_taus))
     return total / count.clamp(min=1)
 
 
@@ -34,3 +44,6 @@ def ties(parent: torch.Tensor, children: Sequence[torch.Tensor], *, alphas: Sequ
     The top-k trim is per tensor (the paper trims the whole model's task vector at once).
     """
     return parent + elect_and_mean([alpha_t * trim(theta_t - parent, density) for alpha_t, theta_t in zip(alphas, children)])
+
+
+METHOD = MergeMethod(ties, TiesParameters, elementwise=False)

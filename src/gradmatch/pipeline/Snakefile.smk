@@ -36,4 +36,4 @@ for _job in _plan["jobs"]:
             python=_python,
             spec=_job["spec"],
         shell:
-            "'{params.python}' -m gradmatch.pipeline.jobs '{params.spec}' --threads {threads} > '{log}' 2>&1"
+            "'{params.python}' -m gradmatch.pipeline.jobrun '{params.spec}' --threads {threads} > '{log}' 2>&1"

@@ -14,7 +14,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from gradmatch.config import ExperimentConfig, Resources, TaskConfig, load_experiment
+from gradmatch.config.experiment import ExperimentConfig, Resources, TaskConfig, load_experiment
+from gradmatch.methods import get_method
 
 #: Bump when the meaning of a job's parameters changes, so old folders are not reused.
 HASH_VERSION = 1
@@ -146,9 +147,10 @@ def build_jobs(experiment: ExperimentConfig | dict | str | os.PathLike, *, data_
 
     merges = []
     for spec in exp.merges:
-        needs_hessian = spec.method in ("gradient_matching", "fisher_average")
+        method = get_method(spec.method)
+        needs_hessian = method.uses_child_hessians
         inputs: dict[str, Job] = {"parent": parent, **test_inputs}
-        if spec.method == "gradient_matching":
+        if method.uses_parent_hessian:
             inputs["parent_fisher"] = parent_fisher
         for name, (model, fis) in children.items():
             inputs[f"child/{name}"] = model

@@ -2,8 +2,8 @@
 
 Every job function takes ``(params, inputs, out)``: its parameters (JSON values), a mapping of input
 roles to the folders of finished upstream jobs, and an empty folder to fill; :data:`JOB_IO` declares
-the roles each kind reads and the files it writes (checked around every job). Run one from a spec file
-written by the runner: ``python -m gradmatch.pipeline.jobs WORKDIR/jobs/<hash>.json [--threads N]``.
+the roles each kind reads and the files it writes (checked around every job). Snakemake runs one from the spec file the runner wrote with
+``python -m gradmatch.pipeline.jobrun WORKDIR/jobs/<hash>.json [--threads N]``.
 
 =========  ==============================================  =============================================
 kind       inputs (role → upstream job folder)             writes into ``out``
@@ -19,7 +19,6 @@ report     ``model/<label>``, ``merge/<label>``            ``report.md``, ``repo
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from gradmatch.errors import UserError
-from gradmatch.fsutil import atomic_dir, atomic_file
+from gradmatch.fsutil import atomic_dir, write_text
 
 
 def _data(folder: str | Path) -> str:
@@ -46,16 +45,8 @@ def _fisher(folder: str | Path) -> str:
     return str(Path(folder) / "fisher")
 
 
-def write_file(path: str | Path, text: str) -> Path:
-    """Write ``text`` atomically."""
-    path = Path(path)
-    with atomic_file(path, encoding="utf-8") as fh:
-        fh.write(text)
-    return path
-
-
 def _write_json(path: Path, value: Any) -> None:
-    write_file(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+    write_text(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
 # --------------------------------------------------------------------------- prepare
@@ -195,7 +186,7 @@ def merge(params: dict[str, Any], inputs: dict[str, str], out: Path) -> None:
         tag = f"alpha-{alpha:g}"
         config = merge_config(params, inputs, alpha)
         (out / "configs").mkdir(exist_ok=True)
-        write_file(out / "configs" / f"{tag}.yaml", yaml.safe_dump(config, sort_keys=False))
+        write_text(out / "configs" / f"{tag}.yaml", yaml.safe_dump(config, sort_keys=False))
         model_dir = out / "models" / tag
         print(f"{params['label']}: merging at α = {alpha:g}", flush=True)
         merge_models(config, model_dir, progress=False)
@@ -310,20 +301,10 @@ def run_job(spec: dict[str, Any] | str | Path, *, threads: int = 1) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gradmatch.pipeline.jobs", description=__doc__.splitlines()[0])
-    parser.add_argument("spec", help="the job's JSON spec (WORKDIR/jobs/<hash>.json)")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--no-server", action="store_true", help="run here even when a job server is up")
-    args = parser.parse_args(argv)
-    if not args.no_server and argv is None:  # the job's own command: hand it to a warm job server if one runs
-        from gradmatch.pipeline.jobserver import submit
-
-        code = submit(args.spec, args.threads)
-        if code is not None:
-            return code
+def execute(spec: str | Path, threads: int = 1) -> int:
+    """Run one job and turn its failure into an exit status (2: bad input, one line; 1: a bug, traceback)."""
     try:
-        run_job(args.spec, threads=args.threads)
+        run_job(spec, threads=threads)
     except UserError as exc:
         print(f"gradmatch: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
@@ -331,7 +312,3 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

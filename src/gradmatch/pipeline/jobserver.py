@@ -2,7 +2,7 @@
 
 Importing transformers costs seconds per process, and a run has dozens of short jobs. For the local
 executor, :func:`start` launches this server; Snakemake still schedules every job, and each job's
-command (``python -m gradmatch.pipeline.jobs SPEC``) hands its spec, thread count and stdout/stderr
+command (``python -m gradmatch.pipeline.jobrun SPEC``) hands its spec, thread count and stdout/stderr
 (as file descriptors) to the server, which forks a child that runs the job and reports its exit status.
 A job that cannot reach the server runs in its own process as usual; on clusters no server is used.
 """
@@ -85,9 +85,9 @@ def _run_child(request: dict, fds: list[int]) -> None:
         for fd in fds:
             os.close(fd)
         os.chdir(request.get("cwd", "."))
-        from gradmatch.pipeline.jobs import main
+        from gradmatch.pipeline.jobs import execute
 
-        code = main([request["spec"], "--threads", str(request["threads"])])
+        code = execute(request["spec"], int(request["threads"]))
     except BaseException:  # noqa: BLE001 - the child must always exit, with the error in its log
         import traceback
 

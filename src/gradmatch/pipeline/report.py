@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gradmatch.errors import UserError
-from gradmatch.fsutil import atomic_dir
+from gradmatch.fsutil import atomic_dir, write_text
 
 #: The files a report folder holds.
 REPORT_FILES = ("report.md", "report.json", "alpha_average.png", "alpha_per_task.png", "best_per_task.png")
@@ -230,10 +230,8 @@ def write_plots(results: dict[str, Any], out: Path, dpi: int = 100) -> list[Path
 def write_report(results: dict[str, Any], out: str | os.PathLike) -> Path:
     """Write report.md, report.json and the PNG plots into the folder ``out`` (which must exist)."""
     out = Path(out)
-    from gradmatch.pipeline.jobs import write_file
-
-    write_file(out / "report.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    write_file(out / "report.md", _text(results))
+    write_text(out / "report.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    write_text(out / "report.md", _text(results))
     write_plots(results, out)
     return out
 

@@ -18,10 +18,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gradmatch.config import load_experiment
+from gradmatch.config.experiment import load_experiment
 from gradmatch.errors import UserError
 from gradmatch.pipeline import jobserver
-from gradmatch.pipeline.jobs import write_file
+from gradmatch.fsutil import write_text
 from gradmatch.pipeline.graph import ALIAS_SUBDIR, Job, build_jobs, job_spec, plan_dict, toposort
 
 SNAKEFILE = Path(__file__).with_name("Snakefile.smk")
@@ -83,8 +83,8 @@ def write_plan(jobs: list[Job], workdir: Path) -> Path:
         spec_path = workdir / "jobs" / f"{job.hash}.json"
         text = json.dumps(job_spec(job, workdir), indent=2) + "\n"
         if not spec_path.exists() or spec_path.read_text() != text:
-            write_file(spec_path, text)
-    return write_file(workdir / "plan.json", json.dumps(plan_dict(jobs, workdir, sys.executable), indent=2) + "\n")
+            write_text(spec_path, text)
+    return write_text(workdir / "plan.json", json.dumps(plan_dict(jobs, workdir, sys.executable), indent=2) + "\n")
 
 
 def snakemake_command(plan_path: Path, workdir: Path, *, cores: int | None, executor: str, dry_run: bool,
@@ -228,7 +228,7 @@ def run_experiment(experiment, *, workdir: str | os.PathLike | None = None, data
     jobs = build_jobs(exp, data_dir=data_dir)
     result = run_jobs(jobs, workdir, **kwargs)
     if not kwargs.get("dry_run"):
-        write_file(result.workdir / "experiment.json", json.dumps(exp.model_dump(mode="json"), indent=2) + "\n")
+        write_text(result.workdir / "experiment.json", json.dumps(exp.model_dump(mode="json"), indent=2) + "\n")
     return result
 
 

@@ -1,8 +1,8 @@
-"""The `gradmatch` command line: parse arguments, call the library, print. No logic lives here.
+"""gradmatch: merge models fine-tuned from one parent by uncertainty-based gradient matching, and its baselines.
 
-Each command has an ``_add_<command>`` function that declares its flags and a ``_run_<command>``
-function that imports what it needs (lazily: `gradmatch merge` must start fast) and calls the
-library. A :class:`~gradmatch.errors.UserError` anywhere becomes one line on stderr and exit 2.
+(Each command has an ``_add_<command>`` function declaring its flags and a ``_run_<command>`` function that
+imports what it needs lazily — `gradmatch merge` must start fast — and calls the library. A
+:class:`~gradmatch.errors.UserError` anywhere becomes one line on stderr and exit status 2.)
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import os
 import sys
 
 from gradmatch.errors import UserError
+from gradmatch.config.fisher import ESTIMATORS
+from gradmatch.methods import method_names
 
 
 class _Parser(argparse.ArgumentParser):
@@ -19,6 +21,18 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D102 - argparse API
         raise UserError(f"{self.prog}: {message}")
+
+
+class _Removed(argparse.Action):
+    """A flag that no longer exists: one line saying what replaced it."""
+
+    def __init__(self, option_strings, dest, message: str = "", **kwargs):
+        kwargs.setdefault("nargs", "?")
+        super().__init__(option_strings, dest, **kwargs)
+        self.message = message
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise UserError(self.message)
 
 
 # --------------------------------------------------------------------------- merge
@@ -58,8 +72,7 @@ def _add_merge(sub) -> None:
     orig.add_argument("--out_model_path", dest="out_model_path", metavar="OUT", help="the output folder")
     orig.add_argument("--task_type", dest="task_type", default="SEQ_CLS",
                       help="accepted for compatibility; the merge reads weight files whatever the head")
-    orig.add_argument("--method", default=None,
-                      choices=["gradient_matching", "task_arithmetic", "average", "fisher_average", "ties", "dare"],
+    orig.add_argument("--method", default=None, choices=method_names(),
                       help="default: gradient_matching when Hessians are given, else task_arithmetic")
     run = p.add_argument_group("execution")
     run.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
@@ -69,8 +82,9 @@ def _add_merge(sub) -> None:
                      help="dtype of the merged floating tensors (default: the parent's)")
     run.add_argument("--max-shard-size", default="5GB", help="safetensors shard size, e.g. 2GB, 500MB")
     run.add_argument("--block-rows", type=int, default=None, help="rows per block for elementwise methods")
-    run.add_argument("--clamp-denominator", type=float, default=None, metavar="EPS",
-                     help="clamp the gradient-matching denominator to at least EPS instead of failing")
+    run.add_argument("--clamp-denominator", action=_Removed, help=argparse.SUPPRESS,
+                     message="--clamp-denominator was replaced by the removal guard: set parameters: "
+                     "{max_update_ratio: R} in the merge YAML (see docs/merge.md, Removal)")
     run.add_argument("--threads", type=int, default=1,
                      help="CPU threads for torch (default 1: merging is memory-bound; more can be slower on shared machines)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -78,9 +92,9 @@ def _add_merge(sub) -> None:
 
 
 def _run_merge(args) -> int:
-    from gradmatch.merge import merge_from_cli
+    from gradmatch.cli.merge import merge_from_args
 
-    out = merge_from_cli(args)
+    out = merge_from_args(args)
     print(f"merged model written to {out}")
     return 0
 
@@ -258,7 +272,7 @@ def _add_fisher(sub) -> None:
     p.add_argument("--model", required=True, help="classifier: Hugging Face folder, hub id or alias")
     p.add_argument("--data", required=True, help="data set: preset, local JSON Lines/CSV file or folder, hub id")
     p.add_argument("--split", required=True, help="split, `datasets` syntax: train, train[:20%%], test[100:600]")
-    p.add_argument("--estimator", choices=["sampled", "empirical"], default="sampled",
+    p.add_argument("--estimator", choices=ESTIMATORS, default="sampled",
                    help="sampled: y drawn from the model (default, the original's); empirical: the true label")
     p.add_argument("--out", required=True, help="output folder (OUT/hessian/ is written)")
     p.add_argument("--batch-size", type=int, default=16, help="examples per batch (the result does not depend on it)")
@@ -360,8 +374,18 @@ def _run_mismatch(args) -> int:
 # --------------------------------------------------------------------------- entry point
 
 
+_EPILOG = """examples:
+  gradmatch demo                                   a complete merge experiment on bundled data, offline
+  gradmatch merge merge.yaml merged/               merge children described in a YAML file
+  gradmatch fisher --model M --data sst2 --split "train[:200]" --out M-fisher
+  gradmatch run experiments/sentiment.yaml --data-dir DATA --cores 2
+
+`gradmatch COMMAND --help` describes each command; docs/ has the details."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="gradmatch", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="gradmatch", description=__doc__.splitlines()[0], epilog=_EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     from gradmatch import __version__
 
     parser.add_argument("--version", action="version", version=f"gradmatch {__version__}")

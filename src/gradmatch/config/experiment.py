@@ -1,0 +1,272 @@
+"""The experiment YAML (`gradmatch run`): parent and child tasks, training and Fisher settings, merges, resources."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from gradmatch.config import read_config_file, validate
+from gradmatch.config.fisher import Estimator
+from gradmatch.config.merge import MAX_FACTOR, parameter_error
+from gradmatch.methods import get_method, method_names
+
+#: Kinds of pipeline job; each gets its own resources.
+JOB_KINDS = ("prepare", "train", "fisher", "evaluate", "merge", "report")
+#: Training keys the pipeline sets itself (per job); an experiment may not override them.
+_PIPELINE_TRAIN_KEYS = {
+    "model_name_or_path", "dataset_name", "dataset_config_name", "dataset_train_split", "dataset_val_split",
+    "dataset_test_split", "output_dir", "metric_output_file", "prediction_output_file",
+}
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _check_training_overrides(value: dict[str, Any]) -> dict[str, Any]:
+    bad = sorted(set(value) & _PIPELINE_TRAIN_KEYS)
+    if bad:
+        raise ValueError(f"{', '.join(bad)} is set by the pipeline for each job and cannot be given here")
+    return value
+
+
+class DataPart(_Strict):
+    """A slice of one data set: ``dataset`` + ``split`` (split syntax), optionally a seeded subset of ``size``."""
+
+    dataset: str
+    config_name: str | None = None
+    split: str = "train"
+    size: int | None = Field(default=None, gt=0)
+
+
+class TaskConfig(_Strict):
+    """One task: its data set, training and test splits, subset sizes and training overrides."""
+
+    name: str
+    dataset: str
+    config_name: str | None = None
+    train_split: str = "train"
+    test_split: str = "test"
+    train_size: int | None = Field(default=None, gt=0, description="seeded random subset of the training split")
+    test_size: int | None = Field(default=None, gt=0, description="seeded random subset of the test split")
+    extra_train: list[DataPart] = Field(default_factory=list, description="more training data mixed in")
+    training: dict[str, Any] = Field(default_factory=dict, description="overrides of the shared training settings")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME_RE.match(value):
+            raise ValueError("a task name may hold only letters, digits, '_', '.' and '-'")
+        return value
+
+    _training = field_validator("training")(classmethod(lambda cls, v: _check_training_overrides(v)))
+
+    def train_parts(self) -> list[DataPart]:
+        own = DataPart(dataset=self.dataset, config_name=self.config_name, split=self.train_split, size=self.train_size)
+        return [own, *self.extra_train]
+
+    def test_parts(self) -> list[DataPart]:
+        return [DataPart(dataset=self.dataset, config_name=self.config_name, split=self.test_split, size=self.test_size)]
+
+
+class FisherSettings(_Strict):
+    """How each model's diagonal Fisher is estimated (on that model's own training data)."""
+
+    estimator: Estimator = "sampled"
+    max_examples: int | None = Field(default=200, gt=0)
+    batch_size: int = Field(default=16, gt=0)
+    max_length: int = Field(default=128, gt=0)
+
+
+class MergeSpec(_Strict):
+    """One merge method to compare, at each α in ``alphas`` (the same α for every child)."""
+
+    method: str
+    alphas: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    name: str | None = Field(default=None, description="label in the report (default: the method)")
+    keep_models: bool = Field(default=False, description="keep every merged model on disk, not only its metrics")
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, value: str) -> str:
+        if value not in method_names():
+            raise ValueError(f"unknown merge method {value!r} (choose from {', '.join(method_names())})")
+        return value
+
+    @field_validator("alphas")
+    @classmethod
+    def _alphas(cls, value: list[float]) -> list[float]:
+        if len(set(value)) != len(value):
+            raise ValueError("alphas must not repeat")
+        return [float(v) for v in value]
+
+    @model_validator(mode="after")
+    def _check_parameters(self):
+        """The method's parameters and the α values are checked now, not when the merge job runs hours later
+        (parameters are kept as given: they enter the job's hash)."""
+        problem = parameter_error(self.method, self.parameters)
+        if problem:
+            raise ValueError(problem)
+        method = get_method(self.method)
+        for alpha in self.alphas:
+            if not abs(alpha) <= MAX_FACTOR:
+                raise ValueError(f"alpha {alpha} must be a finite number of magnitude at most {MAX_FACTOR:g}")
+            if not method.signed_weights and alpha <= 0:
+                raise ValueError(f"{self.method} takes positive weights, not alpha {alpha}")
+        return self
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str | None) -> str | None:
+        if value is not None and not _NAME_RE.match(value):  # it names the folder merges/<name> of the run
+            raise ValueError("a merge name may hold only letters, digits, '_', '.' and '-' (it names a folder)")
+        return value
+
+    @property
+    def label(self) -> str:
+        return self.name or self.method
+
+
+class Resources(_Strict):
+    """What one job asks the executor for (on SLURM: --cpus-per-task, --mem, --time, --gpus)."""
+
+    threads: int = Field(default=1, gt=0)
+    mem_mb: int = Field(default=4000, gt=0)
+    runtime: int = Field(default=60, gt=0, description="minutes")
+    gpus: int = Field(default=0, ge=0)
+
+
+class _PartialResources(_Strict):
+    threads: int | None = Field(default=None, gt=0)
+    mem_mb: int | None = Field(default=None, gt=0)
+    runtime: int | None = Field(default=None, gt=0)
+    gpus: int | None = Field(default=None, ge=0)
+
+
+#: Built-in resources per kind of job (under what an experiment's ``resources`` says).
+DEFAULT_JOB_RESOURCES: dict[str, dict[str, int]] = {
+    "prepare": {"mem_mb": 2000, "runtime": 30},
+    "train": {"threads": 2, "mem_mb": 8000, "runtime": 240},
+    "fisher": {"threads": 2, "mem_mb": 8000, "runtime": 120},
+    "evaluate": {"threads": 2, "mem_mb": 6000, "runtime": 60},
+    "merge": {"threads": 2, "mem_mb": 8000, "runtime": 120},
+    "report": {"mem_mb": 2000, "runtime": 10},
+}
+
+
+class ResourcesConfig(_Strict):
+    """Resources per kind of job. Precedence, lowest first: built-in ``Resources()`` defaults, the
+    built-in per-kind defaults (:data:`DEFAULT_JOB_RESOURCES`), the experiment's ``default``, its per-kind entry."""
+
+    default: _PartialResources = Field(default_factory=_PartialResources)
+    prepare: _PartialResources = Field(default_factory=_PartialResources)
+    train: _PartialResources = Field(default_factory=_PartialResources)
+    fisher: _PartialResources = Field(default_factory=_PartialResources)
+    evaluate: _PartialResources = Field(default_factory=_PartialResources)
+    merge: _PartialResources = Field(default_factory=_PartialResources)
+    report: _PartialResources = Field(default_factory=_PartialResources)
+
+    def for_kind(self, kind: str) -> Resources:
+        values = Resources().model_dump()
+        values.update(DEFAULT_JOB_RESOURCES[kind])
+        for given in (self.default, getattr(self, kind)):
+            values.update({k: v for k, v in given.model_dump().items() if v is not None})
+        return Resources(**values)
+
+
+class MultitaskConfig(_Strict):
+    """The multitask baseline: the parent fine-tuned on every child's training data at once."""
+
+    enabled: bool = True
+    training: dict[str, Any] = Field(default_factory=dict)
+
+    _training = field_validator("training")(classmethod(lambda cls, v: _check_training_overrides(v)))
+
+
+class EvaluationSettings(_Strict):
+    """How every model is evaluated on every task's test split."""
+
+    batch_size: int = Field(default=64, gt=0)
+    max_length: int = Field(default=128, gt=0)
+
+
+class ExperimentConfig(_Strict):
+    """An experiment: parent task, child tasks, training/Fisher settings, merges to compare, resources."""
+
+    name: str = "experiment"
+    seed: int = 0
+    model: str = Field(description="the parent's starting point: a model folder, hub id, alias or built-in spec")
+    parent: TaskConfig
+    children: list[TaskConfig] = Field(min_length=1)
+    training: dict[str, Any] = Field(default_factory=dict, description="shared training settings (train config keys)")
+    fisher: FisherSettings = Field(default_factory=FisherSettings)
+    merges: list[MergeSpec] = Field(default_factory=list)
+    multitask: MultitaskConfig = Field(default_factory=MultitaskConfig)
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+
+    _training = field_validator("training")(classmethod(lambda cls, v: _check_training_overrides(v)))
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not _NAME_RE.match(value):  # it names the default run folder runs/<name>
+            raise ValueError("an experiment name may hold only letters, digits, '_', '.' and '-' (it names a folder)")
+        return value
+
+    @field_validator("multitask", mode="before")
+    @classmethod
+    def _multitask_bool(cls, value):
+        return {"enabled": value} if isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _unique(self):
+        names = [self.parent.name] + [c.name for c in self.children]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"task names must be unique; repeated: {', '.join(dupes)}")
+        labels = [m.label for m in self.merges]
+        dupes = sorted({n for n in labels if labels.count(n) > 1})
+        if dupes:
+            raise ValueError(f"merge names must be unique (set `name:` to tell them apart); repeated: {', '.join(dupes)}")
+        self._check_training()
+        return self
+
+    def _check_training(self) -> None:
+        """Every training job's settings are a valid train config now, before anything has run."""
+        from gradmatch.config.run import load_train_config
+        from gradmatch.errors import UserError
+
+        placeholders = {"model_name_or_path": "-", "dataset_name": "-", "output_dir": "-"}
+        where = [("training", {})] + [(f"{t.name}.training", t.training) for t in self.tasks]
+        where.append(("multitask.training", self.multitask.training))
+        notes = logging.getLogger("gradmatch.config")  # keys ignored with a note: noted when the job runs
+        level = notes.level
+        notes.setLevel(logging.ERROR)
+        try:
+            for key, overrides in where:
+                try:
+                    load_train_config({**self.training, **overrides, "seed": self.seed, **placeholders})
+                except UserError as exc:
+                    raise ValueError(f"{key}: {str(exc).replace('train config: ', '', 1)}") from None
+        finally:
+            notes.setLevel(level)
+
+    @property
+    def tasks(self) -> list[TaskConfig]:
+        return [self.parent, *self.children]
+
+
+def load_experiment(source: str | Path | dict[str, Any]) -> ExperimentConfig:
+    """Validate an experiment from a YAML/JSON file or a dict; bad input raises one-line UserError."""
+    if isinstance(source, ExperimentConfig):
+        return source
+    data = source if isinstance(source, dict) else read_config_file(source)
+    return validate(ExperimentConfig, data, source if not isinstance(source, dict) else "experiment")

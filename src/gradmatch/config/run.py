@@ -1,0 +1,239 @@
+"""Train and evaluate configs (`gradmatch train`, `gradmatch evaluate`): the original code's keys and meanings."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from gradmatch.config import read_config_file, validate
+from gradmatch.config.fisher import Estimator
+from gradmatch.errors import UserError
+
+log = logging.getLogger("gradmatch.config")
+
+#: Keys of the original code's config files that have no meaning here: accepted, ignored with a note.
+ORIGINAL_IGNORED_KEYS: dict[str, str] = {
+    "max_output_length": "generation length; classification generates nothing",
+    "save_strategy": "no intermediate checkpoints are kept; the final model is written once",
+    "save_steps": "no intermediate checkpoints are kept",
+    "save_total_limit": "no intermediate checkpoints are kept",
+    "load_best_model_at_end": "the final model is the one written",
+    "metric_for_best_model": "the final model is the one written",
+    "is_training": "implied by the command (train or evaluate)",
+    "track_fim": "implied by method sequence_classification_squared_gradients",
+    "config_name": "the config comes from model_name_or_path",
+    "tokenizer_name": "the tokenizer comes from model_name_or_path",
+    "model_revision": "pin a revision by a local folder or a hub id",
+    "use_auth_token": "log in with `hf auth login` instead",
+    "report_to": "training logs go to training_metadata.json",
+    "do_train": "implied by the command", "do_eval": "implied by dataset_val_split", "do_predict": "implied by the command",
+    "predict_with_generate": "classification generates nothing",
+    "dataset_data_files": "give a local file or folder as dataset_name",
+    "dataset_transformations": "not supported", "dataset_lowercase_entities": "not supported",
+    "dataset_filter_dict": "not supported",
+    "generation_max_len": "classification generates nothing", "generation_beam_size": "classification generates nothing",
+    "generation_do_sample": "classification generates nothing",
+    "generation_length_penalty": "classification generates nothing",
+    "generation_uid_regularization": "classification generates nothing",
+    "generation_no_repeat_ngram_size": "classification generates nothing",
+    "num_return_sequences": "classification generates nothing", "num_sequences_to_keep": "classification generates nothing",
+    "history_max_tokens": "dialogue-only key", "history_max_utterances": "dialogue-only key",
+    "knowledge_max_tokens": "dialogue-only key", "knowledge_truncation_strategy": "dialogue-only key",
+    "user_token": "dialogue-only key", "agent_token": "dialogue-only key", "system_token": "dialogue-only key",
+    "knowledge_sep_token": "dialogue-only key", "knowledge_tag_token": "dialogue-only key",
+    "test_documents_faiss_index_path": "retrieval-only key",
+}
+
+#: Methods of the original code this project runs.
+TRAIN_METHODS = ("sequence_classification", "image_classification")
+FISHER_METHOD = "sequence_classification_squared_gradients"
+
+
+class LoraSettings(BaseModel):
+    """LoRA fine-tuning (peft); the adapters are folded into full weights when the model is saved."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(default=8, gt=0, description="rank of the adapters")
+    alpha: float = Field(default=16.0, gt=0, description="lora_alpha: the adapters are scaled by alpha / r")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="dropout on the adapters' input")
+    target_modules: list[str] | str | None = Field(
+        default=None, description="module names to adapt (default: peft's choice for the architecture, e.g. query, value)"
+    )
+
+
+class _TeBase(BaseModel):
+    """Keys shared by train and evaluate configs (the original's names and meanings)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    method: str = "sequence_classification"
+    model_name_or_path: str
+    dataset_name: str
+    dataset_config_name: str | None = None
+    max_input_length: int = Field(default=384, gt=0)
+    per_device_eval_batch_size: int = Field(default=8, gt=0)
+    seed: int = 42
+    cache_dir: str | None = None
+    #: keys of the original files that were accepted and ignored (filled in on loading; not a user key)
+    ignored_keys: list[str] = Field(default_factory=list, exclude=True)
+
+    @field_validator("model_name_or_path", "dataset_name")
+    @classmethod
+    def _not_empty(cls, value: str) -> str:
+        if not str(value).strip():
+            raise ValueError("must not be empty")
+        return value
+
+
+class TrainConfig(_TeBase):
+    """A fine-tuning run (`gradmatch train`): model, data, AdamW hyperparameters, schedule, output folder."""
+
+    output_dir: str
+    dataset_train_split: str = "train"
+    dataset_val_split: str | None = None
+    num_labels: int | None = Field(default=None, ge=1)
+    from_scratch: bool = False
+    per_device_train_batch_size: int = Field(default=16, gt=0)
+    gradient_accumulation_steps: int = Field(default=1, gt=0)
+    learning_rate: float = Field(default=5e-5, gt=0)
+    num_train_epochs: float = Field(default=1.0, gt=0)
+    max_steps: int = -1
+    warmup_steps: int = Field(default=0, ge=0)
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    min_lr: float = Field(default=0.0, ge=0)
+    optimizer_name: str = "AdamW"
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.999, ge=0, lt=1)
+    eps: float = Field(default=1e-8, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float = Field(default=1.0, ge=0)
+    dropout: float | None = Field(default=None, ge=0, lt=1)
+    logging_strategy: Literal["no", "steps", "epoch"] = "steps"
+    logging_steps: float = Field(default=10, gt=0)
+    evaluation_strategy: Literal["no", "steps", "epoch"] | None = None
+    eval_steps: float | None = Field(default=None, gt=0)
+    overwrite_output_dir: bool = False
+    lora: LoraSettings | None = None
+
+    @field_validator("method")
+    @classmethod
+    def _train_method(cls, value: str) -> str:
+        if value == FISHER_METHOD:
+            raise ValueError(f"{FISHER_METHOD} computes a Fisher: run it with `gradmatch evaluate` or `gradmatch fisher`")
+        if value not in TRAIN_METHODS:
+            raise ValueError(f"unknown method {value!r} (expected one of {', '.join(TRAIN_METHODS)})")
+        return value
+
+    @field_validator("optimizer_name")
+    @classmethod
+    def _adamw_only(cls, value: str) -> str:
+        if value.lower().replace("_", "") not in ("adamw", "adamwtorch"):
+            raise ValueError(f"only AdamW is supported, not {value!r}")
+        return "AdamW"
+
+    @model_validator(mode="after")
+    def _eval_needs_split(self):
+        if self.evaluation_strategy not in (None, "no") and not self.dataset_val_split:
+            raise ValueError(f"evaluation_strategy {self.evaluation_strategy!r} needs dataset_val_split")
+        if self.min_lr > 0 and self.lr_scheduler != "cosine":  # found here, before the model and data load
+            raise ValueError(f"min_lr {self.min_lr} needs lr_scheduler cosine (got {self.lr_scheduler})")
+        return self
+
+
+class EvaluateConfig(_TeBase):
+    """An evaluation (`gradmatch evaluate`): metrics and predictions of a model on one split, or — with
+    ``method: sequence_classification_squared_gradients`` — the model's diagonal Fisher on that split."""
+
+    dataset_test_split: str = "test"
+    metric_output_file: str | None = None
+    prediction_output_file: str | None = None
+    output_dir: str | None = None
+    fisher_estimator: Estimator = "sampled"
+    fisher_batch_size: int = Field(default=16, gt=0)
+    fisher_max_examples: int | None = Field(default=None, gt=0)
+
+    @field_validator("method")
+    @classmethod
+    def _eval_method(cls, value: str) -> str:
+        if value not in (*TRAIN_METHODS, FISHER_METHOD):
+            raise ValueError(f"unknown method {value!r} (expected one of {', '.join((*TRAIN_METHODS, FISHER_METHOD))})")
+        return value
+
+    @model_validator(mode="after")
+    def _outputs(self):
+        if self.method == FISHER_METHOD:
+            if not self.output_dir:
+                raise ValueError(f"method {FISHER_METHOD} needs output_dir (the Fisher goes to <output_dir>/hessian)")
+        elif not (self.metric_output_file or self.output_dir):
+            raise ValueError("give metric_output_file (and prediction_output_file) or output_dir")
+        return self
+
+    def is_fisher(self) -> bool:
+        return self.method == FISHER_METHOD
+
+    def metric_path(self) -> Path:
+        return Path(self.metric_output_file) if self.metric_output_file else Path(self.output_dir) / "metrics.json"
+
+    def prediction_path(self) -> Path:
+        if self.prediction_output_file:
+            return Path(self.prediction_output_file)
+        if self.output_dir:
+            return Path(self.output_dir) / "predictions.json"
+        return self.metric_path().with_name(self.metric_path().stem + ".predictions.json")
+
+
+#: Training keys an evaluate config may carry (the original reused one dict for both): ignored there.
+_TRAIN_ONLY_KEYS = set(TrainConfig.model_fields) - set(EvaluateConfig.model_fields) - {"output_dir"}
+#: Evaluate keys a train config may carry: ignored there.
+_EVAL_ONLY_KEYS = set(EvaluateConfig.model_fields) - set(TrainConfig.model_fields) - {"output_dir"}
+_ALIASES = {"lr_scheduler_type": "lr_scheduler", "eval_strategy": "evaluation_strategy", "adam_beta1": "beta1",
+            "adam_beta2": "beta2", "adam_epsilon": "eps", "optim": "optimizer_name"}
+
+
+def _load_te_config(config, schema, other_keys: set[str], what: str):
+    if isinstance(config, schema):
+        return config
+    if isinstance(config, BaseModel):
+        config = config.model_dump()
+    if isinstance(config, (str, Path)):
+        source = str(config)
+        data = read_config_file(config)
+    elif isinstance(config, dict):
+        source = f"{what} config"
+        data = dict(config)
+    else:
+        raise UserError(f"a {what} config must be a file path or a mapping, not {type(config).__name__}")
+    for alias, key in _ALIASES.items():
+        if alias in data:
+            if key in data:
+                raise UserError(f"{source}: give {key} or {alias}, not both")
+            data[key] = data.pop(alias)
+    data.pop("ignored_keys", None)
+    known = set(schema.model_fields) - {"ignored_keys"}
+    unknown = sorted(k for k in data if k not in known and k not in ORIGINAL_IGNORED_KEYS and k not in other_keys)
+    if unknown:
+        raise UserError(f"{source}: unknown key{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}")
+    ignored = sorted(k for k in data if k not in known)
+    for key in ignored:
+        reason = ORIGINAL_IGNORED_KEYS.get(key) or ("a training key" if what == "evaluate" else "an evaluation key")
+        log.warning("note: %s: key %s is ignored (%s)", source, key, reason)
+        data.pop(key)
+    cfg = validate(schema, data, source)
+    cfg.ignored_keys = ignored
+    return cfg
+
+
+def load_train_config(config) -> TrainConfig:
+    """A TrainConfig from a TrainConfig, a mapping or a JSON/YAML file (original keys accepted)."""
+    return _load_te_config(config, TrainConfig, _EVAL_ONLY_KEYS, "train")
+
+
+def load_evaluate_config(config) -> EvaluateConfig:
+    """An EvaluateConfig from an EvaluateConfig, a mapping or a JSON/YAML file (original keys accepted)."""
+    return _load_te_config(config, EvaluateConfig, _TRAIN_ONLY_KEYS, "evaluate")
+
+
