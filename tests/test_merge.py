@@ -365,12 +365,12 @@ def test_sigkill_while_writing_leaves_no_output(fam, tmp_path):
     marker = tmp_path / "first-shard-written"
     code = (
         "import time, gradmatch.checkpoints as c\n"
-        "flush = c.ShardedWriter._flush\n"
-        "def slow_flush(self):\n"
-        "    flush(self)\n"
+        "close = c._ShardFile.close\n"
+        "def slow_close(self):\n"
+        "    close(self)\n"
         f"    open({str(marker)!r}, 'w').close()\n"
         "    time.sleep(60)\n"
-        "c.ShardedWriter._flush = slow_flush\n"
+        "c._ShardFile.close = slow_close\n"
         "from gradmatch.cli import main\n"
         "import sys\n"
         "sys.exit(main(sys.argv[1:]))\n"
@@ -388,7 +388,7 @@ def test_sigkill_while_writing_leaves_no_output(fam, tmp_path):
         while not marker.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         assert marker.exists(), proc.communicate()[1]
-        assert list(tmp_path.glob(f".gradmatch-tmp-{out.name}-*/.shard-00000.safetensors"))  # a shard was written
+        assert list(tmp_path.glob(f".gradmatch-tmp-{out.name}-*/.shard-00001.safetensors"))  # a shard was written
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         if args:

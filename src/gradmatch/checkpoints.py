@@ -4,19 +4,22 @@ and sharded safetensors writing with an index, plus copying a folder's non-weigh
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
 import shutil
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from gradmatch.errors import UserError
+
+log = logging.getLogger(__name__)
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -178,6 +181,7 @@ class Checkpoint:
             raise UserError(f"{role} {self.folder} is not a model folder: it has none of {', '.join(WEIGHT_LAYOUTS)}")
         self.layout = layout
         self._bin_tensor: tuple[str, torch.Tensor] | None = None
+        self._bin_lock = threading.Lock()
         self.tensors: dict[str, TensorInfo] = {}
         if layout in (SAFE_INDEX, BIN_INDEX):
             weight_map = _read_index(self.folder / layout)
@@ -219,21 +223,31 @@ class Checkpoint:
     def info(self, name: str) -> TensorInfo:
         return self.tensors[name]
 
-    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        """Tensor ``name`` (only rows ``rows`` of its first dimension, if given), in its stored dtype."""
+    def read(self, name: str, rows: slice | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor ``name`` (only rows ``rows`` of its first dimension, if given), in its stored dtype.
+
+        ``out``: a flat uint8 buffer of at least the block's size (e.g. pinned host memory) to read
+        into; the result is then a view of it.
+        """
         info = self.tensors[name]
-        if info.offset is None:  # .bin: memory-mapped; keep only the tensor being read (its blocks share one load)
-            if self._bin_tensor is None or self._bin_tensor[0] != name:
-                self._bin_tensor = None  # unmap the previous file before mapping the next
-                self._bin_tensor = (name, _load_bin(info.file)[name])
-            tensor = self._bin_tensor[1]
-            return (tensor if rows is None else tensor[rows]).clone()
-        shape, offset = info.shape, info.offset
+        shape = info.shape
         if rows is not None:
             start, stop, _ = rows.indices(shape[0])
-            row_bytes = math.prod(shape[1:]) * info.dtype.itemsize
-            shape, offset = (max(0, stop - start), *shape[1:]), offset + start * row_bytes
-        tensor = torch.empty(shape, dtype=info.dtype)
+            shape = (max(0, stop - start), *shape[1:])
+        if out is not None:
+            target = out[: math.prod(shape) * info.dtype.itemsize].view(info.dtype).view(shape)
+        if info.offset is None:  # .bin: memory-mapped; keep only the tensor being read (its blocks share one load)
+            with self._bin_lock:  # a prefetching reader thread and the writer may read the same checkpoint
+                if self._bin_tensor is None or self._bin_tensor[0] != name:
+                    self._bin_tensor = None  # unmap the previous file before mapping the next
+                    self._bin_tensor = (name, _load_bin(info.file)[name])
+                tensor = self._bin_tensor[1]
+            block = tensor if rows is None else tensor[rows]
+            return block.clone() if out is None else target.copy_(block)
+        offset = info.offset
+        if rows is not None:
+            offset += rows.indices(info.shape[0])[0] * math.prod(info.shape[1:]) * info.dtype.itemsize
+        tensor = torch.empty(shape, dtype=info.dtype) if out is None else target
         _read_exactly(info.file, offset, tensor)
         return tensor
 
@@ -290,56 +304,204 @@ def parse_size(text: str | int) -> int:
     return size
 
 
-class ShardedWriter:
-    """Write tensors in the order given into safetensors shards of at most ``max_shard_bytes`` each.
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor to be written, known before its values: name, dtype and shape."""
 
-    A tensor larger than the limit gets a shard of its own. ``finish`` names the shards as
-    transformers does: ``model.safetensors`` when there is one, else ``model-00001-of-0000N.safetensors``
-    and ``model.safetensors.index.json``. Only the current shard is held in memory.
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def rows(self) -> int:
+        """Rows along the first dimension (a scalar is one row)."""
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_bytes(self) -> int:
+        return math.prod(self.shape[1:]) * self.dtype.itemsize if self.shape else self.nbytes
+
+
+_DTYPE_CODES = {dtype: code for code, (_, dtype) in SAFETENSORS_DTYPES.items()}
+
+
+def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Split tensors, in order, into shards of at most ``max_shard_bytes`` (transformers' rule: a tensor
+    larger than the limit gets a shard of its own); always at least one shard."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def shard_file_names(n: int) -> list[str]:
+    """The weight file names transformers gives ``n`` shards."""
+    return [SAFE_WEIGHTS] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+class _ShardFile:
+    """One safetensors file whose header is written first; each tensor's bytes then go to their offset.
+
+    Tensors are laid out by decreasing element size (then in the order given), as safetensors' own
+    writer does, so every tensor's data is aligned to its element size. Each tensor's rows must arrive
+    in order, each exactly once; ``close`` checks that every byte was written.
     """
+
+    def __init__(self, path: Path, specs: list[TensorSpec]):
+        self.path = path
+        layout = sorted(specs, key=lambda s: -s.dtype.itemsize)  # stable: the given order within a size
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        begin = 0
+        for spec in layout:
+            header[spec.name] = {"dtype": _DTYPE_CODES[spec.dtype], "shape": list(spec.shape),
+                                 "data_offsets": [begin, begin + spec.nbytes]}
+            begin += spec.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned (safetensors pads with spaces)
+        data_start = 8 + len(raw)
+        self.specs = {s.name: s for s in specs}
+        self.offsets = {name: data_start + entry["data_offsets"][0]
+                        for name, entry in header.items() if name != "__metadata__"}
+        self.next_row = dict.fromkeys(self.specs, 0)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        _pwrite_all(self.fd, memoryview(len(raw).to_bytes(8, "little") + raw), 0, path)
+        os.ftruncate(self.fd, data_start + begin)
+
+    def write(self, name: str, tensor: torch.Tensor, first_row: int = 0) -> None:
+        spec = self.specs[name]
+        rows = tensor.shape[0] if tensor.dim() else 1
+        if tensor.dtype != spec.dtype or tensor.dim() != len(spec.shape) or tuple(tensor.shape[1:]) != spec.shape[1:]:
+            raise RuntimeError(f"{self.path}: tensor {name!r} was planned as {spec.dtype} {list(spec.shape)} "
+                               f"but a block of {tensor.dtype} {list(tensor.shape)} arrived")
+        if first_row != self.next_row[name] or first_row + rows > spec.rows:
+            raise RuntimeError(f"{self.path}: rows {first_row}:{first_row + rows} of tensor {name!r} arrived "
+                               f"out of order (next expected row {self.next_row[name]})")
+        if tensor.numel():
+            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            _pwrite_all(self.fd, memoryview(data.numpy()), self.offsets[name] + first_row * spec.row_bytes, self.path)
+        self.next_row[name] = first_row + rows
+
+    @property
+    def complete(self) -> bool:
+        return all(self.next_row[n] == s.rows or s.nbytes == 0 for n, s in self.specs.items())
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _pwrite_all(fd: int, buffer: memoryview, offset: int, path: Path) -> None:
+    try:
+        while buffer:
+            done = os.pwrite(fd, buffer, offset)
+            buffer, offset = buffer[done:], offset + done
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+class SafetensorsWriter:
+    """Write planned tensors into sharded safetensors, block by block: memory holds only the block given.
+
+    The shard layout comes from the specs (names, dtypes, shapes, in order) before any value exists;
+    a shard's file is created with its header when its first tensor arrives, and each block of rows
+    goes straight to its offset (``write(name, block, first_row)``). ``finish`` checks that every byte
+    was written and names the files as transformers does: ``model.safetensors`` for one shard, else
+    ``model-00001-of-0000N.safetensors`` and ``model.safetensors.index.json``. Until then the shards
+    have hidden names (``.shard-00001.safetensors``), so a folder never shows a partial weight file
+    under a weight file's name.
+    """
+
+    def __init__(self, folder: str | os.PathLike, specs: list[TensorSpec], max_shard_bytes: int):
+        self.folder = Path(folder)
+        self.shards = plan_shards(list(specs), max_shard_bytes)
+        self.names = shard_file_names(len(self.shards))
+        self._shard_of = {spec.name: i for i, shard in enumerate(self.shards) for spec in shard}
+        self._open: dict[int, _ShardFile] = {}
+        self._done: set[int] = set()
+        self.total_bytes = sum(spec.nbytes for shard in self.shards for spec in shard)
+
+    def _temporary(self, i: int) -> Path:
+        return self.folder / f".shard-{i + 1:05d}.safetensors"
+
+    def write(self, name: str, tensor: torch.Tensor, first_row: int = 0) -> None:
+        """Write ``tensor`` as rows ``first_row:first_row + len(tensor)`` of tensor ``name`` (all of it by default)."""
+        i = self._shard_of[name]
+        shard = self._open.get(i)
+        if shard is None:
+            if i in self._done:
+                raise RuntimeError(f"tensor {name!r} written after its shard was complete")
+            shard = self._open[i] = _ShardFile(self._temporary(i), self.shards[i])
+        shard.write(name, tensor, first_row)
+        if shard.complete:  # only the shards being written stay open
+            shard.close()
+            del self._open[i]
+            self._done.add(i)
+
+    def finish(self) -> list[Path]:
+        """Give the complete shards their final names and write the index; return the files written."""
+        for i, shard in enumerate(self.shards):
+            if i in self._done:
+                continue
+            if i not in self._open and all(spec.nbytes == 0 for spec in shard):  # nothing to write in it
+                _ShardFile(self._temporary(i), shard).close()
+                continue
+            written = self._open[i].next_row if i in self._open else {}
+            name = next(s.name for s in shard if written.get(s.name, 0) < s.rows and s.nbytes)
+            raise RuntimeError(f"tensor {name!r} was planned but not (completely) written")
+        files = []
+        for i, name in enumerate(self.names):
+            os.replace(self._temporary(i), self.folder / name)
+            files.append(self.folder / name)
+        if len(self.shards) > 1:
+            weight_map = {spec.name: self.names[i] for i, shard in enumerate(self.shards) for spec in shard}
+            parameters = sum(math.prod(spec.shape) for shard in self.shards for spec in shard)
+            index = {"metadata": {"total_parameters": parameters, "total_size": self.total_bytes}, "weight_map": weight_map}
+            (self.folder / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            files.append(self.folder / SAFE_INDEX)
+        return files
+
+    def close(self) -> None:
+        """Close the files of unfinished shards (after an error); they stay in the (temporary) folder."""
+        for shard in self._open.values():
+            shard.close()
+        self._open.clear()
+
+
+def save_sharded(tensors: dict[str, torch.Tensor], folder: str | os.PathLike, max_shard_bytes: int) -> list[Path]:
+    """Write a dict of tensors as sharded safetensors with an index (as transformers names them)."""
+    writer = SafetensorsWriter(folder, [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()], max_shard_bytes)
+    try:
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
+        return writer.finish()
+    finally:
+        writer.close()
+
+
+class ShardedWriter:
+    """Collect tensors one by one and write them with :func:`save_sharded` at ``finish`` (for small state
+    dicts such as test fixtures: it holds every tensor; the merge streams with :class:`SafetensorsWriter`)."""
 
     def __init__(self, folder: str | os.PathLike, max_shard_bytes: int):
         self.folder = Path(folder)
         self.max_shard_bytes = max_shard_bytes
-        self._current: dict[str, torch.Tensor] = {}
-        self._current_bytes = 0
-        self._shards: list[tuple[Path, list[str]]] = []
-        self.total_bytes = 0
+        self._tensors: dict[str, torch.Tensor] = {}
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._current and self._current_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
-        self._current[name] = tensor.detach().to("cpu").contiguous()
-        self._current_bytes += nbytes
-        self.total_bytes += nbytes
-
-    def _flush(self) -> None:
-        path = self.folder / f".shard-{len(self._shards):05d}.safetensors"
-        save_file(self._current, str(path), metadata={"format": "pt"})
-        os.chmod(path, 0o644)
-        self._shards.append((path, list(self._current)))
-        self._current, self._current_bytes = {}, 0
+        self._tensors[name] = tensor.detach().to("cpu").contiguous()
 
     def finish(self) -> list[Path]:
-        """Write the last shard, give the shards their final names, write the index; return the files."""
-        if self._current or not self._shards:
-            self._flush()
-        if len(self._shards) == 1:
-            final = self.folder / SAFE_WEIGHTS
-            os.replace(self._shards[0][0], final)
-            return [final]
-        n = len(self._shards)
-        weight_map: dict[str, str] = {}
-        files = []
-        for i, (path, names) in enumerate(self._shards, start=1):
-            final = self.folder / f"model-{i:05d}-of-{n:05d}.safetensors"
-            os.replace(path, final)
-            files.append(final)
-            weight_map.update((name, final.name) for name in names)
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        (self.folder / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        return files + [self.folder / SAFE_INDEX]
+        return save_sharded(self._tensors, self.folder, self.max_shard_bytes)
 
 
 #: Files and folders of a model folder that are weights or training artefacts, never copied to a merge.
@@ -351,16 +513,44 @@ _WEIGHT_FILE = re.compile(
 _SKIPPED_DIRS = re.compile(r"(hessian|checkpoint-.*|runs|\..*)")
 
 
+def _link_roots(folder: Path) -> list[Path]:
+    """Where the files that links in ``folder`` point to may lie: the folder itself, and for a snapshot of
+    the Hugging Face hub cache (``models--org--name/snapshots/<rev>``, whose files are links into
+    ``models--org--name/blobs``) that cache entry."""
+    real = folder.resolve()
+    roots = [real]
+    if real.parent.name == "snapshots" and real.parent.parent.name.split("--")[0] in ("models", "datasets", "spaces"):
+        roots.append(real.parent.parent)
+    return roots
+
+
 def copy_non_weight_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[Path]:
     """Copy every file of model folder ``src`` except weights byte for byte into ``dst`` (config,
-    tokenizer, image processor, generation config, sentence-transformers modules ...)."""
+    tokenizer, image processor, generation config, sentence-transformers modules ...).
+
+    Links are followed only to files inside ``src`` (or, for a hub-cache snapshot, inside its cache
+    entry); a link to a file elsewhere is skipped with a warning, so a merge never carries a stray
+    file into its output. Links to folders are never followed (a link to ``.`` would recurse forever).
+    """
     src, dst = Path(src), Path(dst)
+    return _copy_tree(src, dst, _link_roots(src))
+
+
+def _copy_tree(src: Path, dst: Path, roots: list[Path]) -> list[Path]:
     copied = []
     for entry in sorted(src.iterdir()):
+        if entry.is_symlink():
+            target = entry.resolve()
+            if target.is_dir():
+                log.warning("not copying %s: it is a link to a folder (%s)", entry, target)
+                continue
+            if not any(root == target or root in target.parents for root in roots):
+                log.warning("not copying %s: it is a link to %s, outside the model folder", entry, target)
+                continue
         if entry.is_dir():
             if not _SKIPPED_DIRS.fullmatch(entry.name):
                 (dst / entry.name).mkdir(exist_ok=True)
-                copied += copy_non_weight_files(entry, dst / entry.name)
+                copied += _copy_tree(entry, dst / entry.name, roots)
         elif entry.is_file() and not _WEIGHT_FILE.fullmatch(entry.name):
             shutil.copyfile(entry, dst / entry.name)
             copied.append(dst / entry.name)

@@ -15,12 +15,14 @@ from typing import Any
 
 import torch
 
-from gradmatch.checkpoints import Checkpoint, ShardedWriter, copy_non_weight_files, find_hessian_folder, parse_size
+from gradmatch.checkpoints import (Checkpoint, SafetensorsWriter, TensorSpec, copy_non_weight_files,
+                                  find_hessian_folder, parse_size)
 from gradmatch.config.merge import OUT_DTYPES, MergeConfig, load_merge_config
 from gradmatch.devices import parse_device
 from gradmatch.errors import UserError
 from gradmatch.fsutil import atomic_dir, check_output_dir
 from gradmatch.methods import MergeMethod, MethodError, get_method
+from gradmatch.prefetch import BlockInputs, BlockReader
 
 __all__ = ["merge", "load_merge_config", "plan_merge", "MergePlan", "DEFAULT_BLOCK_ELEMENTS"]
 
@@ -222,9 +224,15 @@ class _Executor:
         self.params = params
         self.call_params = self.method.call_parameters(params)
         self.stats: dict[str, dict[str, int]] = {}  # statistic -> tensor name -> count
+        self.reader: BlockReader | None = None  # reads the next block's inputs ahead (see start_reader)
+        self._ahead: BlockInputs | None = None  # the current block's inputs, read ahead
 
     def _load(self, ckpt: Checkpoint, name: str, rows: slice | None, hessian: bool) -> torch.Tensor:
-        tensor = ckpt.read(name, rows).to(self.device, self.compute)
+        tensor = None
+        if self._ahead is not None:
+            tensor = self.reader.to_device(self._ahead, ckpt, self.device, self.compute)
+        if tensor is None:
+            tensor = ckpt.read(name, rows).to(self.device, self.compute)
         self._loaded.append((ckpt, tensor))
         if hessian and tensor.numel() and float(tensor.min()) < 0:  # a NaN minimum is caught as non-finite
             raise UserError(f"{_where(name, rows)} of {ckpt.info(name).file} has negative values (down to "
@@ -289,19 +297,58 @@ class _Executor:
                             "choose a wider --out-dtype or smaller weights")
         return result
 
-    def tensor(self, name: str, out_dtype: torch.dtype) -> torch.Tensor:
+    def row_blocks(self, name: str) -> list[slice | None]:
+        """The blocks of rows in which tensor ``name`` is merged (``[None]``: all at once).
+
+        Elementwise and rowwise methods take a large tensor in blocks of about DEFAULT_BLOCK_ELEMENTS
+        entries per input (``block_rows`` rows when given); the others need whole tensors.
+        """
         info = self.plan.parent.info(name)
         if not info.shape or not (self.method.elementwise or self.method.rowwise):
-            return self._cast(name, None, out_dtype)
-        row_numel = max(1, info.numel // info.shape[0])
+            return [None]
+        row_numel = max(1, info.numel // max(1, info.shape[0]))
         rows = self.block_rows or max(1, DEFAULT_BLOCK_ELEMENTS // row_numel)
         if rows >= info.shape[0]:
-            return self._cast(name, None, out_dtype)
-        out = torch.empty(info.shape, dtype=out_dtype)
-        for start in range(0, info.shape[0], rows):
-            block = slice(start, min(start + rows, info.shape[0]))
-            out[block] = self._cast(name, block, out_dtype)
-        return out
+            return [None]
+        return [slice(start, min(start + rows, info.shape[0])) for start in range(0, info.shape[0], rows)]
+
+    def blocks(self) -> list[tuple[str, slice | None]]:
+        """Every block of every merged tensor, in the order they are merged."""
+        return [(name, rows) for name in self.plan.merged for rows in self.row_blocks(name)]
+
+    def start_reader(self, pinned: bool) -> None:
+        """Read each block's inputs on a thread while the block before it is computed (pinned: into
+        page-locked buffers, for asynchronous copies to a GPU)."""
+        p = self.plan
+        inputs = [p.parent, *p.children]
+        inputs += [h for h in p.hessians if h is not None] if self.method.uses_child_hessians else []
+        inputs += [p.parent_hessian] if self.method.uses_parent_hessian and p.parent_hessian is not None else []
+        blocks = self.blocks()
+        block_bytes = max((_block_bytes(ckpt, name, rows) for name, rows in blocks for ckpt in inputs), default=0)
+        self.reader = BlockReader(inputs, blocks, ahead=1, pinned=pinned, block_bytes=block_bytes)
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+
+    def merged_blocks(self, name: str, out_dtype: torch.dtype):
+        """The merged tensor ``name`` in ``out_dtype``, as (first row, block) pairs in row order."""
+        for rows in self.row_blocks(name):
+            if self.reader is not None:
+                self._ahead = self.reader.next((name, rows))
+            try:
+                yield (0 if rows is None else rows.start), self._cast(name, rows, out_dtype)
+            finally:
+                if self._ahead is not None:
+                    self.reader.release(self._ahead)
+                    self._ahead = None
+
+
+def _block_bytes(ckpt: Checkpoint, name: str, rows: slice | None) -> int:
+    info = ckpt.info(name)
+    n = info.numel if rows is None else (rows.stop - rows.start) * (info.numel // max(1, info.shape[0]))
+    return n * info.dtype.itemsize
 
 
 def _statistics(plan: MergePlan, executor: _Executor) -> dict[str, Any]:
@@ -346,6 +393,8 @@ def merge(
     block_rows: int | None = None,
     progress: bool = True,
     threads: int | None = 1,
+    card: bool = True,
+    prefetch: bool | None = None,
 ) -> Path:
     """Merge the children of ``config`` into a Hugging Face folder ``out``; return ``out``.
 
@@ -356,7 +405,9 @@ def merge(
     appears atomically; any bad input raises :class:`~gradmatch.errors.UserError` and leaves ``out``
     as it was. ``threads`` sets torch's CPU threads during the merge (None: torch's default); one is
     the default because blockwise merging is memory-bound, and several threads on a shared or
-    oversubscribed machine made merges 10-40x slower in our measurements.
+    oversubscribed machine made merges 10-40x slower in our measurements. ``card``: write a model card
+    (README.md, replacing the parent's). ``prefetch``: read the next block's inputs on a thread while the
+    current one is computed (None: only on a GPU, where it also uses pinned host buffers).
     """
     cfg = load_merge_config(config)
     out = check_output_dir(out, overwrite)
@@ -380,10 +431,17 @@ def merge(
     if threads is not None:
         torch.set_num_threads(threads)
     _keep_freed_memory()
+    reproduce = _reproduction(config, cfg, out_dtype_option=out_dtype if out_dtype != cfg.out_dtype else None,
+                              precision=precision, max_shard_size=max_shard_size) if card else None
+    if prefetch is None:
+        prefetch = dev.type == "cuda"
     try:
+        if prefetch:
+            executor.start_reader(pinned=dev.type == "cuda")
         _write(plan, executor, out, overwrite=overwrite, shard_bytes=shard_bytes, out_dtype=out_dtype, params=params,
-               precision=precision, progress=progress)
+               precision=precision, progress=progress, reproduce=reproduce)
     finally:
+        executor.close()
         torch.set_num_threads(saved_threads)
     guarded = executor.stats.get("guarded_entries")
     if guarded and sum(guarded.values()):
@@ -420,29 +478,78 @@ def _keep_freed_memory() -> None:
 
 
 def _write(plan: MergePlan, executor: _Executor, out: Path, *, overwrite: bool, shard_bytes: int,
-           out_dtype: str | None, params: dict[str, Any], precision: str, progress: bool) -> None:
-    """Stream every tensor through the executor into shards in a temporary folder, then rename it to ``out``."""
+           out_dtype: str | None, params: dict[str, Any], precision: str, progress: bool,
+           reproduce: tuple[str, str, str] | None) -> None:
+    """Stream every tensor, block by block, through the executor into shards in a temporary folder, then
+    rename it to ``out``. The shard layout is planned from the parent's names, shapes and output dtypes
+    first, so each block goes to its place in its file as soon as it is merged: memory holds one block."""
     from tqdm.auto import tqdm
 
+    merged = set(plan.merged)
+    specs = [TensorSpec(name, _OUT_DTYPES[out_dtype] if out_dtype and name in merged else info.dtype, info.shape)
+             for name, info in plan.parent.tensors.items()]
     with atomic_dir(out, overwrite) as tmp:
         copy_non_weight_files(plan.parent.folder, tmp)
         if out_dtype is not None:
             _set_config_dtype(tmp / "config.json", out_dtype)
-        writer = ShardedWriter(tmp, shard_bytes)
-        names = list(plan.parent.tensors)
-        merged = set(plan.merged)
-        bar = tqdm(names, desc=plan.method.name, unit="tensor", disable=None if progress else True, leave=False)
-        for name in bar:
-            info = plan.parent.info(name)
-            if name in merged:
-                target = _OUT_DTYPES[out_dtype] if out_dtype else info.dtype
-                writer.add(name, executor.tensor(name, target))
-            else:
-                writer.add(name, plan.parent.read(name))
-        bar.close()
-        writer.finish()
+        writer = SafetensorsWriter(tmp, specs, shard_bytes)
+        total = sum(spec.nbytes for spec in specs)
+        bar = tqdm(total=total, desc=plan.method.name, unit="B", unit_scale=True, disable=None if progress else True,
+                   leave=False)
+        try:
+            for spec in specs:
+                if spec.name in merged:
+                    blocks = executor.merged_blocks(spec.name, spec.dtype)
+                else:
+                    blocks = _copied_blocks(plan.parent, spec.name)
+                for first_row, block in blocks:
+                    writer.write(spec.name, block, first_row)
+                    bar.update(block.numel() * block.element_size())
+            writer.finish()
+        finally:
+            writer.close()
+            bar.close()
         record = _provenance(plan, params, precision, out_dtype, _statistics(plan, executor))
         (tmp / "merge.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        if reproduce is not None:
+            from gradmatch.card import model_card
+
+            command, config_name, config_text = reproduce
+            (tmp / "README.md").write_text(model_card(record, plan.method, command, config_name, config_text),
+                                           encoding="utf-8")
+
+
+def _copied_blocks(parent: Checkpoint, name: str):
+    """A tensor the parent gives the output unchanged, in blocks of about DEFAULT_BLOCK_ELEMENTS entries."""
+    info = parent.info(name)
+    if not info.shape or info.numel <= DEFAULT_BLOCK_ELEMENTS:
+        yield 0, parent.read(name)
+        return
+    rows = max(1, DEFAULT_BLOCK_ELEMENTS // max(1, info.numel // info.shape[0]))
+    for start in range(0, info.shape[0], rows):
+        yield start, parent.read(name, slice(start, min(start + rows, info.shape[0])))
+
+
+def _reproduction(config: Any, cfg: MergeConfig, *, out_dtype_option: str | None, precision: str,
+                  max_shard_size: str | int) -> tuple[str, str, str]:
+    """The command, config file name and config text that reproduce this merge (for the model card):
+    the config file as the user wrote it (a mergekit YAML stays one), or our YAML form of a dict."""
+    import yaml
+
+    if isinstance(config, (str, os.PathLike)):
+        name, text = Path(config).name, Path(config).read_text(encoding="utf-8")
+    else:
+        name = "merge.yaml"
+        text = yaml.safe_dump(cfg.model_dump(exclude_none=True, exclude_defaults=True), sort_keys=False,
+                              allow_unicode=True)
+    options = []
+    if out_dtype_option:
+        options.append(f"--out-dtype {out_dtype_option}")
+    if precision != "float32":
+        options.append(f"--precision {precision}")
+    if str(max_shard_size) != "5GB":
+        options.append(f"--max-shard-size {max_shard_size}")
+    return " ".join(["gradmatch merge", name, "OUT", *options]), name, text  # OUT: any new folder
 
 
 def _set_config_dtype(config: Path, out_dtype: str) -> None:

@@ -88,6 +88,8 @@ def _add_merge(sub) -> None:
     run.add_argument("--threads", type=int, default=1,
                      help="CPU threads for torch (default 1: merging is memory-bound; more can be slower on shared machines)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--no-card", dest="no_card", action="store_true",
+                     help="write no model card (README.md: method, formula, inputs, how to reproduce)")
     p.set_defaults(func=_run_merge)
 
 

@@ -103,7 +103,7 @@ def merge_from_args(args) -> Path:
     try:
         return merge(config, out, overwrite=args.overwrite, device=args.device, precision=args.precision,
                      out_dtype=args.out_dtype, max_shard_size=args.max_shard_size, block_rows=args.block_rows,
-                     progress=not args.quiet, threads=args.threads)
+                     progress=not args.quiet, threads=args.threads, card=not getattr(args, "no_card", False))
     except UserError as exc:
         if args.config is None and "denominator" in str(exc) and args.delta_0 is None:
             raise UserError(f"{exc}. With the original flags δ defaults to 0 and every N to 1, as in the original "
