@@ -304,7 +304,7 @@ def test_model_card_of_a_dict_config_is_its_yaml(llama, tmp_path):
     card = (out / "README.md").read_text()
     text = card.split("```yaml\n")[1].split("```")[0]
     assert yaml.safe_load(text) == config
-    assert "θ = θ_0 + Σ_t α_t (θ_t − θ_0)" in card
+    assert "θ = θ_0 + λ · Σ_t α_t (θ_t − θ_0) / Z" in card
 
 
 # --------------------------------------------------------------------------- links in model folders

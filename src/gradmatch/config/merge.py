@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gradmatch.config.mergekit import from_mergekit, is_mergekit
 from gradmatch.errors import UserError
 from gradmatch.methods import get_method, method_names
 
@@ -111,6 +112,9 @@ class MergeConfig(_MergeSchema):
         if problem:
             raise ValueError(problem)
         self.parameters = method.parameters.model_validate(self.parameters or {}).model_dump()
+        for key, value in self.parameters.items():  # a list gives one value per child, in order
+            if isinstance(value, list) and len(value) != len(self.models):
+                raise ValueError(f"parameters.{key} has {len(value)} values but there are {len(self.models)} models")
         _finite_factor(self.base_hessian_scale, "base_hessian_scale")
         if method.uses_child_hessians:
             missing = [i for i, m in enumerate(self.models) if not m.hessian]
@@ -145,4 +149,6 @@ def load_merge_config(config: MergeConfig | Mapping[str, Any] | str | os.PathLik
         data, source = read_config_file(config), str(config)
     else:
         raise UserError(f"a merge config must be a file path or a mapping, not {type(config).__name__}")
+    if isinstance(data, Mapping) and is_mergekit(data):  # mergekit's form, with mergekit's semantics
+        data = from_mergekit(data, source)
     return validate(MergeConfig, data, source)
