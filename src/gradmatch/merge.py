@@ -540,8 +540,8 @@ def _reproduction(config: Any, cfg: MergeConfig, *, out_dtype_option: str | None
         name, text = Path(config).name, Path(config).read_text(encoding="utf-8")
     else:
         name = "merge.yaml"
-        text = yaml.safe_dump(cfg.model_dump(exclude_none=True, exclude_defaults=True), sort_keys=False,
-                              allow_unicode=True)
+        data = dict(config) if isinstance(config, Mapping) else cfg.model_dump(exclude_none=True, exclude_defaults=True)
+        text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
     options = []
     if out_dtype_option:
         options.append(f"--out-dtype {out_dtype_option}")
