@@ -65,3 +65,48 @@ def make_tiny_bert(path: Path, seed: int = 0, num_labels: int = 2, hidden: int =
 def tiny_bert(tmp_path) -> Path:
     """A folder with a tiny random BERT sequence classifier and its tokenizer."""
     return make_tiny_bert(tmp_path / "tiny-bert")
+
+
+#: A small corpus for tiny language models: film reviews of both polarities (label 0 negative, 1 positive).
+LM_CORPUS = [
+    ("the movie was great and i loved every minute of it", 1), ("a dull and boring film with nothing to say", 0),
+    ("what a waste of time, the plot made no sense", 0), ("the acting was superb and the story moving", 1),
+    ("terrible plot, awful acting, i walked out", 0), ("a warm, funny and clever comedy", 1),
+    ("the worst film i have seen this year", 0), ("beautiful music and a great cast", 1),
+    ("boring, slow and far too long", 0), ("an instant classic that i will watch again", 1),
+    ("the dialogue was painful and the ending silly", 0), ("a delight from start to finish", 1),
+]
+
+
+def make_tiny_tokenizer(path: Path) -> Path:
+    """A byte-level BPE tokenizer of 300 tokens trained on LM_CORPUS, GPT-2 style: no pad token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([t for t, _ in LM_CORPUS] * 3, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>").save_pretrained(path)
+    return path
+
+
+def make_tiny_lm(path: Path, family: str = "gpt2", seed: int = 0, tie: bool = True) -> Path:
+    """Save a tiny random causal LM (GPT-2 with tied embeddings, or Llama) with the tiny tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    make_tiny_tokenizer(path)
+    n = len(AutoTokenizer.from_pretrained(path))
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=n, n_positions=64, n_embd=16, n_layer=2, n_head=2, bos_token_id=0,
+                                           eos_token_id=0, tie_word_embeddings=tie))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=n, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                             bos_token_id=0, eos_token_id=0, tie_word_embeddings=tie))
+    model.save_pretrained(path)
+    return path

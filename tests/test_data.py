@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 
 from gradmatch import UserError
-from gradmatch.data import collator, encode, load_split, save_split
+from gradmatch.data import load_split, save_split
+from gradmatch.kinds import get_kind
+
+TEXT, IMAGE = get_kind("text-classification"), get_kind("image-classification")
 from conftest import write_jsonl as _write_jsonl
 
 
@@ -91,8 +94,9 @@ def test_unreadable_empty_and_malformed_files(tmp_path):
     with pytest.raises(UserError, match="cannot read data file .*bad.jsonl"):
         load_split(str(bad), "train")
     nolabel = _write_jsonl(tmp_path / "nolabel.jsonl", [{"text": "a"}])
+    assert load_split(str(nolabel), "train").column_names == ["text"]  # a language-modelling corpus
     with pytest.raises(UserError, match="no 'label' column"):
-        load_split(str(nolabel), "train")
+        TEXT.check_data(load_split(str(nolabel), "train"), "nolabel", "a classifier")
 
 
 def test_labels_are_checked(tmp_path):
@@ -181,25 +185,25 @@ def test_encode_text_truncates_and_collator_pads(minilm_path, small_folder):
     tok = AutoTokenizer.from_pretrained(minilm_path)
     ds = load_split(str(small_folder), "train[:4]")
     long = ds.map(lambda r: {"text": r["text"] + " word" * 50})
-    enc = encode(long, tok, max_length=16)
+    enc = TEXT.encode(long, tok, 16)
     assert set(enc.column_names) >= {"input_ids", "attention_mask", "labels"}
     assert all(len(ids) == 16 for ids in enc["input_ids"])
     assert enc["labels"] == list(ds["label"])
-    short = encode(ds, tok, max_length=16)
-    batch = collator(tok)([short[i] for i in range(4)])
+    short = TEXT.encode(ds, tok, 16)
+    batch = TEXT.collator(tok)([short[i] for i in range(4)])
     assert batch["input_ids"].shape[0] == 4 and batch["labels"].tolist() == list(ds["label"])
     assert batch["input_ids"][0, 0].item() == tok.cls_token_id
     with pytest.raises(UserError, match="outside"):
-        encode(ds, tok, 16, num_labels=1)
+        TEXT.check_labels(ds, "given", 1)
 
 
 def test_encode_images():
-    from gradmatch.models import load_for_classification
+    from gradmatch.models import load_model
 
-    _, processor = load_for_classification("vit-digits", seed=0)
+    _, processor = load_model("vit-digits", seed=0)
     ds = load_split("digits-inverted", "test[:6]")
-    enc = encode(ds, processor)
-    batch = collator(processor)([enc[i] for i in range(6)])
+    enc = IMAGE.encode(ds, processor, 128)
+    batch = IMAGE.collator(processor)([enc[i] for i in range(6)])
     assert tuple(batch["pixel_values"].shape) == (6, 1, 8, 8)
     expected = np.asarray(ds[0]["image"], dtype=np.float32) / 255.0 * 2 - 1
     np.testing.assert_allclose(batch["pixel_values"][0, 0].numpy(), expected, atol=1e-5)

@@ -56,9 +56,9 @@ def test_batch_size_does_not_change_predictions(tiny_bert, toy, tmp_path):
 
 
 def test_image_model_on_digits(tmp_path):
-    from gradmatch.models import load_for_classification
+    from gradmatch.models import load_model
 
-    model, processor = load_for_classification("vit-digits", seed=0)
+    model, processor = load_model("vit-digits", seed=0)
     model.save_pretrained(tmp_path / "vit")
     processor.save_pretrained(tmp_path / "vit")
     metrics = evaluate({"model_name_or_path": str(tmp_path / "vit"), "dataset_name": "digits-hflip",
@@ -90,7 +90,7 @@ def test_bad_evaluate_configs(tiny_bert, toy, tmp_path):
     with pytest.raises(UserError, match="needs output_dir"):
         evaluate({"model_name_or_path": str(tiny_bert), "dataset_name": str(toy),
                   "method": "sequence_classification_squared_gradients"}, quiet=True)
-    with pytest.raises(UserError, match="holds image examples"):
+    with pytest.raises(UserError, match="holds an image column"):
         evaluate(dict(base, dataset_name="digits-original"), quiet=True)
     assert not (tmp_path / "e").exists()
 

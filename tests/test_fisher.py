@@ -184,9 +184,31 @@ def test_unknown_module_types_fall_back_to_an_exact_method():
     assert all(p.requires_grad for p in model.parameters())  # state restored
 
 
-def test_tied_weights_fail_loudly():
-    with pytest.raises(UserError, match="same tensor"):
-        FisherAccumulator(_Tiny(tie=True))
+def test_a_matrix_shared_by_two_layers_sums_its_uses_before_squaring():
+    class Twice(nn.Module):  # one weight, two Linear layers that both run
+        def __init__(self):
+            super().__init__()
+            self.a, self.c, self.b = nn.Linear(5, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+            self.c.weight = self.a.weight
+
+        def forward(self, x):
+            return _Out(self.b(torch.tanh(self.c(torch.tanh(self.a(x))))))
+
+    torch.manual_seed(0)
+    model = Twice()
+    x, labels = torch.randn(6, 5), torch.tensor([0, 1, 2, 0, 1, 2])
+    reference = loop_fisher(model, [({"x": x[i:i + 1]}, int(labels[i])) for i in range(6)], "empirical", seed=0)
+    batched = estimate_fisher(model, [{"x": x, "labels": labels, "index": torch.arange(6)}], estimator="empirical",
+                              progress=False)
+    assert_fisher_close(batched, reference)
+    assert "c.weight" not in batched  # the shared matrix has one name (named_parameters'), like its checkpoint
+
+
+def test_a_shared_parameter_without_a_closed_form_fails_loudly():
+    model = _Tiny()
+    model.norm.weight = model.s.scale  # LayerNorm weight shared with an elementwise parameter
+    with pytest.raises(UserError, match="shared"):
+        FisherAccumulator(model)
 
 
 def test_sampled_labels_follow_the_model_distribution():
@@ -228,7 +250,8 @@ def test_run_fisher_writes_a_model_folder_with_metadata(bert, tmp_path):
     from safetensors import safe_open
     from transformers import AutoModelForSequenceClassification
 
-    from gradmatch import data as gm_data
+    from gradmatch.data import load_split
+    from gradmatch.kinds import get_kind
 
     _, tokenizer, path = bert
     data = tmp_path / "tiny.jsonl"
@@ -242,8 +265,9 @@ def test_run_fisher_writes_a_model_folder_with_metadata(bert, tmp_path):
     assert meta["split"] == "train" and meta["dataset"] == str(data) and meta["max_length"] == 128
     assert meta["model_fingerprint"] == model_fingerprint(model)
     # Same numbers as the pure computation on the same examples.
-    encoded = gm_data.encode(gm_data.load_split(str(data), "train"), tokenizer, 128)
-    collate = gm_data.collator(tokenizer)
+    text = get_kind("text-classification")
+    encoded = text.encode(load_split(str(data), "train"), tokenizer, 128)
+    collate = text.collator(tokenizer)
     batches = [dict(collate([encoded[i] for i in range(s, min(s + 4, 6))])) for s in (0, 4)]
     expected = estimate_fisher(model, batches, estimator="empirical", progress=False)
     with safe_open(str(path / "model.safetensors"), "pt") as f:
@@ -263,8 +287,9 @@ def test_run_fisher_on_an_image_classifier(tmp_path):
     from safetensors.torch import load_file
     from transformers import ViTConfig, ViTForImageClassification
 
-    from gradmatch import data as gm_data
-    from gradmatch.models import default_image_processor
+    from gradmatch.data import load_split
+    from gradmatch.kinds import get_kind
+    from gradmatch.kinds.image_classification import default_image_processor
 
     torch.manual_seed(0)
     config = ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=16, num_hidden_layers=1,
@@ -275,8 +300,9 @@ def test_run_fisher_on_an_image_classifier(tmp_path):
     processor.save_pretrained(tmp_path / "vit")
     out = run_fisher(str(tmp_path / "vit"), "digits-original", "train[:6]", out=tmp_path / "out", batch_size=4,
                      seed=1, progress=False)
-    encoded = gm_data.encode(gm_data.load_split("digits-original", "train[:6]"), processor)
-    batch = dict(gm_data.collator(processor)([encoded[i] for i in range(6)]))
+    image = get_kind("image-classification")
+    encoded = image.encode(load_split("digits-original", "train[:6]"), processor, 128)
+    batch = dict(image.collator(processor)([encoded[i] for i in range(6)]))
     expected = estimate_fisher(model, [batch], seed=1, progress=False)
     # On disk: the names and shapes of the model's own checkpoint (transformers 5 renames ViT's modules in
     # memory and back on saving), so the Hessian pairs tensor by tensor with the model folder.

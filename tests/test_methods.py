@@ -306,3 +306,58 @@ def test_zero_denominator_fails_unless_delta_is_positive():
     # with δ > 0 the same Hessians are fine and give task arithmetic on that entry
     got = gradient_matching(p, cs, parent_fisher=f0, fishers=fs, alphas=[1.0] * 3, parent_scale=1.0, scales=[1.0] * 3, delta_0=1e-12)
     assert got[2, 3].item() == pytest.approx(task_arithmetic(p, cs, alphas=[1.0] * 3)[2, 3].item(), rel=1e-6)
+
+
+# --------------------------------------------------------------------------- the removal guard (docs/merge.md)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=seeds, alphas=st.lists(st.floats(-3.0, 2.0), min_size=3, max_size=3),
+       N0=st.floats(0.0, 1e3), Ns=st.lists(st.floats(0.0, 1e3), min_size=3, max_size=3),
+       R=st.sampled_from([1.0, 2.0, 10.0, 50.0]))
+def test_the_guard_bounds_every_update_by_R_times_the_task_arithmetic_magnitudes(seed, alphas, N0, Ns, R):
+    """The documented bound: with some α_t < 0, |θ − θ_0| ≤ R·Σ_t |α_t τ_t| in every entry, and all finite."""
+    p, cs, f0, fs = family(seed, zero_fraction=0.2)
+    if min(alphas) >= 0:
+        alphas = [alphas[0] - 3.0, *alphas[1:]]
+    stats = {}
+    got = gradient_matching(p, cs, parent_fisher=f0, fishers=fs, alphas=alphas, parent_scale=N0, scales=Ns,
+                            delta_0=1e-6, max_update_ratio=R, stats=stats)
+    assert torch.isfinite(got).all()
+    bound = R * sum(abs(a) * (c.double() - p.double()).abs() for a, c in zip(alphas, cs))
+    assert bool(((got.double() - p.double()).abs() <= bound * (1 + 1e-5) + 1e-6).all())
+    # The count is the number of entries whose plain denominator lies below the floor, counted here in float64.
+    H0 = N0 * f0.double() + 1e-6
+    D = H0 + sum(a * N * f.double() for a, N, f in zip(alphas, Ns, fs))
+    floor = torch.stack([(H0 + N * f.double()) / R for a, N, f in zip(alphas, Ns, fs) if a != 0]).max(0).values
+    # float32 against float64: entries within rounding of the floor may fall either way (their value is the same)
+    clearly, maybe = int((D < floor * (1 - 1e-5)).sum()), int((D < floor * (1 + 1e-5)).sum())
+    assert clearly <= stats.get("guarded_entries", 0) <= maybe
+    assert rel_err(got, ref_gradient_matching(p, cs, f0, fs, alphas, N0, Ns, 1e-6, R)) <= 1e-5
+
+
+def test_the_guard_leaves_merges_without_removal_alone():
+    """Every α_t ≥ 0 (even tiny): the paper's formula exactly, no entry guarded (D ≥ H_0 + α_t H_t)."""
+    p, cs, f0, fs = family(21)
+    stats = {}
+    got = gradient_matching(p, cs, parent_fisher=f0, fishers=fs, alphas=[0.01, 0.0, 2.0], parent_scale=3.0,
+                            scales=[50.0, 1.0, 0.5], delta_0=1e-9, max_update_ratio=1.0, stats=stats)
+    assert "guarded_entries" not in stats
+    H0 = 3.0 * f0.double() + 1e-9
+    D = H0 + 0.01 * 50.0 * fs[0].double() + 2.0 * 0.5 * fs[2].double()
+    expected = p.double() + (0.01 * (H0 + 50.0 * fs[0].double()) * (cs[0].double() - p.double())
+                             + 2.0 * (H0 + 0.5 * fs[2].double()) * (cs[2].double() - p.double())) / D
+    assert rel_err(got, expected) <= 1e-6
+
+
+def test_removal_with_a_nearly_vanishing_denominator():
+    """α = −1, H_1 = 0.999·H_0: plainly each factor would be 1.999/0.001 ≈ 2,000; the guard caps it at R."""
+    p, cs, f0, _ = family(22, T=1)
+    f0 = f0 + 0.1
+    stats = {}
+    got = gradient_matching(p, cs, parent_fisher=f0, fishers=[0.999 * f0], alphas=[-1.0], parent_scale=1.0,
+                            scales=[1.0], delta_0=0.0, max_update_ratio=10.0, stats=stats)
+    tau = cs[0].double() - p.double()
+    ratio = (got.double() - p.double()) / tau
+    assert torch.allclose(ratio, torch.full_like(ratio, -10.0), rtol=1e-4)  # θ_0 − R·τ: removal, bounded
+    assert stats["guarded_entries"] == p.numel()

@@ -68,7 +68,7 @@ def test_worse_merge_has_larger_mismatch(setup):
 
 def test_mismatch_is_alpha_times_gradient_difference(setup):
     """One task: the reported value is α‖∇L(θ̄) − ∇L(θ_1)‖ computed the simple way, one example at a time."""
-    from gradmatch.models import load_for_classification
+    from gradmatch.models import load_model
 
     tmp, parent, tasks = setup
     child = _perturbed(parent, tmp / "child", 0.05, seed=3)
@@ -76,7 +76,7 @@ def test_mismatch_is_alpha_times_gradient_difference(setup):
                                batch_size=3, progress=False)
 
     def reference_grad(path):
-        model, tok = load_for_classification(path)
+        model, tok = load_model(path)
         model.eval()
         total = None
         for i, text in enumerate(TEXTS):

@@ -83,7 +83,7 @@ def test_vit_digits_from_scratch_learns(tmp_path):
                  "learning_rate": 3e-3, "per_device_train_batch_size": 32, "logging_steps": 5, "seed": 0,
                  "lr_scheduler": "cosine", "warmup_steps": 4, "weight_decay": 0.01}, quiet=True)
     meta = read_training_metadata(out)
-    assert meta["num_labels"] == 10 and meta["kind"] == "image" and meta["from_scratch"]
+    assert meta["num_labels"] == 10 and meta["kind"] == "image-classification" and meta["from_scratch"]
     assert meta["loss_history"][-1] < 0.8 * meta["loss_history"][0], meta["loss_history"]
     assert (out / "preprocessor_config.json").is_file()
     from transformers import AutoImageProcessor, AutoModelForImageClassification

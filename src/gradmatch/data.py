@@ -1,11 +1,12 @@
-"""Data: presets, local files and folders, hub ids, the digits image domains, `datasets` split syntax,
-and turning a split into model inputs (tokens or pixels) with a collator."""
+"""Data: presets, local files and folders, hub ids, the digits image domains, `datasets` split syntax and
+filters, as ``text`` or ``image`` columns with an optional ``label`` (how a split becomes model inputs is
+the kind of model's business: :mod:`gradmatch.kinds`)."""
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -324,7 +325,7 @@ def _apply_split(source: _Source, spec: str):
 
 
 def _standardise(ds, label: str, preset: str | None):
-    """Keep ``text`` (str) or ``image`` plus ``label`` (int64); map the presets' hub columns."""
+    """Keep ``text`` (str) or ``image`` plus ``label`` (int64) when there is one; map the presets' hub columns."""
     import datasets
 
     columns = set(ds.column_names)
@@ -340,8 +341,6 @@ def _standardise(ds, label: str, preset: str | None):
     if "labels" in columns and "label" not in columns:
         ds = ds.rename_column("labels", "label")
         columns = set(ds.column_names)
-    if "label" not in columns:
-        raise UserError(f"data set {label} has no 'label' column (columns: {', '.join(sorted(columns))})")
     if "image" in columns:
         keep = "image"
     elif "text" in columns:
@@ -351,20 +350,29 @@ def _standardise(ds, label: str, preset: str | None):
         keep = "text"
     else:
         raise UserError(f"data set {label} has neither a 'text' nor an 'image' column (columns: {', '.join(sorted(columns))})")
-    ds = ds.select_columns([keep, "label"])
+    has_label = "label" in columns
+    ds = ds.select_columns([keep, "label"] if has_label else [keep])
+    if keep == "text":
+        if getattr(ds.features["text"], "dtype", None) not in ("string", "large_string", "null"):
+            raise UserError(f"data set {label}: the 'text' column must hold strings, found {ds.features['text']}")
+        missing = [i for i, t in enumerate(ds["text"]) if t is None]
+        if missing:
+            raise UserError(f"data set {label}: row {missing[0]} has no text (null; {len(missing)} row(s) in all)")
+    if not has_label:
+        return ds
     label_feature = ds.features["label"]
     if not isinstance(label_feature, datasets.ClassLabel):
         dtype = getattr(label_feature, "dtype", None)
         if dtype is None or not (str(dtype).startswith("int") or str(dtype).startswith("uint")):
             raise UserError(f"data set {label}: labels must be integers, found {label_feature}")
-    if keep == "text" and getattr(ds.features["text"], "dtype", None) not in ("string", "large_string"):
-        raise UserError(f"data set {label}: the 'text' column must hold strings, found {ds.features['text']}")
     if label_feature != datasets.Value("int64"):
         ds = ds.cast_column("label", datasets.Value("int64"))
     return ds
 
 
 def _check_label_values(ds, label: str, num_labels: int | None = None) -> None:
+    if "label" not in ds.column_names:
+        return
     labels = ds["label"]
     if hasattr(labels, "to_pylist"):
         labels = labels.to_pylist()
@@ -389,8 +397,10 @@ def load_split(
     data_dir: str | os.PathLike | None = None,
     cache_dir: str | None = None,
     num_labels: int | None = None,
+    filters: Mapping[str, object] | None = None,
 ):
-    """Load one split of a data set as a ``datasets.Dataset`` with ``text`` or ``image`` and ``label``.
+    """Load one split of a data set as a ``datasets.Dataset`` with ``text`` or ``image`` and, when the data
+    has one, ``label``.
 
     ``dataset_name`` is a preset (``imdb``, ``yelp_polarity``, ``rotten_tomatoes``, ``sst2``,
     ``amazon_polarity``), a digits domain (``digits-original``, ``digits-rot90``, ``digits-inverted``,
@@ -402,9 +412,25 @@ def load_split(
     ``config_name``) may then hold one value for all or one per data set, also joined by ``;``.
     Presets read ``<data_dir or $GRADMATCH_DATA_DIR>/<preset>/<split>.jsonl`` when a root is
     given, else the hub. Labels are checked (integers, not negative, below ``num_labels`` if given).
+    ``filters`` keeps only the rows whose column holds the given value or one of the given values, e.g.
+    ``{"label": 0}`` for the negative reviews of a sentiment set; it applies after the split is sliced.
     """
     with _quiet_datasets():
-        return _load_split(dataset_name, split, config_name, data_dir, cache_dir, num_labels)
+        ds = _load_split(dataset_name, split, config_name, data_dir, cache_dir, num_labels)
+        return apply_filters(ds, filters, f"{dataset_name} ({split})") if filters else ds
+
+
+def apply_filters(ds, filters: Mapping[str, object], label: str):
+    """The rows of ``ds`` whose column ``c`` holds ``filters[c]`` (a value, or a list of allowed values)."""
+    for column, wanted in filters.items():
+        if column not in ds.column_names:
+            raise UserError(f"data set {label}: cannot filter on {column!r}: it has only {', '.join(ds.column_names)}")
+        allowed = set(wanted) if isinstance(wanted, (list, tuple, set)) else {wanted}
+        ds = ds.filter(lambda batch, c=column: [v in allowed for v in batch[c]], batched=True,
+                       desc=f"keeping {column} in {sorted(allowed, key=str)}")
+    if len(ds) == 0:
+        raise UserError(f"data set {label}: no row is left after the filter {dict(filters)}")
+    return ds
 
 
 class _quiet_datasets:
@@ -441,9 +467,10 @@ def _load_split(dataset_name, split, config_name, data_dir, cache_dir, num_label
         parts.append(ds)
     if len(parts) == 1:
         return parts[0]
-    kinds = {("image" if "image" in p.column_names else "text") for p in parts}
-    if len(kinds) > 1:
+    if len({"image" in p.column_names for p in parts}) > 1:
         raise UserError(f"cannot join text and image data sets: {dataset_name}")
+    if len({"label" in p.column_names for p in parts}) > 1:
+        parts = [p.remove_columns("label") if "label" in p.column_names else p for p in parts]
     return datasets.concatenate_datasets(parts)
 
 
@@ -458,11 +485,6 @@ def _per_name(value, n: int, key: str, dataset_name: str) -> list:
     return values
 
 
-def split_kind(dataset) -> str:
-    """``"image"`` or ``"text"``: which kind of examples a loaded split holds."""
-    return "image" if "image" in dataset.column_names else "text"
-
-
 def save_split(dataset, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Materialise a loaded split to ``path`` (``Dataset.save_to_disk``, atomically).
 
@@ -474,58 +496,3 @@ def save_split(dataset, path: str | os.PathLike, *, overwrite: bool = False) -> 
     with atomic_dir(path, overwrite) as tmp:
         dataset.save_to_disk(str(tmp))
     return Path(path)
-
-
-def is_tokenizer(processor) -> bool:
-    from transformers import PreTrainedTokenizerBase
-
-    return isinstance(processor, PreTrainedTokenizerBase)
-
-
-def model_max_length(model, max_length: int) -> int:
-    """``max_length`` capped at the model's number of position embeddings (when it has them)."""
-    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    return min(int(max_length), int(positions)) if positions else int(max_length)
-
-
-def encode(dataset, processor, max_length: int = 128, *, num_labels: int | None = None, desc: str | None = None):
-    """Model inputs for a loaded split: ``input_ids``/``attention_mask``[/``token_type_ids``]/``labels``
-    (text, truncated to ``max_length`` tokens, unpadded) or ``pixel_values``/``labels`` (images).
-
-    The returned dataset keeps the row order; pad batches with :func:`collator`.
-    """
-    if num_labels is not None:
-        _check_label_values(dataset, "given", num_labels)
-    kind = split_kind(dataset)
-    if kind == "text":
-        if not is_tokenizer(processor):
-            raise UserError("a text data set needs a text model (got an image processor)")
-
-        def tokenize(batch):
-            out = processor(batch["text"], truncation=True, max_length=max_length)
-            out["labels"] = batch["label"]
-            return dict(out)
-
-        return dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, desc=desc or "tokenizing")
-    if is_tokenizer(processor):
-        raise UserError("an image data set needs an image model (got a tokenizer)")
-    mean = getattr(processor, "image_mean", None)
-    mode = "L" if mean is not None and len(mean) == 1 else "RGB"
-
-    def pixels(batch):
-        images = [img.convert(mode) for img in batch["image"]]
-        out = processor(images=images, return_tensors="np")
-        return {"pixel_values": list(out["pixel_values"]), "labels": batch["label"]}
-
-    encoded = dataset.map(pixels, batched=True, remove_columns=dataset.column_names, desc=desc or "preparing images")
-    encoded.set_format("torch", columns=["pixel_values", "labels"])
-    return encoded
-
-
-def collator(processor):
-    """A data collator that pads text batches (``DataCollatorWithPadding``) or stacks image batches."""
-    from transformers import DataCollatorWithPadding, DefaultDataCollator
-
-    if is_tokenizer(processor):
-        return DataCollatorWithPadding(processor)
-    return DefaultDataCollator()

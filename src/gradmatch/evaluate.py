@@ -1,12 +1,13 @@
-"""Evaluation (`gradmatch evaluate`): accuracy, macro-F1 and per-example predictions of a classifier on
-one split; a config with the original's Fisher method computes the model's diagonal Fisher instead."""
+"""Evaluation (`gradmatch evaluate`): a model's metrics on one split (accuracy and macro-F1 for classifiers,
+perplexity for causal LMs), per-example records, and — for a causal LM given prompts — generations scored by
+an attribute classifier. A config with the original's Fisher method estimates the model's Fisher instead."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,8 @@ def _check_output_file(path: Path, overwrite: bool) -> None:
 
 
 def _run_fisher(cfg, data_dir, overwrite: bool, quiet: bool) -> dict[str, Any]:
-    try:
-        from gradmatch.fisher import run_fisher
-    except ImportError as exc:  # pragma: no cover - fisher.py ships with the package
-        raise UserError(f"the Fisher estimator is not available: {exc}") from exc
+    from gradmatch.fisher import run_fisher
+
     out = run_fisher(
         cfg.model_name_or_path,
         cfg.dataset_name,
@@ -44,50 +43,139 @@ def _run_fisher(cfg, data_dir, overwrite: bool, quiet: bool) -> dict[str, Any]:
         overwrite=overwrite,
         config_name=cfg.dataset_config_name,
         progress=not quiet,
+        kind=cfg.kind,
+        filters=cfg.dataset_filter_dict,
     )
     return {"method": cfg.method, "model": cfg.model_name_or_path, "dataset": cfg.dataset_name,
             "split": cfg.dataset_test_split, "fisher": str(out if out is not None else cfg.output_dir)}
 
 
-def classification_metrics(labels, predictions) -> dict[str, float]:
-    """Accuracy and macro-F1 (sklearn: mean F1 over the classes present in labels or predictions)."""
-    import numpy as np
-    from sklearn.metrics import f1_score
+# --------------------------------------------------------------------------- generation scored by a classifier
 
-    labels, predictions = np.asarray(labels), np.asarray(predictions)
-    return {
-        "accuracy": float(np.mean(labels == predictions)),
-        "macro_f1": float(f1_score(labels, predictions, average="macro", zero_division=0)),
+
+def read_prompts(prompts: Sequence[str] | str) -> list[str]:
+    """Prompts given inline, or read from a file: JSON Lines with ``prompt`` or ``text``, else one per line."""
+    if not isinstance(prompts, str):
+        return list(prompts)
+    path = Path(prompts).expanduser()
+    if not path.is_file():
+        raise UserError(f"prompts file {path} does not exist")
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read prompts file {path}: {exc}") from exc
+    if path.suffix.lower() in (".jsonl", ".json"):
+        out = []
+        for n, line in enumerate(lines, start=1):
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise UserError(f"prompts file {path}, line {n}: not JSON ({exc})") from None
+            text = row.get("prompt", row.get("text")) if isinstance(row, dict) else None
+            if not isinstance(text, str) or not text.strip():
+                raise UserError(f"prompts file {path}, line {n}: no 'prompt' or 'text' string")
+            out.append(text)
+        lines = out
+    if not lines:
+        raise UserError(f"prompts file {path} holds no prompts")
+    return lines
+
+
+class AttributeClassifier:
+    """A sequence classifier that scores texts for one unwanted label (e.g. negative sentiment, toxicity)."""
+
+    def __init__(self, name: str, unwanted_label: int | str):
+        from gradmatch.kinds import get_kind
+        from gradmatch.models import kind_of, load_config
+
+        self.kind = get_kind("text-classification")
+        found = kind_of(name)
+        config = load_config(name)
+        if found is not self.kind:
+            raise UserError(f"attribute classifier {name} is a {found.name} model, not a text classifier")
+        self.kind.check_head(name, config, "scoring generations")
+        self.label = self._label_id(name, config, unwanted_label)
+        self.name = name
+        self._model = None
+
+    @staticmethod
+    def _label_id(name: str, config, unwanted: int | str) -> int:
+        id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+        n = int(config.num_labels)
+        if isinstance(unwanted, int) or str(unwanted).lstrip("-").isdigit():
+            label = int(unwanted)
+            if not 0 <= label < n:
+                raise UserError(f"unwanted_label {label} is not a label of the classifier {name} "
+                                f"(it has {n} labels: {', '.join(id2label.get(i, str(i)) for i in range(n))})")
+            return label
+        matches = [i for i, v in id2label.items() if v.lower() == str(unwanted).lower()]
+        if not matches:
+            raise UserError(f"unwanted_label {unwanted!r} is not a label of the classifier {name} "
+                            f"(its labels: {', '.join(id2label.get(i, str(i)) for i in range(n))})")
+        return matches[0]
+
+    def probabilities(self, texts: list[str], *, batch_size: int, max_length: int, progress: bool) -> list[float]:
+        """The probability of the unwanted label for every text."""
+        import datasets
+
+        from gradmatch.models import load_model
+
+        if self._model is None:
+            self._model = load_model(self.name, kind=self.kind)
+        model, tokenizer = self._model
+        data = datasets.Dataset.from_dict({"text": texts, "label": [0] * len(texts)})
+        _, records = self.kind.evaluate(model, tokenizer, data, batch_size=batch_size, max_length=max_length,
+                                        progress=progress)
+        return [float(r["probabilities"][self.label]) for r in records]
+
+
+def generate_and_score(model, tokenizer, kind, settings, *, max_length: int, progress: bool
+                       ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Continuations of the prompts and, with a classifier, the rate of the unwanted label and distinct-n."""
+    from gradmatch.kinds.causal_lm import distinct_n
+
+    prompts = read_prompts(settings.prompts)
+    classifier = AttributeClassifier(settings.classifier, settings.unwanted_label) if settings.classifier else None
+    records = kind.generate(model, tokenizer, prompts, num_samples=settings.num_samples,
+                            max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample, top_p=settings.top_p,
+                            temperature=settings.temperature, seed=settings.seed, batch_size=settings.batch_size,
+                            progress=progress)
+    ids = [r["token_ids"] for r in records]
+    metrics: dict[str, Any] = {
+        "num_prompts": len(prompts), "num_generations": len(records),
+        "mean_new_tokens": sum(map(len, ids)) / max(1, len(ids)),
+        **{f"distinct_{n}": distinct_n(ids, n) for n in (1, 2, 3)},
     }
+    if classifier is not None:
+        texts = [(r["prompt"] + r["continuation"]) if settings.score_text == "full" else r["continuation"]
+                 for r in records]
+        probs = classifier.probabilities(texts, batch_size=64, max_length=max_length, progress=progress)
+        for r, p in zip(records, probs):
+            r["unwanted_probability"] = round(p, 6)
+            r["unwanted"] = p > 0.5
+        rate = sum(r["unwanted"] for r in records) / len(records)
+        metrics.update({"unwanted_rate": rate, "unwanted_rate_se": (rate * (1 - rate) / len(records)) ** 0.5,
+                        "unwanted_probability": sum(probs) / len(probs), "classifier": classifier.name,
+                        "unwanted_label": classifier.label, "score_text": settings.score_text})
+    for r in records:
+        del r["token_ids"]
+    return metrics, records
 
 
-def predict(model, processor, dataset, *, batch_size: int = 8, max_length: int = 128, quiet: bool = False):
-    """Logits of ``model`` on a loaded split (Hugging Face ``Trainer.predict``), in row order."""
-    from transformers import Trainer, TrainingArguments
-
-    from gradmatch.data import collator, encode, model_max_length
-
-    encoded = encode(dataset, processor, model_max_length(model, max_length), desc="preparing evaluation data")
-    with tempfile.TemporaryDirectory(prefix="gradmatch-eval-") as work:
-        args = TrainingArguments(output_dir=work, per_device_eval_batch_size=batch_size, report_to="none",
-                                 disable_tqdm=quiet, dataloader_num_workers=0, save_strategy="no",
-                                 dataloader_pin_memory=False)
-        trainer = Trainer(model=model, args=args, data_collator=collator(processor), processing_class=processor)
-        output = trainer.predict(encoded)
-    logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
-    return logits, output.metrics.get("test_loss")
+# --------------------------------------------------------------------------- the command
 
 
 def evaluate(config, *, data_dir: str | os.PathLike | None = None, overwrite: bool = False,
              quiet: bool = False) -> dict[str, Any]:
-    """Evaluate a model on ``dataset_test_split`` and write metrics and predictions JSON; return the metrics.
+    """Evaluate a model on ``dataset_test_split`` and write metrics and per-example records; return the metrics.
 
-    ``config`` is an :class:`~gradmatch.config.EvaluateConfig`, a mapping of its keys or a JSON/YAML
-    file. Metrics (``accuracy``, ``macro_f1``, ``num_examples``, ``loss``, data set, split, model) go
-    to ``metric_output_file`` (default ``<output_dir>/metrics.json``), predictions (per example: index,
-    label, prediction, probabilities) to ``prediction_output_file``; both appear atomically.
-    With ``method: sequence_classification_squared_gradients`` the model's diagonal Fisher is
-    written to ``<output_dir>/hessian`` instead (as `gradmatch fisher` does).
+    ``config`` is an :class:`~gradmatch.config.run.EvaluateConfig`, a mapping of its keys or a JSON/YAML
+    file. Metrics (the kind's: ``accuracy``/``macro_f1`` for classifiers, ``perplexity`` for causal LMs;
+    ``num_examples``, data set, split, model) go to ``metric_output_file`` (default
+    ``<output_dir>/metrics.json``), per-example records to ``prediction_output_file``; a ``generation``
+    block adds generation metrics (``generation.*``) and a generations JSON Lines file. Every file
+    appears atomically. With ``method: sequence_classification_squared_gradients`` the model's diagonal
+    Fisher is written to ``<output_dir>/hessian`` instead (as `gradmatch fisher` does).
     """
     from gradmatch.config.run import load_evaluate_config
 
@@ -95,55 +183,54 @@ def evaluate(config, *, data_dir: str | os.PathLike | None = None, overwrite: bo
     if cfg.is_fisher():
         return _run_fisher(cfg, data_dir, overwrite, quiet)
 
-    import numpy as np
-    import torch
-
-    from gradmatch.data import load_split, split_kind
+    from gradmatch.data import load_split
     from gradmatch.fsutil import atomic_file
-    from gradmatch.models import load_for_classification, model_kind
+    from gradmatch.models import BUILTIN_SPECS, kind_of, load_config, load_model
 
-    metric_path, prediction_path = cfg.metric_path(), cfg.prediction_path()
-    if metric_path.absolute() == prediction_path.absolute():
-        raise UserError(f"metric_output_file and prediction_output_file are the same file: {metric_path}")
-    for path in (metric_path, prediction_path):
+    outputs = [p for p in (cfg.metric_path(), cfg.prediction_path(), cfg.generation_path()) if p is not None]
+    seen: set[Path] = set()
+    for path in outputs:
+        if path.absolute() in seen:
+            raise UserError(f"two outputs of this evaluation (metrics, predictions, generations) are the same file: {path}")
+        seen.add(path.absolute())
+    for path in outputs:
         _check_output_file(path, overwrite)
-    kind = model_kind(cfg.model_name_or_path)
+    name = cfg.model_name_or_path
+    kind = kind_of(name, cfg.kind)
+    config = load_config(name)
+    if name not in BUILTIN_SPECS:
+        kind.check_head(name, config, "evaluation")
+    where = f"{cfg.dataset_name} ({cfg.dataset_test_split})"
     data = load_split(cfg.dataset_name, cfg.dataset_test_split, config_name=cfg.dataset_config_name,
-                      data_dir=data_dir, cache_dir=cfg.cache_dir)
-    if split_kind(data) != kind:
-        raise UserError(f"{cfg.dataset_name} holds {split_kind(data)} examples but {cfg.model_name_or_path} "
-                        f"is a{'n' if kind == 'image' else ''} {kind} model")
-    model, processor = load_for_classification(cfg.model_name_or_path)
-    num_labels = int(model.config.num_labels)
-    labels = [int(v) for v in data["label"]]
-    if max(labels) >= num_labels:
-        raise UserError(f"data set {cfg.dataset_name} ({cfg.dataset_test_split}): label {max(labels)} is outside "
-                        f"0..{num_labels - 1} (the model has {num_labels} labels)")
-
-    logits, loss = predict(model, processor, data, batch_size=cfg.per_device_eval_batch_size,
-                           max_length=cfg.max_input_length, quiet=quiet)
-    probabilities = torch.softmax(torch.as_tensor(np.asarray(logits), dtype=torch.float64), dim=-1).numpy()
-    predictions = probabilities.argmax(axis=-1).tolist()
-    metrics: dict[str, Any] = {
-        **classification_metrics(labels, predictions),
-        "num_examples": len(labels),
-        "loss": float(loss) if loss is not None else None,
-        "model": cfg.model_name_or_path,
-        "dataset": cfg.dataset_name,
-        "dataset_config_name": cfg.dataset_config_name,
-        "split": cfg.dataset_test_split,
-        "num_labels": num_labels,
-    }
-    records = [
-        {"index": i, "label": y, "prediction": p, "probabilities": [round(float(q), 6) for q in probs]}
-        for i, (y, p, probs) in enumerate(zip(labels, predictions, probabilities))
-    ]
-    with atomic_file(prediction_path) as fh:
-        json.dump({"model": cfg.model_name_or_path, "dataset": cfg.dataset_name, "split": cfg.dataset_test_split,
+                      data_dir=data_dir, cache_dir=cfg.cache_dir, filters=cfg.dataset_filter_dict)
+    kind.check_data(data, where, name)
+    if kind.needs_labels:
+        kind.check_labels(data, where, int(config.num_labels))
+    if cfg.generation is not None:  # check the prompts and the classifier before any model work
+        read_prompts(cfg.generation.prompts)
+        if cfg.generation.classifier:
+            AttributeClassifier(cfg.generation.classifier, cfg.generation.unwanted_label)
+    model, processor = load_model(name, kind=kind)
+    metrics, records = kind.evaluate(model, processor, data, batch_size=cfg.per_device_eval_batch_size,
+                                     max_length=cfg.max_input_length, progress=not quiet)
+    metrics = {**metrics, "model": name, "kind": kind.name, "dataset": cfg.dataset_name,
+               "dataset_config_name": cfg.dataset_config_name, "split": cfg.dataset_test_split,
+               "filters": cfg.dataset_filter_dict}
+    generations = None
+    if cfg.generation is not None:
+        generation_metrics, generations = generate_and_score(model, processor, kind, cfg.generation,
+                                                             max_length=cfg.max_input_length, progress=not quiet)
+        metrics["generation"] = generation_metrics
+    with atomic_file(cfg.prediction_path()) as fh:
+        json.dump({"model": name, "dataset": cfg.dataset_name, "split": cfg.dataset_test_split,
                    "predictions": records}, fh)
         fh.write("\n")
-    with atomic_file(metric_path) as fh:
+    if generations is not None:
+        with atomic_file(cfg.generation_path()) as fh:
+            fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in generations)
+    with atomic_file(cfg.metric_path()) as fh:
         json.dump(metrics, fh, indent=2)
         fh.write("\n")
-    log.info("accuracy %.4f on %d examples; metrics in %s", metrics["accuracy"], len(labels), metric_path)
+    log.info("%s %.4f on %d examples; metrics in %s", kind.primary_metric, metrics[kind.primary_metric],
+             metrics["num_examples"], cfg.metric_path())
     return metrics

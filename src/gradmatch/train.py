@@ -1,5 +1,6 @@
-"""Fine-tuning (`gradmatch train`): Hugging Face `Trainer` with AdamW, a warmup schedule and optional LoRA,
-writing a self-contained model folder with ``training_metadata.json`` atomically."""
+"""Fine-tuning (`gradmatch train`): Hugging Face `Trainer` with AdamW, a warmup schedule and optional LoRA, for
+any kind of model (the kind says how examples are encoded and batched), writing a self-contained model
+folder with ``training_metadata.json`` atomically."""
 
 from __future__ import annotations
 
@@ -27,16 +28,6 @@ def read_training_metadata(model_dir: str | os.PathLike) -> dict[str, Any] | Non
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read {path}: {exc}") from exc
-
-
-def _num_labels(cfg, model_config, train_labels: list[int]) -> int:
-    """The head size: the config's ``num_labels``, else an existing head's size, else max label + 1 (at least 2)."""
-    if cfg.num_labels is not None:
-        return cfg.num_labels
-    architectures = getattr(model_config, "architectures", None) or []
-    if any(a.endswith(("ForSequenceClassification", "ForImageClassification")) for a in architectures):
-        return int(model_config.num_labels)
-    return max(2, max(train_labels) + 1)
 
 
 def _training_arguments(cfg, output_dir: Path, *, quiet: bool, has_eval: bool):
@@ -79,26 +70,11 @@ def _training_arguments(cfg, output_dir: Path, *, quiet: bool, has_eval: bool):
     )
 
 
-def _accuracy(eval_prediction) -> dict[str, float]:
-    import numpy as np
+def _with_lora(model, lora, kind):
+    from peft import LoraConfig, get_peft_model
 
-    logits = eval_prediction.predictions[0] if isinstance(eval_prediction.predictions, tuple) else eval_prediction.predictions
-    return {"accuracy": float(np.mean(np.argmax(logits, axis=-1) == eval_prediction.label_ids))}
-
-
-def _with_lora(model, lora, kind: str):
-    from peft import LoraConfig, TaskType, get_peft_model
-
-    target = lora.target_modules
-    peft_config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=target,
-        task_type=TaskType.SEQ_CLS if kind == "text" else None,
-        # image models: train the new classification head in full, as SEQ_CLS does for text
-        modules_to_save=None if kind == "text" else ["classifier"],
-    )
+    peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                             target_modules=lora.target_modules, **kind.lora_settings())
     try:
         return get_peft_model(model, peft_config)
     except ValueError as exc:
@@ -115,39 +91,40 @@ def train(config, *, data_dir: str | os.PathLike | None = None, overwrite: bool 
     ``overwrite`` (or ``overwrite_output_dir: true``). Returns the folder.
     """
     from gradmatch.config.run import load_train_config
-    from gradmatch.data import encode, load_split, split_kind
+    from gradmatch.data import load_split
     from gradmatch.fsutil import atomic_dir, check_output_dir
-    from gradmatch.models import load_config, model_kind
+    from gradmatch.models import kind_of, load_config
 
     cfg = load_train_config(config)
     out = Path(cfg.output_dir)
     overwrite = overwrite or cfg.overwrite_output_dir
     check_output_dir(out, overwrite)
 
-    kind = model_kind(cfg.model_name_or_path)
+    kind = kind_of(cfg.model_name_or_path, cfg.kind)
+    where = f"{cfg.dataset_name} ({cfg.dataset_train_split})"
     train_data = load_split(cfg.dataset_name, cfg.dataset_train_split, config_name=cfg.dataset_config_name,
-                            data_dir=data_dir, cache_dir=cfg.cache_dir)
-    if split_kind(train_data) != kind:
-        raise UserError(f"{cfg.dataset_name} holds {split_kind(train_data)} examples but {cfg.model_name_or_path} "
-                        f"is a{'n' if kind == 'image' else ''} {kind} model")
-    train_labels = list(train_data["label"])
-    num_labels = _num_labels(cfg, load_config(cfg.model_name_or_path), train_labels)
+                            data_dir=data_dir, cache_dir=cfg.cache_dir, filters=cfg.dataset_filter_dict)
+    kind.check_data(train_data, where, cfg.model_name_or_path)
+    train_labels = list(train_data["label"]) if kind.needs_labels else None
+    num_labels = kind.num_labels(load_config(cfg.model_name_or_path), train_labels, cfg.num_labels)
+    if num_labels is not None:
+        kind.check_labels(train_data, where, num_labels)
     val_data = None
     if cfg.dataset_val_split:
         val_data = load_split(cfg.dataset_name, cfg.dataset_val_split, config_name=cfg.dataset_config_name,
-                              data_dir=data_dir, cache_dir=cfg.cache_dir, num_labels=num_labels)
-    if max(train_labels) >= num_labels:
-        raise UserError(f"data set {cfg.dataset_name} ({cfg.dataset_train_split}): label {max(train_labels)} is "
-                        f"outside 0..{num_labels - 1} (num_labels is {num_labels})")
+                              data_dir=data_dir, cache_dir=cfg.cache_dir, filters=cfg.dataset_filter_dict)
+        kind.check_data(val_data, f"{cfg.dataset_name} ({cfg.dataset_val_split})", cfg.model_name_or_path)
+        if num_labels is not None:
+            kind.check_labels(val_data, f"{cfg.dataset_name} ({cfg.dataset_val_split})", num_labels)
 
     with atomic_dir(out, overwrite) as tmp:
-        metadata = _fit(cfg, tmp, train_data, val_data, num_labels, kind, quiet=quiet, encode=encode)
+        metadata = _fit(cfg, tmp, train_data, val_data, num_labels, kind, quiet=quiet)
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     log.info("trained model written to %s", out)
     return out
 
 
-def _fit(cfg, folder: Path, train_data, val_data, num_labels: int, kind: str, *, quiet: bool, encode) -> dict:
+def _fit(cfg, folder: Path, train_data, val_data, num_labels: int | None, kind, *, quiet: bool) -> dict:
     """Train in ``folder`` (a temporary folder) and save the final model there; return the metadata."""
     import shutil
 
@@ -155,16 +132,14 @@ def _fit(cfg, folder: Path, train_data, val_data, num_labels: int, kind: str, *,
     from transformers import Trainer
 
     from gradmatch import __version__
-    from gradmatch.data import collator, model_max_length
-    from gradmatch.models import load_for_classification, resolve_model
+    from gradmatch.models import load_model, model_max_length, resolve_model
 
     transformers.set_seed(cfg.seed)
-    model, processor = load_for_classification(
-        cfg.model_name_or_path, num_labels=num_labels, dropout=cfg.dropout, from_scratch=cfg.from_scratch, seed=cfg.seed
-    )
+    model, processor = load_model(cfg.model_name_or_path, kind=kind, num_labels=num_labels, dropout=cfg.dropout,
+                                  from_scratch=cfg.from_scratch, seed=cfg.seed)
     max_length = model_max_length(model, cfg.max_input_length)
-    train_encoded = encode(train_data, processor, max_length, desc="preparing training data")
-    val_encoded = encode(val_data, processor, max_length, desc="preparing validation data") if val_data else None
+    train_encoded = kind.encode(train_data, processor, max_length, desc="preparing training data")
+    val_encoded = kind.encode(val_data, processor, max_length, desc="preparing validation data") if val_data else None
     if cfg.lora is not None:
         model = _with_lora(model, cfg.lora, kind)
     work = folder / ".trainer"
@@ -172,11 +147,11 @@ def _fit(cfg, folder: Path, train_data, val_data, num_labels: int, kind: str, *,
     trainer = Trainer(
         model=model,
         args=args,
-        data_collator=collator(processor),
+        data_collator=kind.collator(processor),
         train_dataset=train_encoded,
         eval_dataset=val_encoded,
         processing_class=processor,
-        compute_metrics=_accuracy if val_encoded is not None else None,
+        compute_metrics=kind.trainer_metrics() if val_encoded is not None else None,
     )
     if quiet:  # with the progress bar off, Trainer prints every log line instead
         from transformers.trainer_callback import PrinterCallback
@@ -198,8 +173,9 @@ def _fit(cfg, folder: Path, train_data, val_data, num_labels: int, kind: str, *,
         parent_path = None
     return {
         "gradmatch_version": __version__,
-        "num_train_examples": len(train_data),
+        "num_train_examples": len(train_encoded),
         "dataset_name": cfg.dataset_name,
+        "dataset_filter_dict": cfg.dataset_filter_dict,
         "dataset_config_name": cfg.dataset_config_name,
         "train_split": cfg.dataset_train_split,
         "val_split": cfg.dataset_val_split,
@@ -208,7 +184,7 @@ def _fit(cfg, folder: Path, train_data, val_data, num_labels: int, kind: str, *,
         "parent_path": parent_path,
         "from_scratch": cfg.from_scratch or parent in _builtin_names(),
         "num_labels": num_labels,
-        "kind": kind,
+        "kind": kind.name,
         "lora": cfg.lora is not None,
         "global_step": trainer.state.global_step,
         "epochs": float(trainer.state.epoch or 0.0),

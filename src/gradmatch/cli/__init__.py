@@ -13,6 +13,7 @@ import sys
 
 from gradmatch.errors import UserError
 from gradmatch.config.fisher import ESTIMATORS
+from gradmatch.kinds import kind_names
 from gradmatch.methods import method_names
 
 
@@ -254,9 +255,14 @@ def _run_evaluate(args) -> int:
     result = evaluate(args.config, data_dir=args.data_dir, overwrite=args.overwrite, quiet=args.quiet)
     if "fisher" in result:
         print(f"Fisher written to {result['fisher']}")
-    else:
-        print(f"accuracy {result['accuracy']:.4f}  macro-F1 {result['macro_f1']:.4f}  "
-              f"on {result['num_examples']} examples of {result['dataset']} {result['split']}")
+        return 0
+    shown = [f"{key} {result[key]:.4f}" for key in ("accuracy", "macro_f1", "perplexity") if key in result]
+    print(f"{'  '.join(shown)}  on {result['num_examples']} examples of {result['dataset']} {result['split']}")
+    generation = result.get("generation")
+    if generation:
+        rate = (f"unwanted rate {generation['unwanted_rate']:.3f} ± {generation['unwanted_rate_se']:.3f}, "
+                if "unwanted_rate" in generation else "")
+        print(f"{generation['num_generations']} generations: {rate}distinct-2 {generation['distinct_2']:.3f}")
     return 0
 
 
@@ -271,7 +277,12 @@ def _add_fisher(sub) -> None:
         "per-example gradients of log p(y|x), plus fisher.json. Under `torchrun --nproc_per_node K -m gradmatch "
         "fisher ...` the examples are shared out across processes with the same result. See docs/fisher.md.",
     )
-    p.add_argument("--model", required=True, help="classifier: Hugging Face folder, hub id or alias")
+    p.add_argument("--model", required=True, help="a classifier or causal LM: Hugging Face folder, hub id or alias "
+                   "(minilm, smollm2)")
+    p.add_argument("--kind", choices=kind_names(), default=None,
+                   help="kind of model (default: read from its config)")
+    p.add_argument("--filter", action="append", default=[], metavar="COLUMN=VALUE[,VALUE...]",
+                   help="keep only rows whose column holds one of the values, e.g. --filter label=0 (repeatable)")
     p.add_argument("--data", required=True, help="data set: preset, local JSON Lines/CSV file or folder, hub id")
     p.add_argument("--split", required=True, help="split, `datasets` syntax: train, train[:20%%], test[100:600]")
     p.add_argument("--estimator", choices=ESTIMATORS, default="sampled",
@@ -290,13 +301,26 @@ def _add_fisher(sub) -> None:
     p.set_defaults(func=_run_fisher)
 
 
+def _filters(given: list[str]) -> dict[str, list] | None:
+    """``["label=0,1"]`` as ``{"label": [0, 1]}`` (integers where the value is one)."""
+    filters: dict[str, list] = {}
+    for item in given:
+        column, sep, values = item.partition("=")
+        if not sep or not column.strip() or not values.strip():
+            raise UserError(f"--filter {item!r}: write COLUMN=VALUE[,VALUE...], e.g. label=0")
+        parsed = [int(v) if v.strip().lstrip("-").isdigit() else v.strip() for v in values.split(",")]
+        filters.setdefault(column.strip(), []).extend(parsed)
+    return filters or None
+
+
 def _run_fisher(args) -> int:
     from gradmatch.fisher import run_fisher
 
     out = run_fisher(args.model, args.data, args.split, out=args.out, estimator=args.estimator,
                      batch_size=args.batch_size, max_examples=args.max_examples, max_length=args.max_length,
                      seed=args.seed, data_dir=args.data_dir, overwrite=args.overwrite,
-                     config_name=args.config_name, device=args.device, progress=not args.quiet)
+                     config_name=args.config_name, device=args.device, progress=not args.quiet, kind=args.kind,
+                     filters=_filters(args.filter))
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"Fisher written to {out}/hessian")
     return 0
@@ -362,10 +386,12 @@ def _run_mismatch(args) -> int:
     result = gradient_mismatch(args.merged, children=children, data=args.data, alphas=alphas, split=args.split,
                                max_length=args.max_length, batch_size=args.batch_size, data_dir=args.data_dir,
                                max_examples=args.max_examples)
-    print(f"{'task':<24} {'alpha':>6} {'mismatch':>10} {'error':>7}")
+    print(f"{'task':<24} {'alpha':>6} {'mismatch':>10} {'loss':>9}  metrics of the merged model")
     for t in result.tasks:
-        print(f"{t.task[-24:]:<24} {t.alpha:>6.3g} {t.mismatch:>10.4g} {t.error_merged:>7.3f}")
-    print(f"total mismatch {result.total_mismatch:.4g}, mean error {result.mean_error:.3f}")
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in t.metrics_merged.items())
+        print(f"{t.task[-24:]:<24} {t.alpha:>6.3g} {t.mismatch:>10.4g} {t.loss_merged:>9.4g}  {shown}")
+    mean = "" if result.mean_error is None else f", mean error {result.mean_error:.3f}"
+    print(f"total mismatch {result.total_mismatch:.4g}{mean}")
     if args.out:
         with atomic_file(args.out) as fh:
             json.dump(result.to_json(), fh, indent=2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -16,7 +16,7 @@ log = logging.getLogger("gradmatch.config")
 
 #: Keys of the original code's config files that have no meaning here: accepted, ignored with a note.
 ORIGINAL_IGNORED_KEYS: dict[str, str] = {
-    "max_output_length": "generation length; classification generates nothing",
+    "max_output_length": "generation length: set generation.max_new_tokens",
     "save_strategy": "no intermediate checkpoints are kept; the final model is written once",
     "save_steps": "no intermediate checkpoints are kept",
     "save_total_limit": "no intermediate checkpoints are kept",
@@ -30,16 +30,15 @@ ORIGINAL_IGNORED_KEYS: dict[str, str] = {
     "use_auth_token": "log in with `hf auth login` instead",
     "report_to": "training logs go to training_metadata.json",
     "do_train": "implied by the command", "do_eval": "implied by dataset_val_split", "do_predict": "implied by the command",
-    "predict_with_generate": "classification generates nothing",
+    "predict_with_generate": "a causal LM generates when the evaluate config has a generation block",
     "dataset_data_files": "give a local file or folder as dataset_name",
     "dataset_transformations": "not supported", "dataset_lowercase_entities": "not supported",
-    "dataset_filter_dict": "not supported",
-    "generation_max_len": "classification generates nothing", "generation_beam_size": "classification generates nothing",
-    "generation_do_sample": "classification generates nothing",
-    "generation_length_penalty": "classification generates nothing",
-    "generation_uid_regularization": "classification generates nothing",
-    "generation_no_repeat_ngram_size": "classification generates nothing",
-    "num_return_sequences": "classification generates nothing", "num_sequences_to_keep": "classification generates nothing",
+    "generation_max_len": "use the generation block (generation.max_new_tokens, do_sample, num_samples)", "generation_beam_size": "use the generation block (generation.max_new_tokens, do_sample, num_samples)",
+    "generation_do_sample": "use the generation block (generation.max_new_tokens, do_sample, num_samples)",
+    "generation_length_penalty": "use the generation block (generation.max_new_tokens, do_sample, num_samples)",
+    "generation_uid_regularization": "use the generation block (generation.max_new_tokens, do_sample, num_samples)",
+    "generation_no_repeat_ngram_size": "use the generation block (generation.max_new_tokens, do_sample, num_samples)",
+    "num_return_sequences": "use the generation block (generation.max_new_tokens, do_sample, num_samples)", "num_sequences_to_keep": "use the generation block (generation.max_new_tokens, do_sample, num_samples)",
     "history_max_tokens": "dialogue-only key", "history_max_utterances": "dialogue-only key",
     "knowledge_max_tokens": "dialogue-only key", "knowledge_truncation_strategy": "dialogue-only key",
     "user_token": "dialogue-only key", "agent_token": "dialogue-only key", "system_token": "dialogue-only key",
@@ -78,6 +77,10 @@ class _TeBase(BaseModel):
     per_device_eval_batch_size: int = Field(default=8, gt=0)
     seed: int = 42
     cache_dir: str | None = None
+    kind: str | None = Field(default=None, description="kind of model (text-classification, image-classification, "
+                             "causal-lm); default: read from the model's config")
+    dataset_filter_dict: dict[str, Any] | None = Field(
+        default=None, description="keep only rows whose column holds the value (or one of the list), e.g. {label: 0}")
     #: keys of the original files that were accepted and ignored (filled in on loading; not a user key)
     ignored_keys: list[str] = Field(default_factory=list, exclude=True)
 
@@ -86,6 +89,15 @@ class _TeBase(BaseModel):
     def _not_empty(cls, value: str) -> str:
         if not str(value).strip():
             raise ValueError("must not be empty")
+        return value
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value: str | None) -> str | None:
+        from gradmatch.kinds import kind_names
+
+        if value is not None and value not in kind_names():
+            raise ValueError(f"unknown kind {value!r} (choose from {', '.join(kind_names())})")
         return value
 
 
@@ -144,6 +156,36 @@ class TrainConfig(_TeBase):
         return self
 
 
+class GenerationSettings(BaseModel):
+    """Continuations of prompts by a causal LM, scored by an attribute classifier (the paper's toxicity setup)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    prompts: list[str] | str = Field(description="the prompts, or a file: JSON Lines with 'prompt' or 'text', "
+                                     "or plain text with one prompt per line")
+    num_samples: int = Field(default=1, gt=0, le=1000, description="continuations per prompt")
+    max_new_tokens: int = Field(default=32, gt=0, le=4096)
+    do_sample: bool = Field(default=True, description="sample (seeded) or greedy")
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    temperature: float = Field(default=1.0, gt=0, le=100)
+    seed: int = 0
+    batch_size: int = Field(default=16, gt=0, description="prompts generated at once (results depend on it when sampling)")
+    classifier: str | None = Field(default=None, description="a sequence-classifier folder that scores the continuations")
+    unwanted_label: int | str = Field(default=0, description="the classifier's label counted as unwanted (id or name)")
+    score_text: Literal["continuation", "full"] = Field(
+        default="continuation", description="what the classifier reads: the continuation alone or prompt + continuation")
+    output_file: str | None = Field(default=None, description="generations JSON Lines (default beside the metrics)")
+
+    @field_validator("prompts")
+    @classmethod
+    def _some_prompts(cls, value):
+        if isinstance(value, list) and (not value or any(not isinstance(p, str) or not p.strip() for p in value)):
+            raise ValueError("give at least one prompt, none of them empty")
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must name a prompts file (or be a list of prompts)")
+        return value
+
+
 class EvaluateConfig(_TeBase):
     """An evaluation (`gradmatch evaluate`): metrics and predictions of a model on one split, or — with
     ``method: sequence_classification_squared_gradients`` — the model's diagonal Fisher on that split."""
@@ -155,6 +197,7 @@ class EvaluateConfig(_TeBase):
     fisher_estimator: Estimator = "sampled"
     fisher_batch_size: int = Field(default=16, gt=0)
     fisher_max_examples: int | None = Field(default=None, gt=0)
+    generation: GenerationSettings | None = None
 
     @field_validator("method")
     @classmethod
@@ -184,6 +227,15 @@ class EvaluateConfig(_TeBase):
         if self.output_dir:
             return Path(self.output_dir) / "predictions.json"
         return self.metric_path().with_name(self.metric_path().stem + ".predictions.json")
+
+    def generation_path(self) -> Path | None:
+        if self.generation is None:
+            return None
+        if self.generation.output_file:
+            return Path(self.generation.output_file)
+        if self.output_dir:
+            return Path(self.output_dir) / "generations.jsonl"
+        return self.metric_path().with_name(self.metric_path().stem + ".generations.jsonl")
 
 
 #: Training keys an evaluate config may carry (the original reused one dict for both): ignored there.

@@ -1,0 +1,248 @@
+"""Causal language models (``AutoModelForCausalLM``: GPT-2, Llama, Qwen, Mistral, ...): one example is one
+sequence, its log-likelihood Σ_i log p(x_i | x_<i) over its predicted tokens; perplexity; generation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from gradmatch.errors import UserError
+from gradmatch.kinds._classifier import HEAD_SUFFIXES, example_uniforms
+from gradmatch.kinds.base import Kind, model_max_length
+from gradmatch.kinds.text_classification import load_tokenizer
+
+#: Architecture name endings of a checkpoint with a language-modelling head.
+LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def ensure_pad_token(tokenizer, name: str):
+    """Tokenizers without a pad token (GPT-2's) pad with their end-of-sequence token; padded positions are
+    masked out of every loss and likelihood by the attention mask, so its identity does not matter."""
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token or tokenizer.bos_token
+        if fallback is None:
+            raise UserError(f"model {name}: its tokenizer has no pad, end-of-sequence or unknown token to pad with")
+        tokenizer.pad_token = fallback
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def distinct_n(sequences: Sequence[Sequence[int]], n: int) -> float:
+    """Distinct-n (Li et al., 2016): unique n-grams over all n-grams of all sequences (0 when there are none)."""
+    grams = [tuple(seq[i:i + n]) for seq in sequences for i in range(len(seq) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+class CausalLM(Kind):
+    name = "causal-lm"
+    example_column = "text"
+    needs_labels = False
+    priority = 10
+    primary_metric = "perplexity"
+    higher_is_better = False
+    unit = "sequence"
+    likelihood = "Σ_i log p(x_i | x_<i) over its predicted tokens"
+
+    @classmethod
+    def claims(cls, config) -> bool:
+        archs = getattr(config, "architectures", None) or []
+        if archs:
+            return any(a.endswith(LM_SUFFIXES) for a in archs)
+        from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                            MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+        kind = getattr(config, "model_type", None)
+        return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    def auto_class(self):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM
+
+    def load_processor(self, source, config, name, *, from_scratch):
+        if source is None:
+            raise UserError(f"model {name} has no tokenizer")
+        return ensure_pad_token(load_tokenizer(source, name), name)
+
+    def prepare_model(self, model, processor):
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = processor.pad_token_id
+        return model
+
+    def prepare_config(self, config, *, num_labels=None, id2label=None) -> bool:
+        if num_labels is not None:
+            raise UserError(f"num_labels applies to classifiers; a {self.name} model has no label head")
+        return False
+
+    def check_head(self, name, config, purpose):
+        archs = list(getattr(config, "architectures", None) or [])
+        if any(a.endswith(HEAD_SUFFIXES) for a in archs):
+            raise UserError(f"model {name} is a classifier ({', '.join(archs)}), not a causal language model: "
+                            f"{purpose} needs a language-modelling head")
+        if archs and not any(a.endswith(LM_SUFFIXES) for a in archs):
+            raise UserError(f"model {name} has no language-modelling head (its architecture is {', '.join(archs)})")
+
+    def lora_settings(self):
+        from peft import TaskType
+
+        return {"task_type": TaskType.CAUSAL_LM}
+
+    # ------------------------------------------------------------------ data
+
+    def encode(self, dataset, processor, max_length, *, desc=None):
+        """``input_ids``/``attention_mask`` (truncated to ``max_length``, the tokenizer's default special tokens)
+        and ``labels`` (the same ids: the next-token targets are the text itself). Sequences with fewer than
+        two tokens predict nothing and are left out."""
+        from transformers import PreTrainedTokenizerBase
+
+        if not isinstance(processor, PreTrainedTokenizerBase):
+            raise UserError("a causal language model reads text (got an image processor)")
+        if "text" not in dataset.column_names:
+            raise UserError(f"a {self.name} model reads a 'text' column; the data has {', '.join(dataset.column_names)}")
+        if any(t is None for t in dataset["text"]):
+            raise UserError("the data has missing texts (null in the 'text' column)")
+
+        def tokenize(batch):
+            out = dict(processor(batch["text"], truncation=True, max_length=max_length))
+            out["labels"] = [list(ids) for ids in out["input_ids"]]
+            return out
+
+        encoded = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, desc=desc or "tokenizing")
+        short = sum(1 for ids in encoded["input_ids"] if len(ids) < 2)
+        if short:
+            import logging
+
+            logging.getLogger(__name__).warning("note: %d of %d texts have fewer than 2 tokens and predict nothing; "
+                                                "left out", short, len(encoded))
+            encoded = encoded.filter(lambda row: len(row["input_ids"]) >= 2, desc="dropping one-token texts")
+        if len(encoded) == 0:
+            raise UserError("no text of the data has two tokens or more: nothing to predict")
+        return encoded
+
+    def collator(self, processor):
+        from transformers import DataCollatorForSeq2Seq
+
+        # Pads input_ids with the pad token and labels with -100 (ignored), on the right.
+        return DataCollatorForSeq2Seq(processor, label_pad_token_id=-100, padding=True)
+
+    # ------------------------------------------------------------------ likelihoods
+
+    @staticmethod
+    def _shifted(model, batch: Mapping[str, Any]):
+        """(logits predicting tokens 1..L-1, the true next tokens, their mask) of a right-padded batch."""
+        import torch
+
+        device = next(model.parameters()).device
+        ids = batch["input_ids"].to(device)
+        attention = batch.get("attention_mask")
+        attention = torch.ones_like(ids) if attention is None else attention.to(device)
+        logits = model(input_ids=ids, attention_mask=attention).logits
+        if logits.dim() != 3 or logits.shape[:2] != ids.shape:
+            raise UserError(f"the model's logits have shape {tuple(logits.shape)}; expected (batch, length, vocabulary)")
+        mask = attention[:, 1:].bool()
+        labels = batch.get("labels")
+        if labels is not None:
+            mask &= labels[:, 1:].to(device) != -100
+        return logits[:, :-1], ids[:, 1:], mask
+
+    def log_likelihood(self, model, batch, *, estimator, seed, index):
+        """Σ_b Σ_i log p(y_bi | x_b<i) over predicted positions; y = the text's next tokens (``empirical``) or
+        each drawn from p(· | true prefix) (``sampled``, seeded by (seed, example index) per position)."""
+        import torch
+
+        logits, targets, mask = self._shifted(model, batch)
+        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        log_probs = torch.log_softmax(logits.to(dtype), dim=-1)
+        if estimator == "sampled":
+            targets = self._sample(log_probs, mask, index, seed)
+        picked = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        return (picked * mask).sum()
+
+    @staticmethod
+    def _sample(log_probs, mask, index: Sequence[int], seed: int):
+        """Next tokens drawn by inverse CDF, one uniform per (example, position): independent of batching."""
+        import torch
+
+        targets = torch.zeros(mask.shape, dtype=torch.long, device=log_probs.device)
+        for b in range(mask.shape[0]):  # one example at a time: a float64 CDF of (length, vocabulary)
+            cdf = log_probs[b].detach().to(torch.float64).exp().cumsum(-1)
+            u = torch.as_tensor(example_uniforms(seed, int(index[b]), mask.shape[1]), dtype=torch.float64,
+                                device=cdf.device).unsqueeze(-1) * cdf[:, -1:]
+            targets[b] = torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+        return targets
+
+    def loss(self, model, batch):
+        import torch
+
+        logits, targets, mask = self._shifted(model, batch)
+        nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+        total = (nll * mask).sum()
+        return total, int(mask.shape[0]), {"tokens": float(mask.sum())}
+
+    def loss_metrics(self, sums, count, loss_sum):
+        tokens = sums.get("tokens", 0.0)
+        return {"perplexity": math.exp(loss_sum / tokens) if tokens else float("nan"), "tokens": int(tokens)}
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, model, processor, dataset, *, batch_size, max_length, progress):
+        """Corpus perplexity exp(Σ NLL / Σ predicted tokens) over the split; per sequence: tokens and NLL."""
+        import torch
+        from tqdm.auto import tqdm
+
+
+        encoded = self.encode(dataset, processor, model_max_length(model, max_length), desc="preparing evaluation data")
+        loader = torch.utils.data.DataLoader(encoded, batch_size=batch_size, shuffle=False,
+                                             collate_fn=self.collator(processor))
+        model.eval()
+        records, total_nll, total_tokens = [], 0.0, 0
+        with torch.no_grad():
+            for batch in tqdm(loader, desc="perplexity", unit="batch", disable=not progress, leave=False):
+                logits, targets, mask = self._shifted(model, batch)
+                nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+                per_sequence = (nll.double() * mask).sum(1)
+                for value, n in zip(per_sequence.tolist(), mask.sum(1).tolist()):
+                    records.append({"index": len(records), "tokens": int(n), "nll": value})
+                    total_nll += value
+                    total_tokens += int(n)
+        metrics = {"perplexity": math.exp(total_nll / total_tokens), "nll_per_token": total_nll / total_tokens,
+                   "num_examples": len(records), "num_tokens": total_tokens}
+        return metrics, records
+
+    def generate(self, model, tokenizer, prompts: Sequence[str], *, num_samples: int = 1, max_new_tokens: int = 32,
+                 do_sample: bool = True, top_p: float = 1.0, temperature: float = 1.0, seed: int = 0,
+                 batch_size: int = 16, progress: bool = True) -> list[dict[str, Any]]:
+        """``num_samples`` continuations of every prompt (greedy or seeded sampling): prompt, sample, continuation
+        text and token ids. Batches of prompts are padded on the left; reproducible for a seed and batch size."""
+        import torch
+        from tqdm.auto import tqdm
+
+        model.eval()
+        side = tokenizer.padding_side
+        tokenizer.padding_side = "left"
+        out: list[dict[str, Any]] = []
+        try:
+            starts = range(0, len(prompts), batch_size)
+            for n, start in enumerate(tqdm(starts, desc="generating", unit="batch", disable=not progress, leave=False)):
+                chunk = list(prompts[start:start + batch_size])
+                inputs = tokenizer(chunk, return_tensors="pt", padding=True).to(next(model.parameters()).device)
+                torch.manual_seed((int(seed) * 1_000_003 + n) & 0x7FFFFFFF)
+                with torch.no_grad():
+                    sequences = model.generate(
+                        **inputs, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                        top_p=top_p if do_sample else None, temperature=temperature if do_sample else None,
+                        num_return_sequences=num_samples, pad_token_id=tokenizer.pad_token_id,
+                        top_k=0 if do_sample else None)
+                new = sequences[:, inputs["input_ids"].shape[1]:]
+                stop = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+                for row, ids in enumerate(new.tolist()):
+                    ids = next((ids[:i] for i, t in enumerate(ids) if t in stop), ids)  # up to the end of sequence
+                    out.append({"prompt": chunk[row // num_samples], "sample": row % num_samples,
+                                "continuation": tokenizer.decode(ids, skip_special_tokens=True), "token_ids": ids})
+        finally:
+            tokenizer.padding_side = side
+        return out
+
+
+KIND = CausalLM()
