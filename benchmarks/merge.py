@@ -270,10 +270,16 @@ def cached_fraction(files: list[Path]) -> float | None:
     return cached / total if total else None
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
 def run_once(argv: list[str], out: Path, log: Path, inputs: list[Path], cache: str, env: dict | None = None) -> dict:
     """Run ``argv`` as one process under /usr/bin/time -v; return wall seconds and peak RSS."""
-    if out.exists():
-        shutil.rmtree(out)
+    _remove(out)
     (evict if cache == "cold" else warm)(inputs)
     frac = cached_fraction(inputs)
     with tempfile.NamedTemporaryFile("r", suffix=".time") as tf, open(log, "w") as lf:
@@ -463,14 +469,411 @@ def targets(summary: dict, ts: list[int], caches: list[str]) -> tuple[str, list[
     return "\n".join(lines), out
 
 
-def write_docs(section: str) -> None:
-    """Replace (or append) the `## Merge` section of docs/benchmarks.md, leaving the others alone."""
+def write_docs(section: str, heading: str = "## Merge") -> None:
+    """Replace (or append) the ``heading`` section of docs/benchmarks.md, leaving the others alone."""
     DOCS.parent.mkdir(parents=True, exist_ok=True)
     text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n\nLatest results of the scripts in `benchmarks/`.\n"
-    pattern = re.compile(r"^## Merge\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
     body = section.rstrip() + "\n\n"
     text = pattern.sub(lambda _: body, text, count=1) if pattern.search(text) else text.rstrip() + "\n\n" + body
     DOCS.write_text(text.rstrip() + "\n")
+
+
+# =========================================================================== LLM size (issue 11)
+#
+# Synthetic Llama-architecture checkpoints with TinyLlama-1.1B's shape (vocab 32000, hidden 2048, MLP 5632,
+# 32 heads, 4 key-value heads; bf16), generated under WORKDIR and never committed: 22 layers = 1.1B
+# parameters, 8 layers = 0.5B, 2 layers = 0.2B.
+
+LLAMA_LAYERS = {"llama-0.2b": 2, "llama-0.5b": 8, "llama-1.1b": 22}
+LLAMA_INPUTS_VERSION = 1
+LLM_CONTENDERS = {
+    "gm": "gradmatch merge, gradient_matching (2T+2 inputs)",
+    "ta": "gradmatch merge, task_arithmetic (T+1 inputs)",
+    "mergekit": "mergekit-yaml task_arithmetic, default options",
+    "mergekit_lowmem": "mergekit-yaml task_arithmetic, --out-shard-size 500M --low-cpu-memory",
+    "floor_gm": "read and convert to float32 every input of `gm` once, write the output's bytes (python + torch)",
+    "floor_ta": "the same for the inputs of `ta`",
+    "read_cat": "read every input of `gm` once (cat > /dev/null)",
+}
+
+# The floor of a merge: start-up (torch), every input file read once and converted block by block to float32
+# (as stored: bf16/fp16/fp32 per tensor), and as many bytes written as the output has. Same threads as the merge.
+_FLOOR_PY = """
+import json, sys, torch
+threads, out_path, out_bytes, files = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+if threads:
+    torch.set_num_threads(threads)
+codes = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+chunk = 1 << 21  # bytes of stored data per block
+raw = torch.empty(chunk, dtype=torch.uint8)
+f32 = torch.empty(chunk // 2, dtype=torch.float32)
+view = memoryview(raw.numpy())
+for path in files:
+    with open(path, "rb", buffering=0) as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+        for name, e in sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0]):
+            dtype, (begin, end) = codes[e["dtype"]], e["data_offsets"]
+            pos = 8 + n + begin
+            fh.seek(pos)
+            while pos < 8 + n + end:
+                got = fh.readinto(view[: min(chunk, 8 + n + end - pos)])
+                k = got // dtype.itemsize
+                f32[:k].copy_(raw[: k * dtype.itemsize].view(dtype))
+                pos += got
+zero = bytes(chunk)
+with open(out_path, "wb") as fh:
+    left = out_bytes
+    while left > 0:
+        left -= fh.write(zero[: min(left, chunk)])
+"""
+
+
+def llama_shapes(layers: int) -> dict[str, tuple[int, ...]]:
+    vocab, hidden, mlp, heads, kv = 32000, 2048, 5632, 32, 4
+    kv_dim = kv * hidden // heads
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (kv_dim, hidden),
+                       p + "self_attn.v_proj.weight": (kv_dim, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
+                       p + "mlp.gate_proj.weight": (mlp, hidden), p + "mlp.up_proj.weight": (mlp, hidden),
+                       p + "mlp.down_proj.weight": (hidden, mlp), p + "input_layernorm.weight": (hidden,),
+                       p + "post_attention_layernorm.weight": (hidden,)})
+    shapes.update({"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)})
+    return shapes
+
+
+def llama_config(layers: int) -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000, "hidden_size": 2048,
+            "intermediate_size": 5632, "num_hidden_layers": layers, "num_attention_heads": 32,
+            "num_key_value_heads": 4, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": False, "torch_dtype": "bfloat16", "hidden_act": "silu", "rope_theta": 10000.0,
+            "bos_token_id": 1, "eos_token_id": 2}
+
+
+class _Noise:
+    """Cheap deterministic pseudo-random values: windows into one pool of 2^26 Gaussian draws."""
+
+    def __init__(self, seed: int = 0):
+        import torch
+
+        self.pool = torch.randn(1 << 26, generator=torch.Generator().manual_seed(seed))
+
+    def __call__(self, shape, offset: int):
+        import math
+
+        import torch
+
+        n, out, done = math.prod(shape), None, 0
+        out = torch.empty(n)
+        while done < n:
+            start = (offset * 7919 + done) % (self.pool.numel() - 1)
+            take = min(n - done, self.pool.numel() - start)
+            out[done:done + take] = self.pool[start:start + take]
+            done += take
+        return out.reshape(shape)
+
+
+def _write_sharded(folder: Path, shapes: dict, make, config: dict, shard_bytes: int) -> None:
+    """A Hugging Face folder of bf16 tensors ``make(name, shape)`` in shards of at most ``shard_bytes``."""
+    import math
+
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shards, size = [[]], 0
+    for name, shape in shapes.items():
+        nbytes = math.prod(shape) * 2
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    n, weight_map = len(shards), {}
+    for i, names in enumerate(shards, 1):
+        file = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+        save_file({k: make(k, shapes[k]) for k in names}, folder / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, file))
+    if n > 1:
+        total = sum(math.prod(s) * 2 for s in shapes.values())
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def build_llama_inputs(root: Path, layers: int, t_max: int, shard_bytes: int = 10**9) -> None:
+    """Parent, children 1..t_max (parent + N(0, 0.001²)) and Hessians (non-negative) in bf16 under ``root``."""
+    import torch
+
+    manifest = root / "manifest.json"
+    want = {"version": LLAMA_INPUTS_VERSION, "layers": layers, "t": t_max, "shard_bytes": shard_bytes}
+    if manifest.exists() and json.loads(manifest.read_text()) == want:
+        return
+    shutil.rmtree(root, ignore_errors=True)
+    shapes, config, noise = llama_shapes(layers), llama_config(layers), _Noise()
+    salt = {k: 1000003 * i for i, k in enumerate(shapes)}
+    t0 = time.perf_counter()
+
+    def model(t: int):
+        return lambda k, s: (0.02 * noise(s, salt[k]) + (0.001 * noise(s, salt[k] + 99991 * t) if t else 0)).to(torch.bfloat16)
+
+    def hessian(seed: int):
+        return lambda k, s: (1e-4 * noise(s, salt[k] + 77777 * seed + 13).abs()).to(torch.bfloat16)
+
+    for t in range(t_max + 1):
+        name = "parent" if t == 0 else f"child-{t}"
+        print(f"[inputs] {root.name}: {name} and its Hessian", file=sys.stderr, flush=True)
+        _write_sharded(root / name, shapes, model(t), config, shard_bytes)
+        _write_sharded(root / f"{name}-fisher" / "hessian", shapes, hessian(t), config, shard_bytes)
+    manifest.write_text(json.dumps(want))
+    print(f"[inputs] {root.name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+
+
+def llm_weight_files(paths: dict, which: str) -> list[Path]:
+    folders = [paths["parent"], *paths["children"]]
+    if which == "gm":
+        folders += [paths["parent_hessian"], *paths["hessians"]]
+    return [f for folder in folders for f in sorted(folder.glob("*.safetensors"))]
+
+
+def llm_commands(t: int, paths: dict, cfgs: dict, out: Path, mk_venv: Path | None, threads: int) -> dict:
+    gm_files, ta_files = llm_weight_files(paths, "gm"), llm_weight_files(paths, "ta")
+    out_bytes = sum(f.stat().st_size for f in sorted(paths["parent"].glob("*.safetensors")))
+    mk = mk_venv / "bin" / "mergekit-yaml" if mk_venv else None
+    gm_threads = ["--threads", str(threads)] if threads else []
+    floor = [sys.executable, "-c", _FLOOR_PY, str(threads), str(out), str(out_bytes)]  # writes the file `out`
+    return {
+        "gm": [*gradmatch_command(), "merge", str(cfgs["gm"]), str(out), "--quiet", *gm_threads],
+        "ta": [*gradmatch_command(), "merge", str(cfgs["ta"]), str(out), "--quiet", *gm_threads],
+        "mergekit": [str(mk), str(cfgs["mergekit"]), str(out), "--quiet"] if mk else None,
+        "mergekit_lowmem": ([str(mk), str(cfgs["mergekit"]), str(out), "--quiet", "--out-shard-size", "500M",
+                             "--low-cpu-memory"] if mk else None),
+        "floor_gm": [*floor, *map(str, gm_files)],
+        "floor_ta": [*floor, *map(str, ta_files)],
+        "read_cat": ["cat", *map(str, gm_files)],
+    }
+
+
+def llm_inputs_of(contender: str, paths: dict) -> list[Path]:
+    return llm_weight_files(paths, "gm" if contender in ("gm", "floor_gm", "read_cat") else "ta")
+
+
+def loadavg() -> tuple[float, float, float]:
+    return tuple(float(x) for x in Path("/proc/loadavg").read_text().split()[:3])
+
+
+def available_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def check_gm_sample(out: Path, paths: dict, names: list[str]) -> float:
+    """Largest |gm − float64 formula| over a few tensors in units of bf16's spacing at the exact value (its ulp):
+    ≤ 0.5 is correct rounding; float32 compute can add a hair, so up to ~0.5 + 1e-4 is the expected result."""
+    import torch
+    from safetensors import safe_open
+
+    def tensor(folder: Path, name: str):
+        index = folder / "model.safetensors.index.json"
+        file = folder / json.loads(index.read_text())["weight_map"][name] if index.exists() else folder / "model.safetensors"
+        with safe_open(file, "pt") as fh:
+            return fh.get_tensor(name).double()
+
+    worst = 0.0
+    for name in names:
+        p, f0 = tensor(paths["parent"], name), tensor(paths["parent_hessian"], name)
+        cs = [tensor(c, name) for c in paths["children"]]
+        fs = [tensor(h, name) for h in paths["hessians"]]
+        h0 = SCALE * f0 + DELTA
+        ref = p + sum((h0 + SCALE * f) * (c - p) for c, f in zip(cs, fs)) / (h0 + sum(SCALE * f for f in fs))
+        got = tensor(out, name)
+        ulp = torch.exp2(torch.floor(torch.log2(ref.abs().clamp_min(1e-30))) - 7)  # bf16: 8 significant bits
+        worst = max(worst, float(((got - ref).abs() / ulp).max()))
+    return worst
+
+
+def llm_main(args) -> int:
+    import math
+
+    t = args.T[0] if len(args.T) == 1 else 4
+    work = args.workdir.resolve()
+    mk_venv = args.mergekit_venv if (args.mergekit_venv / "bin" / "mergekit-yaml").exists() else None
+    contenders = [c for c in LLM_CONTENDERS if (not args.only or c in args.only) and (not c.startswith("mergekit") or mk_venv)]
+    env = dict(os.environ)
+    if args.threads:
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    engine_before = engine_version()
+    samples: dict = {}
+    checks: dict = {}
+    sizes: dict = {}
+    caches = ["cold", "warm"] if args.cache == "both" else [args.cache]
+    for model in args.llm:
+        root = work / model
+        build_llama_inputs(root, LLAMA_LAYERS[model], t)
+        paths = {"parent": root / "parent", "parent_hessian": root / "parent-fisher" / "hessian",
+                 "children": [root / f"child-{i}" for i in range(1, t + 1)],
+                 "hessians": [root / f"child-{i}-fisher" / "hessian" for i in range(1, t + 1)]}
+        cfgs = write_configs(work / "configs" / model, t, paths)
+        mk = yaml_safe_load(cfgs["mergekit"])
+        mk.pop("dtype", None)  # mergekit's defaults: computes in the stored dtype (bf16) and writes it
+        cfgs["mergekit"].write_text(yaml_safe_dump(mk))
+        params = sum(math.prod(s) for s in llama_shapes(LLAMA_LAYERS[model]).values())
+        sizes[model] = {"parameters": params, "gm_bytes": sum(f.stat().st_size for f in llm_weight_files(paths, "gm")),
+                        "ta_bytes": sum(f.stat().st_size for f in llm_weight_files(paths, "ta")),
+                        "out_bytes": sum(f.stat().st_size for f in paths["parent"].glob("*.safetensors"))}
+        runs = work / "runs" / model
+        shutil.rmtree(runs, ignore_errors=True)
+        runs.mkdir(parents=True)
+        for rep in range(args.repeats):
+            for cache in caches:
+                order = contenders[rep % len(contenders):] + contenders[: rep % len(contenders)]
+                for c in order:
+                    inputs = llm_inputs_of(c, paths)
+                    need = sum(f.stat().st_size for f in inputs)
+                    if cache == "warm" and need > available_bytes() - (3 << 30):
+                        continue  # the page cache cannot hold these inputs: no warm run
+                    out = runs / f"{cache}-{c}"
+                    cmd = llm_commands(t, paths, cfgs, out, mk_venv, args.threads)[c]
+                    before = loadavg()
+                    res = run_once(cmd, out, runs / f"{cache}-{c}.log", inputs, cache, env)
+                    res["load_before"], res["load_after"] = before, loadavg()
+                    samples.setdefault(model, {}).setdefault(cache, {}).setdefault(c, []).append(res)
+                    status = (f"{res['wall']:7.2f} s {res['cpu']:6.2f} cpu-s {res['rss_mb']:7.0f} MB"
+                              if res["ok"] else f"FAILED: {res.get('error', '')[:160]}")
+                    print(f"[{model} rep {rep + 1} {cache:4s} {c:15s}] {status}  load {before[0]:.2f}",
+                          file=sys.stderr, flush=True)
+                if rep == 0 and cache == caches[0] and not args.no_check:
+                    gm_out, ta_out, mk_out = runs / f"{cache}-gm", runs / f"{cache}-ta", runs / f"{cache}-mergekit"
+                    if gm_out.exists():
+                        names = ["model.norm.weight", "model.layers.0.self_attn.k_proj.weight", "model.layers.0.mlp.down_proj.weight"]
+                        checks[(model, "gm vs float64 formula, largest error in bf16 ulps (0.5 = correctly rounded)")] = check_gm_sample(gm_out, paths, names)
+                    if ta_out.exists() and mk_out.exists():
+                        checks[(model, "ta vs mergekit (bf16 compute), max rel. error")] = compare_outputs(ta_out, mk_out)
+                for c in contenders:
+                    _remove(runs / f"{cache}-{c}")
+        if args.clean:
+            shutil.rmtree(root, ignore_errors=True)
+    engine_after = engine_version()
+    section = llm_section(args, samples, checks, sizes, contenders, caches, mk_venv,
+                          engine_before if engine_before == engine_after else
+                          f"**the engine changed during the run**: {engine_before} → {engine_after}", t)
+    print(section)
+    (work / "results-llm.json").write_text(json.dumps({"samples": samples, "sizes": sizes,
+                                                       "checks": {f"{m}: {k}": v for (m, k), v in checks.items()}},
+                                                      indent=1, default=str))
+    if args.write_docs:
+        write_docs(section, heading="## Merge at LLM size")
+        print(f"\nwrote the ## Merge at LLM size section of {DOCS}", file=sys.stderr)
+    return 0
+
+
+def yaml_safe_load(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def yaml_safe_dump(data: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def llm_section(args, samples, checks, sizes, contenders, caches, mk_venv, engine_note, t) -> str:
+    def stat(model, cache, c):
+        runs = [r for r in samples.get(model, {}).get(cache, {}).get(c, []) if r["ok"]]
+        if not runs:
+            return None
+        return {"wall": min(r["wall"] for r in runs), "median": statistics.median(r["wall"] for r in runs),
+                "cpu": statistics.median(r["cpu"] for r in runs), "rss": max(r["rss_mb"] for r in runs),
+                "load": (min(r["load_before"][0] for r in runs), max(r["load_before"][0] for r in runs))}
+
+    lines = ["## Merge at LLM size", "",
+             f"Command: `python benchmarks/merge.py --llm {' '.join(args.llm)} --T {t} --repeats {args.repeats} "
+             f"--cache {args.cache} --threads {args.threads}` (script: `benchmarks/merge.py`, see `benchmarks/README.md`).",
+             f"Date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.",
+             f"Machine: {machine()}" + (f"; mergekit {mergekit_version(mk_venv)} in its own venv." if mk_venv else "; mergekit not installed."),
+             f"Engine: {engine_note}.", "",
+             f"Inputs: synthetic Llama-architecture checkpoints of TinyLlama-1.1B's shape (vocab 32000, hidden 2048, MLP 5632, "
+             f"32 heads, 4 key-value heads), bf16, in 1 GB shards with an index, generated by the benchmark; T = {t} children "
+             f"(parent + N(0, 0.001²)), a Hessian per model (non-negative, bf16). N_0 = N_t = {SCALE:g}, δ = {DELTA:g}, α_t = 1. "
+             f"Each run is a separate process (start-up included) under `/usr/bin/time -v`; {args.repeats} interleaved runs "
+             f"per cell: wall time best (median) [median CPU s], peak RSS = largest. Threads: "
+             + (f"{args.threads} (`--threads {args.threads}`, OMP_NUM_THREADS={args.threads})." if args.threads else "library defaults.")
+             + " *cold*: inputs evicted from the page cache before each run; *warm*: inputs read before each run "
+               "(only where they fit in the page cache). Load: the 1-minute load average before the runs (min–max).", "",
+             "Contenders: " + "; ".join(f"`{c}` = {LLM_CONTENDERS[c]}" for c in contenders) + ".", ""]
+    for model in args.llm:
+        s = sizes.get(model, {})
+        lines += [f"**{model}** ({s.get('parameters', 0) / 1e9:.2f}B parameters; `gm` reads {s.get('gm_bytes', 0) / 1e9:.1f} GB, "
+                  f"`ta` {s.get('ta_bytes', 0) / 1e9:.1f} GB; output {s.get('out_bytes', 0) / 1e9:.2f} GB)", "",
+                  "| contender | " + " | ".join(caches) + " |", "|---|" + "---|" * len(caches)]
+        for c in contenders:
+            cells = []
+            for cache in caches:
+                x = stat(model, cache, c)
+                cells.append("—" if x is None else f"{x['wall']:.2f} ({x['median']:.2f}) [{x['cpu']:.2f}] / {x['rss']:.0f} MB, "
+                                                   f"load {x['load'][0]:.1f}–{x['load'][1]:.1f}")
+            lines.append(f"| `{c}` | " + " | ".join(cells) + " |")
+        lines.append("")
+
+    def ratio(model, cache, a, b, key):
+        x, y = stat(model, cache, a), stat(model, cache, b)
+        return x[key] / y[key] if x and y and y[key] else None
+
+    rows = []
+    big, small, mid = "llama-1.1b", "llama-0.2b", "llama-0.5b"
+    for cache in caches:
+        x = stat(big, cache, "gm")
+        rows.append((f"{big}, {cache}", "`gm` peak RSS (MB)", 1536, x["rss"] if x else None))
+        r = None
+        if stat(big, cache, "gm") and stat(small, cache, "gm"):
+            r = stat(big, cache, "gm")["rss"] / stat(small, cache, "gm")["rss"]
+        rows.append((f"{big} / {small}, {cache}", "`gm` peak RSS 1.1B / 0.2B", 1.3, r))
+    for cache in caches:
+        rows += [(f"{mid}, {cache}", "`ta` time / `mergekit` time", 0.5, ratio(mid, cache, "ta", "mergekit", "wall")),
+                 (f"{mid}, {cache}", "`gm` time / `mergekit` time", 0.75, ratio(mid, cache, "gm", "mergekit", "wall")),
+                 (f"{mid}, {cache}", "`ta` time / `floor_ta` time", 1.3, ratio(mid, cache, "ta", "floor_ta", "wall")),
+                 (f"{mid}, {cache}", "`gm` time / `floor_gm` time", 1.3, ratio(mid, cache, "gm", "floor_gm", "wall")),
+                 (f"{mid}, {cache}", "`ta` peak RSS / `mergekit_lowmem` peak RSS", 0.2, ratio(mid, cache, "ta", "mergekit_lowmem", "rss")),
+                 (f"{mid}, {cache}", "`gm` peak RSS / `mergekit_lowmem` peak RSS", 0.2, ratio(mid, cache, "gm", "mergekit_lowmem", "rss")),
+                 (f"{mid}, {cache}", "`ta` CPU / `mergekit` CPU (info)", None, ratio(mid, cache, "ta", "mergekit", "cpu")),
+                 (f"{mid}, {cache}", "`gm` CPU / `floor_gm` CPU (info)", None, ratio(mid, cache, "gm", "floor_gm", "cpu"))]
+    lines += ["Targets (issue 11):", "", "| inputs | measure | limit | value | verdict |", "|---|---|---|---|---|"]
+    for where, what, limit, value in rows:
+        verdict = "—" if value is None else ("info" if limit is None else ("met" if value <= limit else "**missed**"))
+        lines.append(f"| {where} | {what} | {'' if limit is None else f'≤ {limit:g}'} | {_fmt(value)} | {verdict} |")
+    lines.append("")
+    if checks:
+        lines += ["Output checks:", ""] + [f"- {m}: {k}: {v:.3g}" for (m, k), v in checks.items()] + [""]
+    lines += llm_projection(samples, sizes, stat, t)
+    return "\n".join(lines)
+
+
+def llm_projection(samples, sizes, stat, t) -> list[str]:
+    """Time for 7B and 70B bf16 models and 4, 8, 16 children from the measured bytes per second of input."""
+    lines = []
+    for cache, model in (("warm", "llama-0.5b"), ("cold", "llama-1.1b")):
+        gm, ta = stat(model, cache, "gm"), stat(model, cache, "ta")
+        if not gm or not ta or model not in sizes:
+            continue
+        rate_gm = sizes[model]["gm_bytes"] / gm["wall"]
+        rate_ta = sizes[model]["ta_bytes"] / ta["wall"]
+        lines += [f"Projection from {model}, {cache} inputs ({rate_gm / 1e9:.2f} GB/s of input for `gm`, "
+                  f"{rate_ta / 1e9:.2f} GB/s for `ta`, start-up included; peak RSS stays at the measured "
+                  f"{gm['rss']:.0f} MB — it is bounded by a block, not by the model):", "",
+                  "| model (bf16) | children | `gm` reads | `gm` time | `ta` reads | `ta` time |", "|---|---|---|---|---|---|"]
+        for name, params in (("7B", 6.74e9), ("70B", 68.98e9)):
+            for children in (4, 8, 16):
+                gm_bytes, ta_bytes = 2 * (children + 1) * 2 * params, (children + 1) * 2 * params
+                lines.append(f"| {name} | {children} | {gm_bytes / 1e9:.0f} GB | {gm_bytes / rate_gm / 60:.1f} min "
+                             f"| {ta_bytes / 1e9:.0f} GB | {ta_bytes / rate_ta / 60:.1f} min |")
+        lines.append("")
+    return lines
 
 
 # --------------------------------------------------------------------------- main
@@ -486,7 +889,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="virtual environment with mergekit installed (skipped when absent)")  # fmt: skip
     p.add_argument("--threads", type=int, default=1,
                    help="OMP/MKL threads of every contender (0: the libraries' default, one per core)")
-    p.add_argument("--only", nargs="+", choices=list(CONTENDERS), help="run only these contenders")
+    p.add_argument("--only", nargs="+", choices=list(CONTENDERS) + list(LLM_CONTENDERS), help="run only these contenders")
+    p.add_argument("--llm", nargs="+", choices=list(LLAMA_LAYERS), default=None,
+                   help="LLM size instead of MiniLM: synthetic TinyLlama-shape bf16 checkpoints of these sizes (issue 11)")
+    p.add_argument("--clean", action="store_true", help="--llm: delete each size's generated inputs after its runs")
     p.add_argument("--no-check", action="store_true", help="skip comparing the merged outputs")
     p.add_argument("--write-docs", action="store_true", help="write the results to docs/benchmarks.md")
     return p.parse_args(argv)
@@ -497,6 +903,8 @@ def main(argv=None) -> int:
     args = parse_args(cli_argv)
     if not Path("/usr/bin/time").exists():
         raise SystemExit("needs GNU time at /usr/bin/time (apt-get install -y time)")
+    if args.llm:
+        return llm_main(args)
     ts = sorted(set(args.T))
     caches = ["cold", "warm"] if args.cache == "both" else [args.cache]
     work = args.workdir.resolve()

@@ -39,14 +39,16 @@ class BlockReader:
 
     ``pinned``: read into page-locked host buffers, ``ahead + 2`` per checkpoint, reused; a buffer is
     refilled only after the copy that :meth:`to_device` started from it has finished (a CUDA event), so
-    the copies to the GPU can be asynchronous. Without it every block gets fresh tensors.
+    the copies to the GPU can be asynchronous. Without it every block gets fresh tensors, converted to
+    ``convert`` (the compute dtype) on the reader thread when given.
     Errors of the thread (a file that cannot be read) are raised where the block is taken.
     """
 
     def __init__(self, checkpoints: list[Checkpoint], blocks: Iterable[Block], *, ahead: int = 1,
-                 pinned: bool = False, block_bytes: int = 0):
+                 pinned: bool = False, block_bytes: int = 0, convert: torch.dtype | None = None):
         self.checkpoints = checkpoints
         self.pinned = pinned
+        self.convert = None if pinned else convert
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, ahead))
         self._stop = threading.Event()
         self._pools: dict[int, queue.Queue] = {}
@@ -70,7 +72,8 @@ class BlockReader:
                     buffer = self._buffer(ckpt, name, rows) if self.pinned else None
                     if buffer is not None:
                         item.buffers[id(ckpt)] = buffer
-                    item.tensors[id(ckpt)] = ckpt.read(name, rows, out=None if buffer is None else buffer.data)
+                    tensor = ckpt.read(name, rows, out=None if buffer is None else buffer.data)
+                    item.tensors[id(ckpt)] = tensor if self.convert is None else tensor.to(self.convert)
                 if not self._put(item):
                     return
         except _Stopped:

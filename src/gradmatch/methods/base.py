@@ -8,6 +8,7 @@ torch inside their functions only, so that reading the registry (for config vali
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,8 +77,7 @@ class MergeMethod:
     @property
     def inputs(self) -> frozenset[str]:
         """The engine inputs the function takes (its keyword arguments that are not parameters)."""
-        names = set(inspect.signature(self.function).parameters)
-        return frozenset(names & set(ENGINE_INPUTS))
+        return _engine_inputs(self.function)
 
     @property
     def parameter_names(self) -> frozenset[str]:
@@ -125,6 +125,12 @@ class MergeMethod:
         """The parameters the function takes (a schema field such as ``seed`` may serve the engine only)."""
         names = set(inspect.signature(self.function).parameters)
         return {k: v for k, v in parameters.items() if k in names}
+
+
+@functools.cache
+def _engine_inputs(function: Callable) -> frozenset[str]:
+    """Read once per function: the engine asks for every block (inspect.signature cost 5 % of a 0.5B merge)."""
+    return frozenset(set(inspect.signature(function).parameters) & set(ENGINE_INPUTS))
 
 
 def first_index(mask: torch.Tensor) -> tuple[int, ...]:
