@@ -1,8 +1,10 @@
 """Merge benchmark: wall time and peak memory of `gradmatch merge` against a naive in-memory merge,
-reading the inputs once, and mergekit's task arithmetic, for T = 1, 2, 4, 8 MiniLM-sized children.
+reading the inputs once, and mergekit's task arithmetic, for T = 1, 2, 4, 8 MiniLM-sized children; with
+``--llm``, at LLM size (synthetic TinyLlama-shape bf16 checkpoints, issue 11; see the LLM section below).
 
     python benchmarks/merge.py [--T 1 2 4 8] [--repeats 5] [--workdir DIR] [--cache cold|warm|both]
                                [--mergekit-venv PATH] [--write-docs]
+    python benchmarks/merge.py --llm llama-0.2b llama-0.5b llama-1.1b --T 4 [--clean] [--write-docs]
 
 Every contender runs as its own process under ``/usr/bin/time -v``; wall time is measured around the
 process (start-up included) and peak memory is the maximum resident set size that ``time -v`` reports
