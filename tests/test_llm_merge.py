@@ -245,6 +245,14 @@ def test_prefetching_reader_gives_the_same_bytes(llama, tmp_path):
         assert all(torch.equal(got[k].reshape(ref[k].shape), ref[k]) for k in plan.merged)
 
 
+def test_prefetching_reader_with_whole_tensor_methods(llama, tmp_path):
+    config = {"method": "ties", "base": str(llama["parent"]), "parameters": {"density": 0.4},
+              "models": [{"model": str(c), "weight": w} for c, w in zip(llama["children"], ALPHAS)]}
+    a = gradmatch.merge(config, tmp_path / "a", progress=False, prefetch=False, card=False)
+    b = gradmatch.merge(config, tmp_path / "b", progress=False, prefetch=True, card=False)
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+
+
 def test_prefetching_reader_reports_a_file_truncated_while_merging(llama, tmp_path, capsys):
     child = tmp_path / "child-trunc"
     child.mkdir()

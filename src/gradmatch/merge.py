@@ -230,7 +230,6 @@ class _Executor:
         self.call_params = self.method.call_parameters(params)
         self.stats: dict[str, dict[str, int]] = {}  # statistic -> tensor name -> count
         self.reader: BlockReader | None = None  # reads the next block's inputs ahead (see start_reader)
-        self.ahead = 2
         self._ahead: BlockInputs | None = None  # the current block's inputs, read ahead
 
     def _load(self, ckpt: Checkpoint, name: str, rows: slice | None, hessian: bool) -> torch.Tensor:
@@ -331,7 +330,9 @@ class _Executor:
         inputs += [p.parent_hessian] if self.method.uses_parent_hessian and p.parent_hessian is not None else []
         blocks = self.blocks()
         block_bytes = max((_block_bytes(ckpt, name, rows) for name, rows in blocks for ckpt in inputs), default=0)
-        self.reader = BlockReader(inputs, blocks, ahead=self.ahead, pinned=pinned, block_bytes=block_bytes,
+        streaming = self.method.elementwise or self.method.rowwise
+        pinned = pinned and block_bytes <= _MAX_PINNED_BLOCK  # whole tensors (TIES, DARE): no pinned pool of them
+        self.reader = BlockReader(inputs, blocks, ahead=2 if streaming else 1, pinned=pinned, block_bytes=block_bytes,
                                   convert=self.compute if self.device.type == "cpu" else None)
 
     def close(self) -> None:
@@ -350,6 +351,10 @@ class _Executor:
                 if self._ahead is not None:
                     self.reader.release(self._ahead)
                     self._ahead = None
+
+
+#: Largest block read into pinned buffers (a pool of ahead + 2 per input); larger blocks get fresh tensors.
+_MAX_PINNED_BLOCK = 64 << 20
 
 
 def _block_bytes(ckpt: Checkpoint, name: str, rows: slice | None) -> int:

@@ -126,7 +126,12 @@ class BlockReader:
         if tensor is None:
             return None
         buffer = item.buffers.pop(id(ckpt), None)
-        result = tensor.to(device, dtype, non_blocking=buffer is not None, copy=buffer is not None)
+        if buffer is None:
+            result = tensor.to(device, dtype)
+        elif device.type == "cpu":
+            result = tensor.to(dtype, copy=True)  # never a view of the buffer, which is refilled next
+        else:  # an asynchronous copy of the stored bytes, then the conversion on the device (stream-ordered)
+            result = tensor.to(device, non_blocking=True).to(dtype)
         if buffer is not None:
             if device.type == "cuda":
                 buffer.copied = torch.cuda.Event()
