@@ -132,12 +132,12 @@ def test_end_to_end_report_links_and_rerun_skips_everything(finished_run):
     assert labels == ["parent", "child-rot90", "child-inverted", "gradient_matching α=0.5", "gradient_matching α=1",
                       "task_arithmetic α=0.5", "task_arithmetic α=1", "multitask"]
     for row in rows:
-        assert set(row["accuracy"]) == {"original", "rot90", "inverted"}
-        assert all(0.0 <= v <= 1.0 for v in row["accuracy"].values())
-        assert row["average"] == pytest.approx(sum(row["accuracy"].values()) / 3)
+        assert set(row["values"]) == {"original", "rot90", "inverted"}
+        assert all(0.0 <= v <= 1.0 for v in row["values"].values())
+        assert row["average"] == pytest.approx(sum(row["values"].values()) / 3)
     by = {r["label"]: r for r in rows}
-    assert by["parent"]["accuracy"]["original"] > 0.3  # learned something (chance is 0.1)
-    assert by["child-rot90"]["accuracy"]["rot90"] > by["parent"]["accuracy"]["rot90"]  # fine-tuning helps its task
+    assert by["parent"]["values"]["original"] > 0.3  # learned something (chance is 0.1)
+    assert by["child-rot90"]["values"]["rot90"] > by["parent"]["values"]["rot90"]  # fine-tuning helps its task
     # readable names point into work/<hash>
     assert (workdir / "models" / "parent" / "config.json").is_file()
     assert (workdir / "models" / "child-rot90").resolve().parent.parent == (workdir / "work").resolve()
@@ -198,13 +198,29 @@ def test_killed_run_resumes_without_redoing_finished_jobs(finished_run, tmp_path
 
 @pytest.mark.slow
 def test_failing_job_shows_its_log(tmp_path):
-    exp = write_experiment(tmp_path / "bad.yaml", tiny(model=str(tmp_path / "no-such-model"), merges=[],
-                                                        multitask=False))
+    """A model folder whose config reads but whose weights are corrupt: the plan is built, the training job fails."""
+    from transformers import ViTConfig
+
+    broken = tmp_path / "broken-vit"
+    ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+              intermediate_size=32, num_labels=10, architectures=["ViTForImageClassification"]).save_pretrained(broken)
+    (broken / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    exp = write_experiment(tmp_path / "bad.yaml", tiny(model=str(broken), merges=[], multitask=False))
     proc = _run(exp, tmp_path / "run")
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert "job models/parent (train) failed; log:" in out
-    assert "no-such-model" in out  # the log's last lines name the problem
+    assert "broken-vit" in out  # the log's last lines name the problem
+
+
+@pytest.mark.slow
+def test_a_missing_model_fails_before_any_job(tmp_path):
+    exp = write_experiment(tmp_path / "bad.yaml", tiny(model=str(tmp_path / "no-such-model"), merges=[],
+                                                        multitask=False))
+    proc = _run(exp, tmp_path / "run")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"gradmatch: error: model {tmp_path / 'no-such-model'} does not exist"]
+    assert not (tmp_path / "run" / "work").exists()
 
 
 def test_jobs_declare_their_inputs():
@@ -250,7 +266,7 @@ def test_mismatch_of_every_merge_of_a_run(finished_run, tmp_path):
     rows = json.loads((out / "mismatch.json").read_text())["merges"]
     assert [(r["method"], r["alpha"]) for r in rows] == [("gradient_matching", 0.5), ("gradient_matching", 1.0),
                                                          ("task_arithmetic", 0.5), ("task_arithmetic", 1.0)]
-    accuracy = {r["label"]: r["accuracy"] for r in report_rows(workdir)}
+    accuracy = {r["label"]: r["values"] for r in report_rows(workdir)}
     for r in rows:
         assert math.isfinite(r["total_mismatch"]) and r["total_mismatch"] > 0
         assert set(r["mismatch"]) == {"rot90", "inverted"} and r["examples_per_task"] == 16

@@ -63,6 +63,6 @@ def test_tiny_experiment_runs_on_slurm(slurm, tmp_path):
         assert "TimeLimit=00:20:00" in record and "mem=1000M" in record and "NumCPUs=1" in record, record
     rows = report_rows(workdir)
     assert [r["label"] for r in rows] == ["parent", "child-rot90", "gradient_matching α=1"]
-    assert all(set(r["accuracy"]) == {"original", "rot90"} for r in rows)
+    assert all(set(r["values"]) == {"original", "rot90"} for r in rows)
     assert (workdir / "report" / "alpha_average.png").is_file()
     assert Path(workdir / "models" / "parent" / "config.json").is_file()

@@ -49,7 +49,7 @@ def test_rows_averages_and_best_alpha(run_inputs):
     assert results["rows"][3]["average"] == pytest.approx(0.85)
     assert results["best"]["gradient_matching"]["alpha"] == 1.0
     assert results["best"]["task_arithmetic"] == {"alpha": 0.5, "average": pytest.approx(0.8),
-                                                  "accuracy": {"a": 0.8, "b": 0.8}}
+                                                  "values": {"a": 0.8, "b": 0.8}}
     assert results["missing"] == ["multitask"]
     table = markdown_table(results)
     assert table.splitlines()[0] == "| model | a | b | average |"

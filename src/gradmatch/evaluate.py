@@ -184,7 +184,7 @@ def evaluate(config, *, data_dir: str | os.PathLike | None = None, overwrite: bo
         return _run_fisher(cfg, data_dir, overwrite, quiet)
 
     from gradmatch.data import load_split
-    from gradmatch.fsutil import atomic_file
+    from gradmatch.fsutil import atomic_file, check_not_input
     from gradmatch.models import BUILTIN_SPECS, kind_of, load_config, load_model
 
     outputs = [p for p in (cfg.metric_path(), cfg.prediction_path(), cfg.generation_path()) if p is not None]
@@ -193,8 +193,14 @@ def evaluate(config, *, data_dir: str | os.PathLike | None = None, overwrite: bo
         if path.absolute() in seen:
             raise UserError(f"two outputs of this evaluation (metrics, predictions, generations) are the same file: {path}")
         seen.add(path.absolute())
+    inputs = {"the model": cfg.model_name_or_path, "the data": cfg.dataset_name}
+    if cfg.generation is not None:
+        inputs["the classifier"] = cfg.generation.classifier
+        if isinstance(cfg.generation.prompts, str):
+            inputs["the prompts file"] = cfg.generation.prompts
     for path in outputs:
         _check_output_file(path, overwrite)
+        check_not_input(path, inputs)
     name = cfg.model_name_or_path
     kind = kind_of(name, cfg.kind)
     config = load_config(name)

@@ -580,7 +580,7 @@ def run_fisher(model: str, data: str, split: str, *, out: str | os.PathLike, est
     all-reduced, and rank 0 writes; the result equals one process's. Returns ``out``.
     """
     from gradmatch import __version__
-    from gradmatch.fsutil import atomic_dir, check_output_dir
+    from gradmatch.fsutil import atomic_dir, check_not_input, check_output_dir
 
     if estimator not in ESTIMATORS:
         raise UserError(f"unknown Fisher estimator {estimator!r} (choose {' or '.join(ESTIMATORS)})")
@@ -594,6 +594,7 @@ def run_fisher(model: str, data: str, split: str, *, out: str | os.PathLike, est
 
         parse_device(device)
     out = check_output_dir(out, overwrite)
+    check_not_input(out, {"the model": str(model), "the data": str(data)}, "--out")
 
     from gradmatch.data import load_split
     from gradmatch.models import BUILTIN_SPECS, kind_of, load_config, load_model, model_max_length

@@ -113,6 +113,8 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
 #: Short names for models that ship inside installed packages (no network needed).
 MODEL_ALIASES = {"minilm": _minilm_path, "smollm2": _smollm2_path}
+#: The kind of an alias, known without resolving it (resolving smollm2 the first time converts it).
+ALIAS_KINDS = {"minilm": "text-classification", "smollm2": "causal-lm"}
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> str:
@@ -181,7 +183,9 @@ def kind_of(model: str | os.PathLike, override: str | None = None):
     """The kind of model ``model`` (folder, hub id, alias, built-in spec, adapter), or ``override`` when given."""
     from gradmatch.kinds import get_kind, kind_of_config
 
-    return get_kind(override) if override else kind_of_config(load_config(model))
+    if override or str(model) in ALIAS_KINDS:
+        return get_kind(override or ALIAS_KINDS[str(model)])
+    return kind_of_config(load_config(model))
 
 
 def _set_dropout(config, dropout: float) -> list[str]:

@@ -92,13 +92,14 @@ def train(config, *, data_dir: str | os.PathLike | None = None, overwrite: bool 
     """
     from gradmatch.config.run import load_train_config
     from gradmatch.data import load_split
-    from gradmatch.fsutil import atomic_dir, check_output_dir
+    from gradmatch.fsutil import atomic_dir, check_not_input, check_output_dir
     from gradmatch.models import kind_of, load_config
 
     cfg = load_train_config(config)
     out = Path(cfg.output_dir)
     overwrite = overwrite or cfg.overwrite_output_dir
     check_output_dir(out, overwrite)
+    check_not_input(out, {"the model": cfg.model_name_or_path, "the data": cfg.dataset_name}, "output_dir")
 
     kind = kind_of(cfg.model_name_or_path, cfg.kind)
     where = f"{cfg.dataset_name} ({cfg.dataset_train_split})"

@@ -12,10 +12,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from gradmatch.config import read_config_file, validate
 from gradmatch.config.fisher import Estimator
 from gradmatch.config.merge import MAX_FACTOR, parameter_error
+from gradmatch.config.run import GenerationSettings
 from gradmatch.methods import get_method, method_names
 
 #: Kinds of pipeline job; each gets its own resources.
-JOB_KINDS = ("prepare", "train", "fisher", "evaluate", "merge", "report")
+JOB_KINDS = ("prepare", "pretrained", "train", "fisher", "evaluate", "merge", "report")
 #: Training keys the pipeline sets itself (per job); an experiment may not override them.
 _PIPELINE_TRAIN_KEYS = {
     "model_name_or_path", "dataset_name", "dataset_config_name", "dataset_train_split", "dataset_val_split",
@@ -37,11 +38,13 @@ def _check_training_overrides(value: dict[str, Any]) -> dict[str, Any]:
 
 
 class DataPart(_Strict):
-    """A slice of one data set: ``dataset`` + ``split`` (split syntax), optionally a seeded subset of ``size``."""
+    """A slice of one data set: ``dataset`` + ``split`` (split syntax), its rows filtered by column values
+    (``filter: {label: 0}``), optionally a seeded subset of ``size``."""
 
     dataset: str
     config_name: str | None = None
     split: str = "train"
+    filter: dict[str, Any] | None = None
     size: int | None = Field(default=None, gt=0)
 
 
@@ -55,8 +58,14 @@ class TaskConfig(_Strict):
     test_split: str = "test"
     train_size: int | None = Field(default=None, gt=0, description="seeded random subset of the training split")
     test_size: int | None = Field(default=None, gt=0, description="seeded random subset of the test split")
+    filter: dict[str, Any] | None = Field(default=None, description="keep only rows whose column holds the value "
+                                          "(or one of a list), in both splits: {label: 0}")
     extra_train: list[DataPart] = Field(default_factory=list, description="more training data mixed in")
     training: dict[str, Any] = Field(default_factory=dict, description="overrides of the shared training settings")
+    finetune: bool = Field(default=True, description="parent only: false takes the model as it is (a pretrained "
+                           "base); its task then serves its Fisher and its evaluation")
+    hessian_scale: float | None = Field(default=None, gt=0, le=1e30,
+                                        description="N for this model's Hessian (default: its training-set size)")
 
     @field_validator("name")
     @classmethod
@@ -68,11 +77,20 @@ class TaskConfig(_Strict):
     _training = field_validator("training")(classmethod(lambda cls, v: _check_training_overrides(v)))
 
     def train_parts(self) -> list[DataPart]:
-        own = DataPart(dataset=self.dataset, config_name=self.config_name, split=self.train_split, size=self.train_size)
+        own = DataPart(dataset=self.dataset, config_name=self.config_name, split=self.train_split, filter=self.filter,
+                       size=self.train_size)
         return [own, *self.extra_train]
 
     def test_parts(self) -> list[DataPart]:
-        return [DataPart(dataset=self.dataset, config_name=self.config_name, split=self.test_split, size=self.test_size)]
+        return [DataPart(dataset=self.dataset, config_name=self.config_name, split=self.test_split, filter=self.filter,
+                         size=self.test_size)]
+
+
+class ClassifierTask(TaskConfig):
+    """The attribute classifier that scores generations, trained in the run on its own task."""
+
+    name: str = "attribute-classifier"
+    model: str = Field(default="minilm", description="its starting point (a text model)")
 
 
 class FisherSettings(_Strict):
@@ -91,6 +109,9 @@ class MergeSpec(_Strict):
     alphas: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
     parameters: dict[str, Any] = Field(default_factory=dict)
     name: str | None = Field(default=None, description="label in the report (default: the method)")
+    base_hessian_scale: float | None = Field(default=None, gt=0, le=1e30,
+                                             description="N_0 for this merge (default: the parent task's hessian_scale, "
+                                             "else the parent's training-set size)")
     keep_models: bool = Field(default=False, description="keep every merged model on disk, not only its metrics")
 
     @field_validator("method")
@@ -153,6 +174,7 @@ class _PartialResources(_Strict):
 #: Built-in resources per kind of job (under what an experiment's ``resources`` says).
 DEFAULT_JOB_RESOURCES: dict[str, dict[str, int]] = {
     "prepare": {"mem_mb": 2000, "runtime": 30},
+    "pretrained": {"mem_mb": 4000, "runtime": 30},
     "train": {"threads": 2, "mem_mb": 8000, "runtime": 240},
     "fisher": {"threads": 2, "mem_mb": 8000, "runtime": 120},
     "evaluate": {"threads": 2, "mem_mb": 6000, "runtime": 60},
@@ -167,6 +189,7 @@ class ResourcesConfig(_Strict):
 
     default: _PartialResources = Field(default_factory=_PartialResources)
     prepare: _PartialResources = Field(default_factory=_PartialResources)
+    pretrained: _PartialResources = Field(default_factory=_PartialResources)
     train: _PartialResources = Field(default_factory=_PartialResources)
     fisher: _PartialResources = Field(default_factory=_PartialResources)
     evaluate: _PartialResources = Field(default_factory=_PartialResources)
@@ -191,10 +214,21 @@ class MultitaskConfig(_Strict):
 
 
 class EvaluationSettings(_Strict):
-    """How every model is evaluated on every task's test split."""
+    """How every model is evaluated on every task's test split (and, for causal LMs, on prompts)."""
 
     batch_size: int = Field(default=64, gt=0)
     max_length: int = Field(default=128, gt=0)
+    generation: GenerationSettings | None = Field(
+        default=None, description="causal LMs: continuations of prompts, scored by the attribute classifier")
+    fluency_task: str | None = Field(default=None, description="the task whose perplexity measures fluency in the "
+                                     "trade-off plot (default: the parent's)")
+
+    @field_validator("generation")
+    @classmethod
+    def _pipeline_sets(cls, value):
+        if value is not None and (value.classifier or value.output_file):
+            raise ValueError("classifier and output_file are set by the pipeline (give attribute_classifier instead)")
+        return value
 
 
 class ExperimentConfig(_Strict):
@@ -203,8 +237,11 @@ class ExperimentConfig(_Strict):
     name: str = "experiment"
     seed: int = 0
     model: str = Field(description="the parent's starting point: a model folder, hub id, alias or built-in spec")
+    kind: str | None = Field(default=None, description="kind of every model of the run (default: from the model)")
     parent: TaskConfig
     children: list[TaskConfig] = Field(min_length=1)
+    attribute_classifier: ClassifierTask | None = Field(
+        default=None, description="a text classifier trained in the run that scores generations (evaluation.generation)")
     training: dict[str, Any] = Field(default_factory=dict, description="shared training settings (train config keys)")
     fisher: FisherSettings = Field(default_factory=FisherSettings)
     merges: list[MergeSpec] = Field(default_factory=list)
@@ -237,7 +274,33 @@ class ExperimentConfig(_Strict):
         if dupes:
             raise ValueError(f"merge names must be unique (set `name:` to tell them apart); repeated: {', '.join(dupes)}")
         self._check_training()
+        self._check_roles()
         return self
+
+    def _check_roles(self) -> None:
+        from gradmatch.kinds import kind_names
+
+        if self.kind is not None and self.kind not in kind_names():
+            raise ValueError(f"kind: unknown kind {self.kind!r} (choose from {', '.join(kind_names())})")
+        for child in self.children:
+            if not child.finetune:
+                raise ValueError(f"children: {child.name}: finetune: false applies to the parent only")
+        if not self.parent.finetune and self.parent.training:
+            raise ValueError("parent: a parent with finetune: false is not trained; remove its training overrides")
+        names = [t.name for t in self.tasks]
+        fluency = self.evaluation.fluency_task
+        if fluency is not None and fluency not in names:
+            raise ValueError(f"evaluation.fluency_task: {fluency!r} is not a task ({', '.join(names)})")
+        if self.attribute_classifier is not None and self.attribute_classifier.name in names:
+            raise ValueError(f"attribute_classifier: its name {self.attribute_classifier.name!r} is also a task's")
+        if self.attribute_classifier is not None and self.evaluation.generation is None:
+            raise ValueError("attribute_classifier scores generations: add evaluation.generation (its prompts)")
+        for spec in self.merges:
+            if (get_method(spec.method).uses_parent_hessian and not self.parent.finetune
+                    and spec.base_hessian_scale is None and self.parent.hessian_scale is None):
+                raise ValueError(f"merges: {spec.label} needs N_0, the scale of the parent's Hessian, and a parent "
+                                 "that is not fine-tuned has no training-set size: set parent.hessian_scale "
+                                 "(or the merge's base_hessian_scale)")
 
     def _check_training(self) -> None:
         """Every training job's settings are a valid train config now, before anything has run."""

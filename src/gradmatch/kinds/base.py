@@ -36,6 +36,8 @@ class Kind:
     needs_labels: ClassVar[bool] = True
     #: Order in which kinds are asked to claim a config (lowest first); the fallback kind has the highest.
     priority: ClassVar[int] = 50
+    #: Whether models of this kind generate text (continuations of prompts).
+    generates: ClassVar[bool] = False
     #: The metric that sums up an evaluation, and whether higher is better (for reports and plots).
     primary_metric: ClassVar[str] = "accuracy"
     higher_is_better: ClassVar[bool] = True

@@ -42,6 +42,7 @@ class CausalLM(Kind):
     primary_metric = "perplexity"
     higher_is_better = False
     unit = "sequence"
+    generates = True
     likelihood = "Σ_i log p(x_i | x_<i) over its predicted tokens"
 
     @classmethod

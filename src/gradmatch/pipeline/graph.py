@@ -14,14 +14,16 @@ import re
 from pathlib import Path
 from typing import Any
 
-from gradmatch.config.experiment import ExperimentConfig, Resources, TaskConfig, load_experiment
+from gradmatch.config.experiment import ExperimentConfig, Resources, load_experiment
+from gradmatch.errors import UserError
 from gradmatch.methods import get_method
 
 #: Bump when the meaning of a job's parameters changes, so old folders are not reused.
 HASH_VERSION = 1
 
 #: Where, inside a job's folder, the thing its readable name should point at lives.
-ALIAS_SUBDIR = {"prepare": "data", "train": "model", "fisher": "fisher", "evaluate": "", "merge": "", "report": ""}
+ALIAS_SUBDIR = {"prepare": "data", "pretrained": "model", "train": "model", "fisher": "fisher", "evaluate": "",
+                "merge": "", "report": ""}
 
 
 class Job:
@@ -93,28 +95,49 @@ def build_jobs(experiment: ExperimentConfig | dict | str | os.PathLike, *, data_
                ) -> list[Job]:
     """The jobs of an experiment, inputs before the jobs that need them, the report last.
 
-    prepare data (each split once) → train parent → its Fisher; train each child from the parent →
-    its Fisher; one job per merge method (all its α, each evaluated on every task); the multitask
-    model; every model evaluated on every task; the report.
+    prepare data (each split once) → the parent (trained on its task, or taken as it is: a ``pretrained``
+    job) → its Fisher; train each child from the parent → its Fisher; the attribute classifier when
+    generations are scored; one job per merge method (all its α, each evaluated on every task); the
+    multitask model; every model evaluated on every task; the report.
     """
+    from gradmatch.models import kind_of
+
     exp = load_experiment(experiment)
     data_dir = str(Path(data_dir).resolve()) if data_dir else None
     res = exp.resources.for_kind
     prepared: dict[str, Job] = {}
+    run_kind = kind_of(exp.model, exp.kind)
+    if exp.evaluation.generation is not None and not run_kind.generates:
+        raise UserError(f"evaluation.generation: {exp.model} is a {run_kind.name} model, which does not generate text")
 
     def prepare(name: str, parts) -> Job:
-        params = {"parts": [p.model_dump() for p in parts], "seed": exp.seed, "data_dir": data_dir}
+        params = {"parts": [p.model_dump(exclude_none=True) for p in parts], "seed": exp.seed, "data_dir": data_dir}
         job = Job("prepare", name, params, resources=res("prepare"))
         return prepared.setdefault(job.hash, job)
 
-    def training(task_overrides: dict) -> dict:
-        return {"seed": exp.seed, **exp.training, **task_overrides}
+    def training(task_overrides: dict, shared: dict = exp.training, kind: str | None = exp.kind) -> dict:
+        return {"seed": exp.seed, **({"kind": kind} if kind else {}), **shared, **task_overrides}
 
     tests = {t.name: prepare(f"data/{t.name}-test", t.test_parts()) for t in exp.tasks}
     test_inputs = {f"test/{name}": job for name, job in tests.items()}
-    eval_params = {"tasks": list(tests), **exp.evaluation.model_dump()}
+    eval_params = {"tasks": list(tests), **exp.evaluation.model_dump(exclude_none=True),
+                   **({"kind": exp.kind} if exp.kind else {})}
+    jobs: list[Job] = []
 
-    def train(name: str, task: TaskConfig | None, init: str | Job, data: Job, overrides: dict) -> Job:
+    classifier = None
+    if exp.attribute_classifier is not None:
+        task = exp.attribute_classifier
+        data = prepare(f"data/{task.name}-train", task.train_parts())
+        classifier = Job("train", f"models/{task.name}", {"training": training(task.training, {}, None),
+                                                           "init": task.model}, {"train": data}, res("train"))
+        test = prepare(f"data/{task.name}-test", task.test_parts())
+        jobs.append(Job("evaluate", f"eval/{task.name}", {"label": task.name, "tasks": [task.name],
+                                                          "batch_size": exp.evaluation.batch_size,
+                                                          "max_length": exp.evaluation.max_length},
+                        {"model": classifier, f"test/{task.name}": test}, res("evaluate")))
+    scorer = {"classifier": classifier} if classifier is not None else {}
+
+    def train(name: str, init: str | Job, data: Job, overrides: dict) -> Job:
         params = {"training": training(overrides)}
         inputs = {"train": data}
         if isinstance(init, Job):
@@ -124,23 +147,26 @@ def build_jobs(experiment: ExperimentConfig | dict | str | os.PathLike, *, data_
         return Job("train", name, params, inputs, res("train"))
 
     def fisher(name: str, model: Job, data: Job) -> Job:
-        params = {**exp.fisher.model_dump(), "seed": exp.seed}
+        params = {**exp.fisher.model_dump(), "seed": exp.seed, **({"kind": exp.kind} if exp.kind else {})}
         return Job("fisher", name, params, {"model": model, "data": data}, res("fisher"))
 
     def evaluate(label: str, model: Job) -> Job:
-        return Job("evaluate", f"eval/{label}", {"label": label, **eval_params}, {"model": model, **test_inputs},
-                   res("evaluate"))
+        return Job("evaluate", f"eval/{label}", {"label": label, **eval_params},
+                   {"model": model, **test_inputs, **scorer}, res("evaluate"))
 
-    jobs: list[Job] = []
     parent_data = prepare(f"data/{exp.parent.name}-train", exp.parent.train_parts())
-    parent = train("models/parent", exp.parent, exp.model, parent_data, exp.parent.training)
+    if exp.parent.finetune:
+        parent = train("models/parent", exp.model, parent_data, exp.parent.training)
+    else:
+        parent = Job("pretrained", "models/parent", {"model": exp.model, **({"kind": exp.kind} if exp.kind else {})},
+                     resources=res("pretrained"))
     parent_fisher = fisher("fisher/parent", parent, parent_data)
     jobs += [parent, parent_fisher]
     evals = [("parent", "model", evaluate("parent", parent))]
     children: dict[str, tuple[Job, Job]] = {}
     for child in exp.children:
         data = prepare(f"data/{child.name}-train", child.train_parts())
-        model = train(f"models/child-{child.name}", child, parent, data, child.training)
+        model = train(f"models/child-{child.name}", parent, data, child.training)
         children[child.name] = (model, fisher(f"fisher/child-{child.name}", model, data))
         jobs += list(children[child.name])
         evals.append((f"child-{child.name}", "model", evaluate(f"child-{child.name}", model)))
@@ -149,28 +175,40 @@ def build_jobs(experiment: ExperimentConfig | dict | str | os.PathLike, *, data_
     for spec in exp.merges:
         method = get_method(spec.method)
         needs_hessian = method.uses_child_hessians
-        inputs: dict[str, Job] = {"parent": parent, **test_inputs}
+        inputs: dict[str, Job] = {"parent": parent, **test_inputs, **scorer}
+        scales = {}
         if method.uses_parent_hessian:
             inputs["parent_fisher"] = parent_fisher
+            scales["base_hessian_scale"] = spec.base_hessian_scale or exp.parent.hessian_scale
         for name, (model, fis) in children.items():
             inputs[f"child/{name}"] = model
             if needs_hessian:
                 inputs[f"child_fisher/{name}"] = fis
+        if needs_hessian:
+            scales["hessian_scales"] = {c.name: c.hessian_scale for c in exp.children}
         params = {"method": spec.method, "label": spec.label, "alphas": spec.alphas, "parameters": spec.parameters,
-                  "children": list(children), "keep_models": spec.keep_models, **eval_params}
+                  "children": list(children), "keep_models": spec.keep_models,
+                  **{k: v for k, v in scales.items() if v is not None}, **eval_params}
         merges.append((spec.label, "merge", Job("merge", f"merges/{spec.label}", params, inputs, res("merge"))))
 
     if exp.multitask.enabled:
         parts = [p for child in exp.children for p in child.train_parts()]
         data = prepare("data/multitask-train", parts)
-        model = train("models/multitask", None, parent, data, exp.multitask.training)
+        model = train("models/multitask", parent, data, exp.multitask.training)
         jobs.append(model)
         evals.append(("multitask", "model", evaluate("multitask", model)))
 
     rows = evals[:-1] + merges + evals[-1:] if exp.multitask.enabled else evals + merges
     entries = [{"key": f"{kind}/{label}", "label": label, "kind": kind} for label, kind, _ in rows]
-    report = Job("report", "report", {"experiment": exp.name, "tasks": list(tests), "entries": entries},
-                 {f"{kind}/{label}": job for label, kind, job in rows}, res("report"))
+    report_inputs = {f"{kind}/{label}": job for label, kind, job in rows}
+    if exp.attribute_classifier is not None:
+        name = exp.attribute_classifier.name
+        entries.append({"key": f"classifier/{name}", "label": name, "kind": "classifier"})
+        report_inputs[f"classifier/{name}"] = next(j for j in jobs if j.name == f"eval/{name}")
+    params = {"experiment": exp.name, "tasks": list(tests), "entries": entries, "metric": run_kind.primary_metric,
+              "higher_is_better": run_kind.higher_is_better,
+              "fluency_task": exp.evaluation.fluency_task or exp.parent.name}
+    report = Job("report", "report", params, report_inputs, res("report"))
     jobs += [job for _, _, job in rows] + [report]
     return toposort(list(prepared.values()) + jobs)
 

@@ -9,9 +9,10 @@ the roles each kind reads and the files it writes (checked around every job). Sn
 kind       inputs (role → upstream job folder)             writes into ``out``
 =========  ==============================================  =============================================
 prepare    —                                               ``data/`` (a saved ``datasets`` split)
+pretrained —                                               ``model/`` (a model taken as it is, as a local folder)
 train      ``train`` (prepare), ``init`` (train, optional) ``model/`` (HF folder + training_metadata.json)
 fisher     ``model`` (train), ``data`` (prepare)           ``fisher/hessian/`` + ``fisher/hessian/fisher.json``
-evaluate   ``model`` (train), ``test/<task>`` (prepare)    ``metrics.json``, ``eval/<task>.json``
+evaluate   ``model``, ``test/<task>``, ``classifier``?     ``metrics.json``, ``eval/<task>.json``
 merge      ``parent``, ``child/<t>``, fishers, tests       ``metrics.json``, ``configs/*.yaml`` (rebuild a merge)
 report     ``model/<label>``, ``merge/<label>``            ``report.md``, ``report.json``, ``*.png``
 =========  ==============================================  =============================================
@@ -53,7 +54,7 @@ def _write_json(path: Path, value: Any) -> None:
 
 
 def prepare(params: dict[str, Any], inputs: dict[str, str], out: Path) -> None:
-    """Materialise the concatenation of ``params["parts"]`` (each a split, optionally a seeded subset)."""
+    """Materialise the concatenation of ``params["parts"]`` (each a split, filtered, optionally a seeded subset)."""
     import datasets
 
     from gradmatch.data import load_split, save_split
@@ -62,7 +63,7 @@ def prepare(params: dict[str, Any], inputs: dict[str, str], out: Path) -> None:
     loaded = []
     for part in params["parts"]:
         ds = load_split(part["dataset"], part.get("split", "train"), config_name=part.get("config_name"),
-                        data_dir=params.get("data_dir"))
+                        data_dir=params.get("data_dir"), filters=part.get("filter"))
         size = part.get("size")
         if size is not None and size < len(ds):
             ds = ds.shuffle(seed=seed).select(range(size)).flatten_indices()
@@ -78,6 +79,21 @@ def prepare(params: dict[str, Any], inputs: dict[str, str], out: Path) -> None:
     save_split(result, out / "data")
     _write_json(out / "summary.json", {"num_examples": len(result), "columns": result.column_names})
     print(f"prepared {len(result)} examples")
+
+
+# --------------------------------------------------------------------------- pretrained
+
+
+def pretrained(params: dict[str, Any], inputs: dict[str, str], out: Path) -> None:
+    """A model taken as it is (an alias, hub id or folder) written as a local folder, so that every later job
+    (possibly on a cluster node without network) reads the same files."""
+    from gradmatch.models import kind_of, load_model
+
+    kind = kind_of(params["model"], params.get("kind"))
+    model, processor = load_model(params["model"], kind=kind)
+    model.save_pretrained(out / "model")
+    processor.save_pretrained(out / "model")
+    print(f"pretrained {params['model']} ({kind.name}) written")
 
 
 # --------------------------------------------------------------------------- train
@@ -102,41 +118,67 @@ def fisher(params: dict[str, Any], inputs: dict[str, str], out: Path) -> None:
 
     run_fisher(_model(inputs["model"]), _data(inputs["data"]), "train", out=_fisher(out),
                estimator=params["estimator"], batch_size=params["batch_size"], max_examples=params["max_examples"],
-               max_length=params["max_length"], seed=params["seed"])
+               max_length=params["max_length"], seed=params["seed"], kind=params.get("kind"))
 
 
 # --------------------------------------------------------------------------- evaluate
 
 
+#: Numbers of an evaluation kept in a job's metrics.json (the kind's metrics; per-example records stay in eval/).
+_KEPT = ("accuracy", "macro_f1", "loss", "perplexity", "nll_per_token", "num_examples", "num_tokens")
+
+
 def evaluate_model(model: str | Path, tests: dict[str, str], params: dict[str, Any], out: Path,
-                   predictions: bool = True) -> dict[str, dict[str, float]]:
-    """Evaluate one model folder on every task's prepared test data; metrics per task."""
+                   predictions: bool = True, classifier: str | None = None) -> dict[str, Any]:
+    """Evaluate one model folder on every task's prepared test data: metrics per task, and — with a
+    ``generation`` block — its generations scored by ``classifier`` (once per model, beside the fluency task)."""
     from gradmatch.evaluate import evaluate
 
     out.mkdir(parents=True, exist_ok=True)
-    results = {}
+    results: dict[str, Any] = {}
+    generation = None
     for task, folder in tests.items():
         config = {"model_name_or_path": str(model), "dataset_name": _data(folder), "dataset_test_split": "test",
                   "per_device_eval_batch_size": params.get("batch_size", 64),
                   "max_input_length": params.get("max_length", 128),
                   "metric_output_file": str(out / f"{task}.json")}
+        if params.get("kind"):
+            config["kind"] = params["kind"]
         if predictions:
             config["prediction_output_file"] = str(out / f"{task}-predictions.jsonl")
+        else:
+            config["prediction_output_file"] = str(out / f".{task}-predictions.json")
+        if params.get("generation") and generation is None:
+            config["generation"] = {**params["generation"], "output_file": str(out / "generations.jsonl"),
+                                    **({"classifier": classifier} if classifier else {})}
         metrics = evaluate(config, overwrite=True)
-        results[task] = {k: metrics[k] for k in ("accuracy", "macro_f1", "num_examples") if k in metrics}
-        print(f"  {task}: accuracy {results[task]['accuracy']:.4f}", flush=True)
-    return results
+        if not predictions:
+            Path(config["prediction_output_file"]).unlink(missing_ok=True)
+        results[task] = {k: metrics[k] for k in _KEPT if metrics.get(k) is not None}
+        generation = metrics.get("generation", generation)
+        shown = ", ".join(f"{k} {results[task][k]:.4g}" for k in ("accuracy", "perplexity") if k in results[task])
+        print(f"  {task}: {shown}", flush=True)
+    if generation is not None:
+        rate = generation.get("unwanted_rate")
+        print(f"  generations: {generation['num_generations']}" + ("" if rate is None else f", unwanted rate {rate:.3f}"),
+              flush=True)
+    return {"tasks": results, "generation": generation}
 
 
 def _tests(params: dict[str, Any], inputs: dict[str, str]) -> dict[str, str]:
     return {task: inputs[f"test/{task}"] for task in params["tasks"]}
 
 
+def _classifier(inputs: dict[str, str]) -> str | None:
+    return _model(inputs["classifier"]) if "classifier" in inputs else None
+
+
 def evaluate(params: dict[str, Any], inputs: dict[str, str], out: Path) -> None:
-    """Evaluate ``model`` on every task; ``metrics.json`` holds accuracy and macro-F1 per task."""
+    """Evaluate ``model`` on every task; ``metrics.json`` holds the kind's metrics per task (and generations')."""
     print(f"evaluating {params['label']}", flush=True)
-    tasks = evaluate_model(_model(inputs["model"]), _tests(params, inputs), params, out / "eval")
-    _write_json(out / "metrics.json", {"label": params["label"], "kind": "model", "tasks": tasks})
+    result = evaluate_model(_model(inputs["model"]), _tests(params, inputs), params, out / "eval",
+                            classifier=_classifier(inputs))
+    _write_json(out / "metrics.json", {"label": params["label"], "kind": "model", **result})
 
 
 # --------------------------------------------------------------------------- merge
@@ -148,13 +190,14 @@ def merge_config(params: dict[str, Any], inputs: dict[str, str], alpha: float) -
     config: dict[str, Any] = {"method": method, "base": _model(inputs["parent"])}
     if "parent_fisher" in inputs:
         config["base_hessian"] = _fisher(inputs["parent_fisher"])
-        config["base_hessian_scale"] = _num_train_examples(inputs["parent"])
+        config["base_hessian_scale"] = params.get("base_hessian_scale") or _num_train_examples(inputs["parent"])
     models = []
     for child in params["children"]:
         entry: dict[str, Any] = {"model": _model(inputs[f"child/{child}"]), "weight": float(alpha)}
         if f"child_fisher/{child}" in inputs:
             entry["hessian"] = _fisher(inputs[f"child_fisher/{child}"])
-            entry["hessian_scale"] = _num_train_examples(inputs[f"child/{child}"])
+            entry["hessian_scale"] = ((params.get("hessian_scales") or {}).get(child)
+                                      or _num_train_examples(inputs[f"child/{child}"]))
         models.append(entry)
     config["models"] = models
     if params.get("parameters"):
@@ -190,8 +233,10 @@ def merge(params: dict[str, Any], inputs: dict[str, str], out: Path) -> None:
         model_dir = out / "models" / tag
         print(f"{params['label']}: merging at α = {alpha:g}", flush=True)
         merge_models(config, model_dir, progress=False)
-        tasks = evaluate_model(model_dir, tests, params, out / "eval" / tag, predictions=False)
-        results.append({"alpha": float(alpha), "tasks": tasks})
+        record = json.loads((model_dir / "merge.json").read_text(encoding="utf-8"))
+        result = evaluate_model(model_dir, tests, params, out / "eval" / tag, predictions=False,
+                                classifier=_classifier(inputs))
+        results.append({"alpha": float(alpha), **result, "statistics": record.get("statistics", {})})
         if not params.get("keep_models"):
             shutil.rmtree(model_dir)
     with contextlib.suppress(OSError):
@@ -213,18 +258,20 @@ def report(params: dict[str, Any], inputs: dict[str, str], out: Path) -> None:
 
 
 #: The job functions by kind.
-JOB_FUNCTIONS = {"prepare": prepare, "train": train, "fisher": fisher, "evaluate": evaluate, "merge": merge,
+JOB_FUNCTIONS = {"prepare": prepare, "pretrained": pretrained, "train": train, "fisher": fisher, "evaluate": evaluate, "merge": merge,
                  "report": report}
 
 #: What each kind of job reads (input roles; ``x/*`` one per task or child; ``?`` optional) and what it
 #: leaves in its folder (besides job.json). Checked before and after every job.
 JOB_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "prepare": ((), ("data", "summary.json")),
+    "pretrained": ((), ("model/config.json",)),
     "train": (("train", "init?"), ("model/config.json", "model/training_metadata.json")),
     "fisher": (("model", "data"), ("fisher/hessian/fisher.json",)),
-    "evaluate": (("model", "test/*"), ("metrics.json", "eval")),
-    "merge": (("parent", "parent_fisher?", "child/*", "child_fisher/*?", "test/*"), ("metrics.json", "configs")),
-    "report": (("model/*", "merge/*?"), ("report.md", "report.json", "alpha_average.png", "alpha_per_task.png",
+    "evaluate": (("model", "test/*", "classifier?"), ("metrics.json", "eval")),
+    "merge": (("parent", "parent_fisher?", "child/*", "child_fisher/*?", "test/*", "classifier?"),
+              ("metrics.json", "configs")),
+    "report": (("model/*", "merge/*?", "classifier/*?"), ("report.md", "report.json", "alpha_average.png", "alpha_per_task.png",
                                         "best_per_task.png")),
 }
 
@@ -257,7 +304,7 @@ def check_outputs(kind: str, folder: Path) -> None:
 def _set_threads(threads: int, kind: str) -> None:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
-    if kind in ("train", "fisher", "evaluate", "merge"):
+    if kind in ("pretrained", "train", "fisher", "evaluate", "merge"):
         import torch
 
         torch.set_num_threads(threads)

@@ -1,12 +1,15 @@
-"""The experiment report: a markdown table, JSON, and plots of accuracy against α and of each method's best.
+"""The experiment report: a markdown table, JSON, and plots of the kind's metric against α, of each method's
+best, and — when generations were scored — of the unwanted-attribute rate against perplexity.
 
-Rows are the parent, each child, each merge at each α and the multitask model; columns are the tasks
-and their average (accuracy, in percent in the table).
+Rows are the parent, each child, each merge at each α and the multitask model; columns are the tasks and
+their average of the run's metric (accuracy in percent for classifiers, perplexity for causal LMs), and the
+generation scores when the run has them.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,7 @@ from typing import Any
 from gradmatch.errors import UserError
 from gradmatch.fsutil import atomic_dir, write_text
 
-#: The files a report folder holds.
+#: The files a report folder always holds (``tradeoff.png`` too when generations were scored).
 REPORT_FILES = ("report.md", "report.json", "alpha_average.png", "alpha_per_task.png", "best_per_task.png")
 
 
@@ -28,86 +31,145 @@ def _read_metrics(folder: str | Path) -> dict[str, Any] | None:
         raise UserError(f"cannot read {path}: {exc}") from exc
 
 
-def _row(label: str, kind: str, tasks: list[str], metrics: dict[str, dict], method: str | None = None,
-         alpha: float | None = None) -> dict[str, Any]:
-    acc = {t: float(metrics[t]["accuracy"]) for t in tasks if t in metrics}
-    average = sum(acc.values()) / len(acc) if len(acc) == len(tasks) else None
-    return {"label": label, "kind": kind, "method": method, "alpha": alpha, "accuracy": acc, "average": average,
-            "macro_f1": {t: metrics[t].get("macro_f1") for t in tasks if t in metrics}}
+def _row(label: str, kind: str, tasks: list[str], metrics: dict[str, dict], metric: str, method: str | None = None,
+         alpha: float | None = None, generation: dict | None = None, statistics: dict | None = None) -> dict[str, Any]:
+    values = {t: float(metrics[t][metric]) for t in tasks if t in metrics and metric in metrics[t]}
+    average = sum(values.values()) / len(values) if values and len(values) == len(tasks) else None
+    row = {"label": label, "kind": kind, "method": method, "alpha": alpha, "values": values, "average": average}
+    if generation:
+        row["generation"] = generation
+    if statistics:
+        row["statistics"] = {k: v.get("fraction") for k, v in statistics.items() if isinstance(v, dict)}
+    return row
 
 
 def collect(params: dict[str, Any], inputs: dict[str, str]) -> dict[str, Any]:
     """Read every evaluation and merge result named in the report job's parameters (missing ones skipped)."""
     tasks = list(params["tasks"])
-    rows, missing = [], []
+    metric = params.get("metric", "accuracy")
+    rows, missing, classifier = [], [], None
     for entry in params["entries"]:
         metrics = _read_metrics(inputs[entry["key"]]) if entry["key"] in inputs else None
         if metrics is None:
             missing.append(entry["label"])
-            continue
-        if entry["kind"] == "model":
-            rows.append(_row(entry["label"], "model", tasks, metrics["tasks"]))
+        elif entry["kind"] == "classifier":
+            classifier = {"label": entry["label"], **next(iter(metrics["tasks"].values()), {})}
+        elif entry["kind"] == "model":
+            rows.append(_row(entry["label"], "model", tasks, metrics["tasks"], metric,
+                             generation=metrics.get("generation")))
         else:
             for point in metrics["alphas"]:
-                rows.append(_row(f"{entry['label']} α={point['alpha']:g}", "merge", tasks, point["tasks"],
-                                 method=entry["label"], alpha=float(point["alpha"])))
-    return {"experiment": params.get("experiment", "experiment"), "tasks": tasks, "rows": rows, "missing": missing,
-            "best": best_settings(rows)}
+                rows.append(_row(f"{entry['label']} α={point['alpha']:g}", "merge", tasks, point["tasks"], metric,
+                                 method=entry["label"], alpha=float(point["alpha"]), generation=point.get("generation"),
+                                 statistics=point.get("statistics")))
+    higher = bool(params.get("higher_is_better", True))
+    return {"experiment": params.get("experiment", "experiment"), "tasks": tasks, "metric": metric,
+            "higher_is_better": higher, "fluency_task": params.get("fluency_task"), "rows": rows,
+            "missing": missing, "classifier": classifier, "best": best_settings(rows, higher)}
 
 
-def best_settings(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """For each merge method, the α with the best average accuracy (ties: the smaller α)."""
+def best_settings(rows: list[dict[str, Any]], higher_is_better: bool = True) -> dict[str, dict[str, Any]]:
+    """For each merge method, the α with the best average of the metric (ties: the smaller α)."""
     best: dict[str, dict[str, Any]] = {}
+    sign = 1 if higher_is_better else -1
     for row in rows:
         if row["kind"] != "merge" or row["average"] is None:
             continue
         current = best.get(row["method"])
-        if current is None or row["average"] > current["average"]:
-            best[row["method"]] = {"alpha": row["alpha"], "average": row["average"], "accuracy": row["accuracy"]}
+        if current is None or sign * row["average"] > sign * current["average"]:
+            best[row["method"]] = {"alpha": row["alpha"], "average": row["average"], "values": row["values"]}
     return best
 
 
+def _fmt(value: float | None, metric: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if metric == "accuracy":
+        return f"{100 * value:.1f}"
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+
+
+def _has_generation(results: dict[str, Any]) -> bool:
+    return any(row.get("generation") for row in results["rows"])
+
+
+def _unwanted(row: dict[str, Any]) -> str:
+    g = row.get("generation") or {}
+    if "unwanted_rate" not in g:
+        return "—"
+    return f"{100 * g['unwanted_rate']:.1f} ± {100 * g['unwanted_rate_se']:.1f}"
+
+
 def markdown_table(results: dict[str, Any]) -> str:
-    """Rows: models and merges; columns: every task and the average; accuracy in percent."""
-    tasks = results["tasks"]
-    head = "| model | " + " | ".join(tasks) + " | average |"
-    lines = [head, "|" + "---|" * (len(tasks) + 2)]
+    """Rows: models and merges; columns: every task and the average of the run's metric (and generation scores)."""
+    tasks, metric = results["tasks"], results["metric"]
+    generation = _has_generation(results)
+    head = f"| model | {' | '.join(tasks)} | average |" + (" unwanted % | distinct-2 |" if generation else "")
+    lines = [head, "|" + "---|" * (len(tasks) + 2 + 2 * generation)]
     best = {m: b["alpha"] for m, b in results["best"].items()}
     for row in results["rows"]:
-        cells = [f"{100 * row['accuracy'][t]:.1f}" if t in row["accuracy"] else "—" for t in tasks]
-        avg = f"{100 * row['average']:.1f}" if row["average"] is not None else "—"
+        cells = [_fmt(row["values"].get(t), metric) for t in tasks]
+        avg = _fmt(row["average"], metric)
         label = row["label"]
-        if row["kind"] == "merge" and best.get(row["method"]) == row["alpha"]:
+        if row["kind"] == "merge" and best.get(row["method"]) == row["alpha"] and not generation:
             label, avg = f"**{label}**", f"**{avg}**"
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {avg} |")
+        line = f"| {label} | " + " | ".join(cells) + f" | {avg} |"
+        if generation:
+            g = row.get("generation") or {}
+            line += f" {_unwanted(row)} | {g['distinct_2']:.3f} |" if g else " — | — |"
+        lines.append(line)
     return "\n".join(lines)
 
 
 def alpha_table(results: dict[str, Any]) -> str:
-    """Average accuracy (%) of each merge method (rows) at each α (columns): the robustness in numbers."""
+    """The average metric of each merge method (rows) at each α (columns): the robustness in numbers."""
     curves = _merge_curves(results)
+    metric = results["metric"]
     alphas = sorted({r["alpha"] for rows in curves.values() for r in rows})
     lines = ["| method | " + " | ".join(f"α={a:g}" for a in alphas) + " |", "|" + "---|" * (len(alphas) + 1)]
     for method, rows in curves.items():
         by_alpha = {r["alpha"]: r["average"] for r in rows}
-        cells = [f"{100 * by_alpha[a]:.1f}" if by_alpha.get(a) is not None else "—" for a in alphas]
+        cells = [_fmt(by_alpha.get(a), metric) for a in alphas]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     refs = [r for r in results["rows"] if r["kind"] == "model" and r["label"] in ("parent", "multitask")]
     if refs:
         lines += ["", "For reference: " + ", ".join(
-            f"{r['label']} {100 * r['average']:.1f}" for r in refs if r["average"] is not None) + "."]
+            f"{r['label']} {_fmt(r['average'], metric)}" for r in refs if r["average"] is not None) + "."]
+    return "\n".join(lines)
+
+
+def tradeoff_table(results: dict[str, Any]) -> str:
+    """Removal: the unwanted-attribute rate against fluency (perplexity on the fluency task), per model and α."""
+    fluency = results.get("fluency_task") or results["tasks"][0]
+    lines = [f"| model | unwanted % (± s.e.) | perplexity on {fluency} | mean new tokens |", "|---|---|---|---|"]
+    for row in results["rows"]:
+        g = row.get("generation")
+        if g:
+            lines.append(f"| {row['label']} | {_unwanted(row)} | {_fmt(row['values'].get(fluency), 'perplexity')} | "
+                         f"{g['mean_new_tokens']:.1f} |")
     return "\n".join(lines)
 
 
 def _text(results: dict[str, Any]) -> str:
-    parts = [f"# {results['experiment']}: accuracy (%) of every model on every task", "",
-             markdown_table(results), "",
-             "Bold: each merge method's best α by average accuracy.", ""]
+    metric = results["metric"]
+    what = "accuracy (%)" if metric == "accuracy" else metric
+    parts = [f"# {results['experiment']}: {what} of every model on every task", "", markdown_table(results), ""]
+    if _has_generation(results):
+        parts += ["Unwanted %: share of the generations the attribute classifier labels unwanted, with its binomial "
+                  "standard error; distinct-2: unique bigrams over all bigrams of the continuations.", ""]
+        if results.get("classifier"):
+            c = results["classifier"]
+            parts += [f"Attribute classifier `{c['label']}`: accuracy {100 * c.get('accuracy', float('nan')):.1f}% "
+                      f"on {c.get('num_examples', '?')} held-out examples.", ""]
+        parts += ["## Removal: unwanted attribute against fluency", "", tradeoff_table(results), "",
+                  "![unwanted rate against perplexity](tradeoff.png)", ""]
+    else:
+        parts += ["Bold: each merge method's best α by the average.", ""]
     if any(r["kind"] == "merge" for r in results["rows"]):
-        parts += ["## Average accuracy (%) against α", "", alpha_table(results), ""]
+        parts += [f"## Average {metric} against α", "", alpha_table(results), ""]
     if results["missing"]:
         parts += [f"Not finished yet: {', '.join(results['missing'])}.", ""]
-    parts += ["![accuracy against α](alpha_average.png)", "", "![accuracy against α per task](alpha_per_task.png)", "",
+    parts += [f"![{metric} against α](alpha_average.png)", "", f"![{metric} against α per task](alpha_per_task.png)", "",
               "![best setting of each method per task](best_per_task.png)", ""]
     return "\n".join(parts)
 
@@ -129,7 +191,7 @@ def _reference_rows(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {r["label"]: r for r in results["rows"] if r["kind"] == "model" and r["label"] in ("parent", "multitask")}
 
 
-def _plot_alpha(ax, curves, refs, value, title: str) -> None:
+def _plot_alpha(ax, curves, refs, value, title: str, metric: str) -> None:
     alphas = sorted({r["alpha"] for rows in curves.values() for r in rows}) or [0.0, 1.0]
     lo, hi = min(alphas), max(alphas)
     if lo == hi:
@@ -148,24 +210,67 @@ def _plot_alpha(ax, curves, refs, value, title: str) -> None:
             ax.axhline(value(refs[label]), color="gray", linestyle=style, linewidth=1, label=label)
     ax.set_title(title)
     ax.set_xlabel("α (scale of every task vector)")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
+    ax.set_ylabel(metric)
+    if metric == "accuracy":
+        ax.set_ylim(0, 1)
+    elif ax.get_lines():
+        ax.set_yscale("log")
     ax.grid(alpha=0.3)
 
 
+def _plot_tradeoff(results: dict[str, Any], path: Path, dpi: int) -> None:
+    """Unwanted rate against perplexity on the fluency task: one curve per method, points labelled by α."""
+    import matplotlib.pyplot as plt
+
+    fluency = results.get("fluency_task") or results["tasks"][0]
+    fig, ax = plt.subplots(figsize=(6.6, 4.6))
+
+    def point(row):
+        g = row.get("generation") or {}
+        x = row["values"].get(fluency)
+        return (x, g["unwanted_rate"], g["unwanted_rate_se"]) if "unwanted_rate" in g and x is not None else None
+
+    for method, rows in _merge_curves(results).items():
+        pts = [(r, point(r)) for r in rows if point(r)]
+        if not pts:
+            continue
+        xs, ys, es = zip(*(p for _, p in pts))
+        line = ax.errorbar(xs, [100 * y for y in ys], yerr=[100 * e for e in es], marker="o", capsize=2, label=method)
+        for (row, (x, y, _)) in pts:
+            ax.annotate(f"{row['alpha']:g}", (x, 100 * y), textcoords="offset points", xytext=(4, 3), fontsize=7,
+                        color=line[0].get_color())
+    for row in results["rows"]:
+        if row["kind"] == "model" and point(row):
+            x, y, e = point(row)
+            ax.errorbar([x], [100 * y], yerr=[100 * e], marker="s", color="black", capsize=2)
+            ax.annotate(row["label"], (x, 100 * y), textcoords="offset points", xytext=(5, -9), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"perplexity on {fluency} (lower: more fluent)")
+    ax.set_ylabel("unwanted generations (%)")
+    ax.set_title(f"{results['experiment']}: removal trade-off (numbers: α)")
+    ax.grid(alpha=0.3, which="both")
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def write_plots(results: dict[str, Any], out: Path, dpi: int = 100) -> list[Path]:
-    """accuracy against α (average; per task) and each method's best α per task, as PNG files."""
+    """The metric against α (average; per task), each method's best α per task, and the removal trade-off."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    tasks = results["tasks"]
+    tasks, metric = results["tasks"], results["metric"]
     curves, refs = _merge_curves(results), _reference_rows(results)
     written = []
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    _plot_alpha(ax, curves, refs, lambda r: r["average"], f"{results['experiment']}: average accuracy against α")
+    _plot_alpha(ax, curves, refs, lambda r: r["average"], f"{results['experiment']}: average {metric} against α",
+                metric)
     if ax.get_legend_handles_labels()[1]:
         ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
@@ -177,7 +282,7 @@ def write_plots(results: dict[str, Any], out: Path, dpi: int = 100) -> list[Path
     nrows = -(-len(tasks) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
     for ax, task in zip(axes.flat, tasks):
-        _plot_alpha(ax, curves, refs, lambda r, t=task: r["accuracy"].get(t), task)
+        _plot_alpha(ax, curves, refs, lambda r, t=task: r["values"].get(t), task, metric)
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
@@ -188,34 +293,33 @@ def write_plots(results: dict[str, Any], out: Path, dpi: int = 100) -> list[Path
     plt.close(fig)
     written.append(out / "alpha_per_task.png")
 
-    import numpy as np
-
     groups = tasks + ["average"]
     bars: list[tuple[str, list[float]]] = []
     by_label = {r["label"]: r for r in results["rows"] if r["kind"] == "model"}
 
-    def values(acc: dict[str, float], average: float | None) -> list[float]:
-        return [acc.get(t, np.nan) for t in tasks] + [np.nan if average is None else average]
+    def values(vals: dict[str, float], average: float | None) -> list[float]:
+        return [vals.get(t, np.nan) for t in tasks] + [np.nan if average is None else average]
 
     if "parent" in by_label:
-        bars.append(("parent", values(by_label["parent"]["accuracy"], by_label["parent"]["average"])))
+        bars.append(("parent", values(by_label["parent"]["values"], by_label["parent"]["average"])))
     # each task's own expert: the child trained on it (the parent for the parent's task)
     experts = {t: by_label.get(f"child-{t}", by_label.get("parent")) for t in tasks}
     if all(experts.values()):
-        acc = {t: experts[t]["accuracy"].get(t, np.nan) for t in tasks}
-        bars.append(("own-task model", values(acc, float(np.mean(list(acc.values()))))))
+        own = {t: experts[t]["values"].get(t, np.nan) for t in tasks}
+        bars.append(("own-task model", values(own, float(np.mean(list(own.values()))))))
     for method, best in results["best"].items():
-        bars.append((f"{method} (α={best['alpha']:g})", values(best["accuracy"], best["average"])))
+        bars.append((f"{method} (α={best['alpha']:g})", values(best["values"], best["average"])))
     if "multitask" in by_label:
-        bars.append(("multitask", values(by_label["multitask"]["accuracy"], by_label["multitask"]["average"])))
+        bars.append(("multitask", values(by_label["multitask"]["values"], by_label["multitask"]["average"])))
     fig, ax = plt.subplots(figsize=(max(6.4, 1.3 * len(groups) + 2) + 2.2, 4.2))
     width = 0.8 / max(1, len(bars))
     x = np.arange(len(groups))
     for i, (label, ys) in enumerate(bars):
         ax.bar(x + (i - (len(bars) - 1) / 2) * width, ys, width, label=label)
     ax.set_xticks(x, groups)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy")
+    if metric == "accuracy":
+        ax.set_ylim(0, 1)
+    ax.set_ylabel(metric)
     ax.set_title(f"{results['experiment']}: best setting of each method, per task")
     ax.grid(axis="y", alpha=0.3)
     if bars:
@@ -224,6 +328,10 @@ def write_plots(results: dict[str, Any], out: Path, dpi: int = 100) -> list[Path
     fig.savefig(out / "best_per_task.png", dpi=dpi)
     plt.close(fig)
     written.append(out / "best_per_task.png")
+
+    if _has_generation(results):
+        _plot_tradeoff(results, out / "tradeoff.png", dpi)
+        written.append(out / "tradeoff.png")
     return written
 
 
