@@ -169,6 +169,24 @@ def test_report_command_rebuilds_the_same_table(finished_run, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_report_of_a_copied_run_folder_reads_the_copy(finished_run, tmp_path):
+    """The job specs name the original folder's paths; the report of a copy must read the copy's results."""
+    import shutil
+
+    workdir, _ = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy, symlinks=True, ignore=shutil.ignore_patterns(".snakemake"))
+    metrics = copy / "eval" / "parent" / "metrics.json"
+    changed = json.loads(metrics.read_text())
+    changed["tasks"]["original"]["accuracy"] = 0.123
+    metrics.write_text(json.dumps(changed))
+    out, results = __import__("gradmatch.pipeline.report", fromlist=["report_run"]).report_run(copy)
+    assert out == copy / "report"
+    assert {r["label"]: r for r in results["rows"]}["parent"]["values"]["original"] == 0.123
+    assert report_rows(workdir)[0]["values"]["original"] != 0.123  # the original run is untouched
+
+
+@pytest.mark.slow
 def test_killed_run_resumes_without_redoing_finished_jobs(finished_run, tmp_path):
     reference, exp = finished_run
     workdir = tmp_path / "run"

@@ -13,6 +13,8 @@ def parse_device(device: str | torch.device) -> torch.device:
         dev = torch.device(device)
     except RuntimeError:
         raise UserError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {device}: gradmatch runs on cpu or cuda, not {dev.type}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device}: no CUDA GPU is available on this machine")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():

@@ -222,16 +222,10 @@ def gradient_mismatch(
 
 
 def _finished_merge_jobs(run_dir: Path) -> list[dict[str, Any]]:
-    """The job specs of the run's finished merge jobs, in the order of the run's plan."""
-    plan_path = run_dir / "plan.json"
-    if not plan_path.is_file():
-        raise UserError(f"{run_dir} is not a gradmatch run folder: it has no plan.json")
-    try:
-        plan = json.loads(plan_path.read_text(encoding="utf-8"))
-        specs = [json.loads(Path(job["spec"]).read_text(encoding="utf-8"))
-                 for job in plan["jobs"] if job["kind"] == "merge"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"cannot read the plan of run {run_dir}: {exc}") from None
+    """The job specs of the run's finished merge jobs, in the order of the run's plan (relocated into ``run_dir``)."""
+    from gradmatch.pipeline.graph import read_run_specs
+
+    specs = read_run_specs(run_dir, "merge")
     finished = [s for s in specs if (Path(s["out"]) / "metrics.json").is_file()]
     if not finished:
         raise UserError(f"run {run_dir} has no finished merge jobs yet")

@@ -236,3 +236,32 @@ def job_spec(job: Job, workdir: str | os.PathLike) -> dict[str, Any]:
             "inputs": {role: str(dep.folder(workdir)) for role, dep in job.inputs.items()},
             "out": str(job.folder(workdir)), "workdir": str(workdir),
             "alias": job.name, "alias_subdir": ALIAS_SUBDIR[job.kind]}
+
+
+def read_run_specs(run_dir: str | os.PathLike, kind: str | None = None) -> list[dict[str, Any]]:
+    """The job specs of a run folder (every job's, or one kind's), in the plan's order, with their folders
+    relocated into ``run_dir``: a run folder that was copied or moved reports its own results, not the
+    original's. Specs are read from ``run_dir/jobs``; a folder without a readable plan is one clear error."""
+    run_dir = Path(run_dir)
+    plan_path = run_dir / "plan.json"
+    if not plan_path.is_file():
+        raise UserError(f"{run_dir} is not a gradmatch run folder (no plan.json)")
+    here = str(run_dir.resolve())
+    specs = []
+    try:
+        plan = json.loads(plan_path.read_text(encoding="utf-8"))
+        for job in plan["jobs"]:
+            if kind is not None and job["kind"] != kind:
+                continue
+            spec = json.loads((run_dir / "jobs" / f"{job['hash']}.json").read_text(encoding="utf-8"))
+            there = str(spec["workdir"])
+
+            def move(path: str) -> str:
+                return here + path[len(there):] if path == there or path.startswith(there + os.sep) else path
+
+            spec.update(workdir=here, out=move(spec["out"]), inputs={r: move(p) for r, p in spec["inputs"].items()})
+            specs.append(spec)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"{plan_path} or its job specs in {run_dir / 'jobs'} are not a readable gradmatch plan: "
+                        f"{' '.join(str(exc).split())[:200]}") from None
+    return specs

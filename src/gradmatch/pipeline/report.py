@@ -349,23 +349,14 @@ def report_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None)
 
     ``out`` defaults to ``RUN_DIR/report`` (replacing what is there, which is derived data).
     """
+    from gradmatch.pipeline.graph import read_run_specs
+
     run_dir = Path(run_dir)
-    plan_path = run_dir / "plan.json"
-    if not plan_path.is_file():
-        raise UserError(f"{run_dir} is not a gradmatch run folder (no plan.json)")
+    specs = read_run_specs(run_dir, "report")
+    if not specs:
+        raise UserError(f"{run_dir / 'plan.json'} has no report job")
     try:
-        plan = json.loads(plan_path.read_text())
-        report_jobs = [j for j in plan["jobs"] if j["kind"] == "report"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{plan_path} is not a readable gradmatch plan: {' '.join(str(exc).split())[:200]}") from None
-    if not report_jobs:
-        raise UserError(f"{plan_path} has no report job")
-    try:
-        spec_path = Path(report_jobs[-1]["spec"])
-        if not spec_path.is_file():
-            spec_path = run_dir / "jobs" / spec_path.name
-        spec = json.loads(spec_path.read_text())
-        results = collect(spec["params"], spec["inputs"])
+        results = collect(specs[-1]["params"], specs[-1]["inputs"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"the report job of {run_dir} (its spec in {run_dir / 'jobs'} or a metrics.json) cannot be read: "
                         f"{' '.join(str(exc).split())[:200]}") from None
