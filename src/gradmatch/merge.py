@@ -30,7 +30,10 @@ __all__ = ["merge", "load_merge_config", "plan_merge", "MergePlan", "DEFAULT_BLO
 log = logging.getLogger(__name__)
 
 #: Elementwise methods read a large tensor in blocks of rows holding about this many entries per input.
-DEFAULT_BLOCK_ELEMENTS = 1 << 16
+#: 2^17 (64 rows of a 2048-wide LLM matrix): a 0.5B-parameter bf16 merge took 2.9 s (task arithmetic) and
+#: 6.6 s (gradient matching) against 3.3 s and 7.8 s with 2^16 (fixed costs per block) and 2.5-3.9 s and
+#: 7.6 s with 2^18 (blocks no longer fit the caches), best of 3-4 interleaved runs on the shared 2-core machine.
+DEFAULT_BLOCK_ELEMENTS = 1 << 17
 #: Entries copied from the parent whatever the method (as the original code did), besides non-floating ones.
 _PARENT_ONLY = ("position_ids", "masked_bias")
 _PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
