@@ -49,7 +49,7 @@ def test_rows_averages_and_best_alpha(run_inputs):
     assert results["rows"][3]["average"] == pytest.approx(0.85)
     assert results["best"]["gradient_matching"]["alpha"] == 1.0
     assert results["best"]["task_arithmetic"] == {"alpha": 0.5, "average": pytest.approx(0.8),
-                                                  "values": {"a": 0.8, "b": 0.8}}
+                                                  "values": {"a": 0.8, "b": 0.8}, "average_sd": None}
     assert results["missing"] == ["multitask"]
     table = markdown_table(results)
     assert table.splitlines()[0] == "| model | a | b | average |"
@@ -93,3 +93,41 @@ def test_partial_report_with_one_child_only(run_inputs, tmp_path):
     out.mkdir()
     write_report(results, out)
     assert (out / "alpha_per_task.png").stat().st_size > 0 and (out / "best_per_task.png").stat().st_size > 0
+
+
+def test_seeds_give_means_standard_deviations_and_paired_differences(tmp_path):
+    """Three seeds of two merges: the report's means, sample sds and the paired GM − TA interval, against numpy."""
+    import numpy as np
+
+    gm = {0.5: [(0.80, 0.70), (0.84, 0.74), (0.78, 0.70)], 1.0: [(0.80, 0.90), (0.70, 0.92), (0.75, 0.85)]}
+    ta = {0.5: [(0.80, 0.80), (0.82, 0.76), (0.70, 0.74)], 1.0: [(0.30, 0.20), (0.40, 0.30), (0.35, 0.25)]}
+    inputs, entries = {}, []
+    for seed in range(3):
+        for method, curve in (("gradient_matching", gm), ("task_arithmetic", ta)):
+            folder = tmp_path / f"{method}-{seed}"
+            folder.mkdir()
+            points = [{"alpha": a, "tasks": _metrics(*curve[a][seed])} for a in (0.5, 1.0)]
+            (folder / "metrics.json").write_text(json.dumps({"kind": "merge", "alphas": points}))
+            key = f"merge/{method}@{seed}"
+            inputs[key] = str(folder)
+            entries.append({"key": key, "label": method, "kind": "merge", "seed": seed})
+    results = collect({"experiment": "toy", "tasks": TASKS, "entries": entries, "seeds": [0, 1, 2]}, inputs)
+    row = {r["label"]: r for r in results["rows"]}["gradient_matching α=1"]
+    averages = np.mean(gm[1.0], axis=1)
+    assert row["average"] == pytest.approx(averages.mean()) and row["average_sd"] == pytest.approx(averages.std(ddof=1))
+    assert row["values"]["b"] == pytest.approx(np.mean([v[1] for v in gm[1.0]]))
+    assert row["sd"]["b"] == pytest.approx(np.std([v[1] for v in gm[1.0]], ddof=1))
+    paired = {p["what"]: p for p in results["paired"]}
+    diffs = np.mean(gm[1.0], axis=1) - np.mean(ta[1.0], axis=1)
+    half = 4.302652729911275 * diffs.std(ddof=1) / np.sqrt(3)  # t(0.975, 2 degrees of freedom)
+    assert paired["α = 1"]["mean"] == pytest.approx(diffs.mean())
+    assert paired["α = 1"]["ci95"] == pytest.approx([diffs.mean() - half, diffs.mean() + half])
+    best = paired["each at its best α (1, 0.5)"]
+    assert best["mean"] == pytest.approx((np.mean(gm[1.0], axis=1) - np.mean(ta[0.5], axis=1)).mean())
+    table = markdown_table(results)
+    assert f"| **gradient_matching α=1** | {100 * np.mean([v[0] for v in gm[1.0]]):.1f} ± " in table
+    out = tmp_path / "report"
+    out.mkdir()
+    write_report(results, out)
+    text = (out / "report.md").read_text()
+    assert "Mean ± standard deviation over 3 seeds" in text and "paired by seed" in text

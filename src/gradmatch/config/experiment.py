@@ -236,6 +236,8 @@ class ExperimentConfig(_Strict):
 
     name: str = "experiment"
     seed: int = 0
+    seeds: list[int] | None = Field(default=None, min_length=1, description="run everything once per seed; the "
+                                    "report gives mean ± sd over seeds and paired differences (instead of seed)")
     model: str = Field(description="the parent's starting point: a model folder, hub id, alias or built-in spec")
     kind: str | None = Field(default=None, description="kind of every model of the run (default: from the model)")
     parent: TaskConfig
@@ -258,6 +260,18 @@ class ExperimentConfig(_Strict):
             raise ValueError("an experiment name may hold only letters, digits, '_', '.' and '-' (it names a folder)")
         return value
 
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("seeds must not repeat")
+        return value
+
+    @property
+    def run_seeds(self) -> list[int]:
+        """The seeds the experiment runs with: ``seeds``, else the one ``seed``."""
+        return list(self.seeds) if self.seeds else [self.seed]
+
     @field_validator("multitask", mode="before")
     @classmethod
     def _multitask_bool(cls, value):
@@ -273,6 +287,8 @@ class ExperimentConfig(_Strict):
         dupes = sorted({n for n in labels if labels.count(n) > 1})
         if dupes:
             raise ValueError(f"merge names must be unique (set `name:` to tell them apart); repeated: {', '.join(dupes)}")
+        if self.seeds is not None and "seed" in self.model_fields_set and self.seed not in self.seeds:
+            raise ValueError(f"give seed (one run) or seeds (several), not both (seed {self.seed}, seeds {self.seeds})")
         self._check_training()
         self._check_roles()
         return self

@@ -95,46 +95,75 @@ def build_jobs(experiment: ExperimentConfig | dict | str | os.PathLike, *, data_
                ) -> list[Job]:
     """The jobs of an experiment, inputs before the jobs that need them, the report last.
 
-    prepare data (each split once) → the parent (trained on its task, or taken as it is: a ``pretrained``
-    job) → its Fisher; train each child from the parent → its Fisher; the attribute classifier when
-    generations are scored; one job per merge method (all its α, each evaluated on every task); the
-    multitask model; every model evaluated on every task; the report.
+    For each seed: prepare data (each split once) → the parent (trained on its task, or taken as it is: a
+    ``pretrained`` job) → its Fisher; train each child from the parent → its Fisher; the attribute
+    classifier when generations are scored; one job per merge method (all its α, each evaluated on every
+    task); the multitask model; every model evaluated on every task. Then one report over every seed.
+    With several seeds, every job's readable name starts with ``seed-<n>/``.
     """
     from gradmatch.models import kind_of
 
     exp = load_experiment(experiment)
     data_dir = str(Path(data_dir).resolve()) if data_dir else None
-    res = exp.resources.for_kind
-    prepared: dict[str, Job] = {}
     run_kind = kind_of(exp.model, exp.kind)
     if exp.evaluation.generation is not None and not run_kind.generates:
         raise UserError(f"evaluation.generation: {exp.model} is a {run_kind.name} model, which does not generate text")
+    seeds = exp.run_seeds
+    jobs: list[Job] = []
+    entries: list[dict[str, Any]] = []
+    report_inputs: dict[str, Job] = {}
+    prepared: dict[str, Job] = {}
+    for seed in seeds:
+        prefix = f"seed-{seed}/" if len(seeds) > 1 else ""
+        seed_jobs, seed_entries = _seed_jobs(exp, seed, prefix, data_dir, prepared)
+        jobs += seed_jobs
+        for entry, job in seed_entries:
+            key = entry["key"] + (f"@{seed}" if len(seeds) > 1 else "")
+            entries.append({**entry, "key": key, "seed": seed})
+            report_inputs[key] = job
+    params = {"experiment": exp.name, "tasks": [t.name for t in exp.tasks], "entries": entries, "seeds": seeds,
+              "metric": run_kind.primary_metric, "higher_is_better": run_kind.higher_is_better,
+              "fluency_task": exp.evaluation.fluency_task or exp.parent.name}
+    report = Job("report", "report", params, report_inputs, exp.resources.for_kind("report"))
+    return toposort(list(prepared.values()) + jobs + [report])
+
+
+def _seed_jobs(exp: ExperimentConfig, seed: int, prefix: str, data_dir: str | None, prepared: dict[str, Job]
+               ) -> tuple[list[Job], list[tuple[dict[str, Any], Job]]]:
+    """The jobs of one seed, and the report's entries with the job that holds each one's metrics."""
+    res = exp.resources.for_kind
 
     def prepare(name: str, parts) -> Job:
-        params = {"parts": [p.model_dump(exclude_none=True) for p in parts], "seed": exp.seed, "data_dir": data_dir}
-        job = Job("prepare", name, params, resources=res("prepare"))
+        # Parts without a subset size read the same rows for every seed: one job serves them all.
+        subset = any(p.size is not None for p in parts)
+        params = {"parts": [p.model_dump(exclude_none=True) for p in parts], "seed": seed if subset else 0,
+                  "data_dir": data_dir}
+        job = Job("prepare", prefix * subset + name, params, resources=res("prepare"))
         return prepared.setdefault(job.hash, job)
 
     def training(task_overrides: dict, shared: dict = exp.training, kind: str | None = exp.kind) -> dict:
-        return {"seed": exp.seed, **({"kind": kind} if kind else {}), **shared, **task_overrides}
+        return {"seed": seed, **({"kind": kind} if kind else {}), **shared, **task_overrides}
 
     tests = {t.name: prepare(f"data/{t.name}-test", t.test_parts()) for t in exp.tasks}
     test_inputs = {f"test/{name}": job for name, job in tests.items()}
     eval_params = {"tasks": list(tests), **exp.evaluation.model_dump(exclude_none=True),
                    **({"kind": exp.kind} if exp.kind else {})}
     jobs: list[Job] = []
+    extra_entries: list[tuple[dict[str, Any], Job]] = []
 
     classifier = None
     if exp.attribute_classifier is not None:
         task = exp.attribute_classifier
         data = prepare(f"data/{task.name}-train", task.train_parts())
-        classifier = Job("train", f"models/{task.name}", {"training": training(task.training, {}, None),
-                                                           "init": task.model}, {"train": data}, res("train"))
+        classifier = Job("train", f"{prefix}models/{task.name}", {"training": training(task.training, {}, None),
+                                                                   "init": task.model}, {"train": data}, res("train"))
         test = prepare(f"data/{task.name}-test", task.test_parts())
-        jobs.append(Job("evaluate", f"eval/{task.name}", {"label": task.name, "tasks": [task.name],
-                                                          "batch_size": exp.evaluation.batch_size,
-                                                          "max_length": exp.evaluation.max_length},
-                        {"model": classifier, f"test/{task.name}": test}, res("evaluate")))
+        evaluation = Job("evaluate", f"{prefix}eval/{task.name}",
+                         {"label": task.name, "tasks": [task.name], "batch_size": exp.evaluation.batch_size,
+                          "max_length": exp.evaluation.max_length},
+                         {"model": classifier, f"test/{task.name}": test}, res("evaluate"))
+        jobs.append(evaluation)
+        extra_entries.append(({"key": f"classifier/{task.name}", "label": task.name, "kind": "classifier"}, evaluation))
     scorer = {"classifier": classifier} if classifier is not None else {}
 
     def train(name: str, init: str | Job, data: Job, overrides: dict) -> Job:
@@ -144,22 +173,23 @@ def build_jobs(experiment: ExperimentConfig | dict | str | os.PathLike, *, data_
             inputs["init"] = init
         else:
             params["init"] = init
-        return Job("train", name, params, inputs, res("train"))
+        return Job("train", prefix + name, params, inputs, res("train"))
 
     def fisher(name: str, model: Job, data: Job) -> Job:
-        params = {**exp.fisher.model_dump(), "seed": exp.seed, **({"kind": exp.kind} if exp.kind else {})}
-        return Job("fisher", name, params, {"model": model, "data": data}, res("fisher"))
+        params = {**exp.fisher.model_dump(), "seed": seed, **({"kind": exp.kind} if exp.kind else {})}
+        return Job("fisher", prefix + name, params, {"model": model, "data": data}, res("fisher"))
 
     def evaluate(label: str, model: Job) -> Job:
-        return Job("evaluate", f"eval/{label}", {"label": label, **eval_params},
+        return Job("evaluate", f"{prefix}eval/{label}", {"label": label, **eval_params},
                    {"model": model, **test_inputs, **scorer}, res("evaluate"))
 
     parent_data = prepare(f"data/{exp.parent.name}-train", exp.parent.train_parts())
     if exp.parent.finetune:
         parent = train("models/parent", exp.model, parent_data, exp.parent.training)
-    else:
+    else:  # the same model for every seed: one job
         parent = Job("pretrained", "models/parent", {"model": exp.model, **({"kind": exp.kind} if exp.kind else {})},
                      resources=res("pretrained"))
+        parent = prepared.setdefault(parent.hash, parent)
     parent_fisher = fisher("fisher/parent", parent, parent_data)
     jobs += [parent, parent_fisher]
     evals = [("parent", "model", evaluate("parent", parent))]
@@ -189,7 +219,7 @@ def build_jobs(experiment: ExperimentConfig | dict | str | os.PathLike, *, data_
         params = {"method": spec.method, "label": spec.label, "alphas": spec.alphas, "parameters": spec.parameters,
                   "children": list(children), "keep_models": spec.keep_models,
                   **{k: v for k, v in scales.items() if v is not None}, **eval_params}
-        merges.append((spec.label, "merge", Job("merge", f"merges/{spec.label}", params, inputs, res("merge"))))
+        merges.append((spec.label, "merge", Job("merge", f"{prefix}merges/{spec.label}", params, inputs, res("merge"))))
 
     if exp.multitask.enabled:
         parts = [p for child in exp.children for p in child.train_parts()]
@@ -199,18 +229,9 @@ def build_jobs(experiment: ExperimentConfig | dict | str | os.PathLike, *, data_
         evals.append(("multitask", "model", evaluate("multitask", model)))
 
     rows = evals[:-1] + merges + evals[-1:] if exp.multitask.enabled else evals + merges
-    entries = [{"key": f"{kind}/{label}", "label": label, "kind": kind} for label, kind, _ in rows]
-    report_inputs = {f"{kind}/{label}": job for label, kind, job in rows}
-    if exp.attribute_classifier is not None:
-        name = exp.attribute_classifier.name
-        entries.append({"key": f"classifier/{name}", "label": name, "kind": "classifier"})
-        report_inputs[f"classifier/{name}"] = next(j for j in jobs if j.name == f"eval/{name}")
-    params = {"experiment": exp.name, "tasks": list(tests), "entries": entries, "metric": run_kind.primary_metric,
-              "higher_is_better": run_kind.higher_is_better,
-              "fluency_task": exp.evaluation.fluency_task or exp.parent.name}
-    report = Job("report", "report", params, report_inputs, res("report"))
-    jobs += [job for _, _, job in rows] + [report]
-    return toposort(list(prepared.values()) + jobs)
+    jobs += [job for _, _, job in rows]
+    entries = [({"key": f"{kind}/{label}", "label": label, "kind": kind}, job) for label, kind, job in rows]
+    return jobs, entries + extra_entries
 
 
 def plan_dict(jobs: list[Job], workdir: str | os.PathLike, python: str) -> dict[str, Any]:

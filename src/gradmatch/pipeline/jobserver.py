@@ -88,6 +88,8 @@ def _run_child(request: dict, fds: list[int]) -> None:
         from gradmatch.pipeline.jobs import execute
 
         code = execute(request["spec"], int(request["threads"]))
+    except SystemExit as exc:  # e.g. fsutil.Terminated after SIGTERM: its status (143) is the job's
+        code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:  # noqa: BLE001 - the child must always exit, with the error in its log
         import traceback
 

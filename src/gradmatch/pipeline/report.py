@@ -43,33 +43,118 @@ def _row(label: str, kind: str, tasks: list[str], metrics: dict[str, dict], metr
     return row
 
 
+def _mean_sd(values: list[float]) -> tuple[float, float | None]:
+    import statistics
+
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from the same row of several seeds: means, sample standard deviations, and each seed's average."""
+    first = runs[0]
+    tasks = sorted(set.intersection(*(set(r["values"]) for r in runs)), key=list(first["values"]).index)
+    row = {k: first[k] for k in ("label", "kind", "method", "alpha")}
+    row["values"], row["sd"] = {}, {}
+    for t in tasks:
+        row["values"][t], row["sd"][t] = _mean_sd([r["values"][t] for r in runs])
+    averages = [r["average"] for r in runs if r["average"] is not None]
+    row["average"], row["average_sd"] = _mean_sd(averages) if len(averages) == len(runs) else (None, None)
+    row["seeds"] = [r["seed"] for r in runs]
+    row["per_seed"] = {str(r["seed"]): r["average"] for r in runs}
+    gens = [r["generation"] for r in runs if r.get("generation")]
+    if len(gens) == len(runs):
+        generation = {}
+        for key, value in gens[0].items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                generation[key], sd = _mean_sd([g[key] for g in gens])
+                if key == "unwanted_rate" and sd is not None:
+                    generation["unwanted_rate_sd"] = sd
+            else:
+                generation[key] = value
+        row["generation"] = generation
+    stats = [r["statistics"] for r in runs if r.get("statistics")]
+    if stats:
+        row["statistics"] = {k: _mean_sd([s[k] for s in stats])[0] for k in stats[0]}
+    return row
+
+
 def collect(params: dict[str, Any], inputs: dict[str, str]) -> dict[str, Any]:
-    """Read every evaluation and merge result named in the report job's parameters (missing ones skipped)."""
+    """Read every evaluation and merge result named in the report job's parameters (missing ones skipped);
+    rows of several seeds become one row with means and standard deviations."""
     tasks = list(params["tasks"])
     metric = params.get("metric", "accuracy")
-    rows, missing, classifier = [], [], None
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    missing, classifiers = [], []
     for entry in params["entries"]:
         metrics = _read_metrics(inputs[entry["key"]]) if entry["key"] in inputs else None
+        seed = entry.get("seed", 0)
         if metrics is None:
-            missing.append(entry["label"])
-        elif entry["kind"] == "classifier":
-            classifier = {"label": entry["label"], **next(iter(metrics["tasks"].values()), {})}
-        elif entry["kind"] == "model":
-            rows.append(_row(entry["label"], "model", tasks, metrics["tasks"], metric,
-                             generation=metrics.get("generation")))
-        else:
-            for point in metrics["alphas"]:
-                rows.append(_row(f"{entry['label']} α={point['alpha']:g}", "merge", tasks, point["tasks"], metric,
-                                 method=entry["label"], alpha=float(point["alpha"]), generation=point.get("generation"),
-                                 statistics=point.get("statistics")))
+            if entry["label"] not in missing:
+                missing.append(entry["label"])
+            continue
+        if entry["kind"] == "classifier":
+            classifiers.append({"label": entry["label"], "seed": seed, **next(iter(metrics["tasks"].values()), {})})
+            continue
+        points = ([(entry["label"], None, metrics)] if entry["kind"] == "model" else
+                  [(f"{entry['label']} α={p['alpha']:g}", p, p) for p in metrics["alphas"]])
+        for label, point, source in points:
+            row = _row(label, entry["kind"], tasks, source["tasks"], metric,
+                       method=None if point is None else entry["label"],
+                       alpha=None if point is None else float(point["alpha"]), generation=source.get("generation"),
+                       statistics=None if point is None else point.get("statistics"))
+            runs.setdefault((entry["kind"], label), []).append({**row, "seed": seed})
+    rows = [_aggregate(group) for group in runs.values()]
     higher = bool(params.get("higher_is_better", True))
+    seeds = params.get("seeds") or sorted({r["seed"] for group in runs.values() for r in group}) or [0]
+    classifier = None
+    if classifiers:
+        classifier = {"label": classifiers[0]["label"], "num_examples": classifiers[0].get("num_examples")}
+        for key in ("accuracy", "macro_f1"):
+            if all(key in c for c in classifiers):
+                classifier[key], classifier[f"{key}_sd"] = _mean_sd([c[key] for c in classifiers])
+    best = best_settings(rows, higher)
     return {"experiment": params.get("experiment", "experiment"), "tasks": tasks, "metric": metric,
-            "higher_is_better": higher, "fluency_task": params.get("fluency_task"), "rows": rows,
-            "missing": missing, "classifier": classifier, "best": best_settings(rows, higher)}
+            "higher_is_better": higher, "fluency_task": params.get("fluency_task"), "seeds": seeds, "rows": rows,
+            "missing": missing, "classifier": classifier, "best": best, "paired": paired_differences(runs, best)}
+
+
+def _t_quantile(n: int) -> float:
+    """The 97.5% quantile of Student's t with n − 1 degrees of freedom (a 95% two-sided interval)."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, n - 1))
+
+
+def paired_differences(runs: dict[tuple[str, str], list[dict[str, Any]]], best: dict[str, dict[str, Any]],
+                       a: str = "gradient_matching", b: str = "task_arithmetic") -> list[dict[str, Any]]:
+    """Method ``a`` minus method ``b`` in average metric, paired by seed: at every α both have, and at each one's
+    best α. Mean difference, the per-seed differences and a 95% t interval (with two or more seeds)."""
+    def by_seed(method: str, alpha: float) -> dict[int, float]:
+        group = runs.get(("merge", f"{method} α={alpha:g}"), [])
+        return {r["seed"]: r["average"] for r in group if r["average"] is not None}
+
+    alphas = sorted({r[0]["alpha"] for (kind, _), r in runs.items() if kind == "merge" and r[0]["method"] == a}
+                    & {r[0]["alpha"] for (kind, _), r in runs.items() if kind == "merge" and r[0]["method"] == b})
+    pairs = [(alpha, alpha, f"α = {alpha:g}") for alpha in alphas]
+    if a in best and b in best:
+        pairs.append((best[a]["alpha"], best[b]["alpha"], f"each at its best α ({best[a]['alpha']:g}, {best[b]['alpha']:g})"))
+    out = []
+    for alpha_a, alpha_b, what in pairs:
+        x, y = by_seed(a, alpha_a), by_seed(b, alpha_b)
+        common = sorted(set(x) & set(y))
+        if not common:
+            continue
+        diffs = [x[s] - y[s] for s in common]
+        mean, sd = _mean_sd(diffs)
+        half = _t_quantile(len(diffs)) * sd / len(diffs) ** 0.5 if sd is not None else None
+        out.append({"a": a, "b": b, "alpha_a": alpha_a, "alpha_b": alpha_b, "what": what, "n": len(diffs),
+                    "mean": mean, "ci95": [mean - half, mean + half] if half is not None else None,
+                    "per_seed": {str(s): d for s, d in zip(common, diffs)}})
+    return out
 
 
 def best_settings(rows: list[dict[str, Any]], higher_is_better: bool = True) -> dict[str, dict[str, Any]]:
-    """For each merge method, the α with the best average of the metric (ties: the smaller α)."""
+    """For each merge method, the α with the best (mean) average of the metric (ties: the smaller α)."""
     best: dict[str, dict[str, Any]] = {}
     sign = 1 if higher_is_better else -1
     for row in rows:
@@ -77,16 +162,22 @@ def best_settings(rows: list[dict[str, Any]], higher_is_better: bool = True) -> 
             continue
         current = best.get(row["method"])
         if current is None or sign * row["average"] > sign * current["average"]:
-            best[row["method"]] = {"alpha": row["alpha"], "average": row["average"], "values": row["values"]}
+            best[row["method"]] = {"alpha": row["alpha"], "average": row["average"], "values": row["values"],
+                                   "average_sd": row.get("average_sd")}
     return best
 
 
-def _fmt(value: float | None, metric: str) -> str:
+def _fmt(value: float | None, metric: str, sd: float | None = None) -> str:
+    """A value of the metric (accuracy in percent), with ``± sd`` when several seeds gave it."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
     if metric == "accuracy":
-        return f"{100 * value:.1f}"
-    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+        text = f"{100 * value:.1f}" + (f" ± {100 * sd:.1f}" if sd is not None else "")
+    else:
+        text = f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+        if sd is not None:
+            text += f" ± {sd:,.0f}" if abs(sd) >= 1000 else f" ± {sd:.2g}"
+    return text
 
 
 def _has_generation(results: dict[str, Any]) -> bool:
@@ -94,10 +185,12 @@ def _has_generation(results: dict[str, Any]) -> bool:
 
 
 def _unwanted(row: dict[str, Any]) -> str:
+    """The unwanted rate ± its spread: the standard deviation over seeds, else the binomial standard error."""
     g = row.get("generation") or {}
     if "unwanted_rate" not in g:
         return "—"
-    return f"{100 * g['unwanted_rate']:.1f} ± {100 * g['unwanted_rate_se']:.1f}"
+    spread = g.get("unwanted_rate_sd", g["unwanted_rate_se"])
+    return f"{100 * g['unwanted_rate']:.1f} ± {100 * spread:.1f}"
 
 
 def markdown_table(results: dict[str, Any]) -> str:
@@ -108,8 +201,9 @@ def markdown_table(results: dict[str, Any]) -> str:
     lines = [head, "|" + "---|" * (len(tasks) + 2 + 2 * generation)]
     best = {m: b["alpha"] for m, b in results["best"].items()}
     for row in results["rows"]:
-        cells = [_fmt(row["values"].get(t), metric) for t in tasks]
-        avg = _fmt(row["average"], metric)
+        sd = row.get("sd") or {}
+        cells = [_fmt(row["values"].get(t), metric, sd.get(t)) for t in tasks]
+        avg = _fmt(row["average"], metric, row.get("average_sd"))
         label = row["label"]
         if row["kind"] == "merge" and best.get(row["method"]) == row["alpha"] and not generation:
             label, avg = f"**{label}**", f"**{avg}**"
@@ -128,13 +222,27 @@ def alpha_table(results: dict[str, Any]) -> str:
     alphas = sorted({r["alpha"] for rows in curves.values() for r in rows})
     lines = ["| method | " + " | ".join(f"α={a:g}" for a in alphas) + " |", "|" + "---|" * (len(alphas) + 1)]
     for method, rows in curves.items():
-        by_alpha = {r["alpha"]: r["average"] for r in rows}
-        cells = [_fmt(by_alpha.get(a), metric) for a in alphas]
+        by_alpha = {r["alpha"]: r for r in rows}
+        cells = [_fmt(by_alpha[a]["average"], metric, by_alpha[a].get("average_sd")) if a in by_alpha else "—"
+                 for a in alphas]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     refs = [r for r in results["rows"] if r["kind"] == "model" and r["label"] in ("parent", "multitask")]
     if refs:
         lines += ["", "For reference: " + ", ".join(
-            f"{r['label']} {_fmt(r['average'], metric)}" for r in refs if r["average"] is not None) + "."]
+            f"{r['label']} {_fmt(r['average'], metric, r.get('average_sd'))}" for r in refs
+            if r["average"] is not None) + "."]
+    return "\n".join(lines)
+
+
+def paired_table(results: dict[str, Any]) -> str:
+    """Gradient matching minus task arithmetic, paired by seed: mean difference and its 95% interval."""
+    metric, scale = results["metric"], (100 if results["metric"] == "accuracy" else 1)
+    unit = " points" if metric == "accuracy" else ""
+    lines = [f"| comparison | seeds | mean difference{unit} | 95% interval | per seed |", "|---|---|---|---|---|"]
+    for p in results.get("paired", []):
+        ci = "—" if p["ci95"] is None else f"[{scale * p['ci95'][0]:+.2f}, {scale * p['ci95'][1]:+.2f}]"
+        per_seed = ", ".join(f"{scale * d:+.2f}" for d in p["per_seed"].values())
+        lines.append(f"| {p['a']} − {p['b']}, {p['what']} | {p['n']} | {scale * p['mean']:+.2f} | {ci} | {per_seed} |")
     return "\n".join(lines)
 
 
@@ -153,20 +261,29 @@ def tradeoff_table(results: dict[str, Any]) -> str:
 def _text(results: dict[str, Any]) -> str:
     metric = results["metric"]
     what = "accuracy (%)" if metric == "accuracy" else metric
-    parts = [f"# {results['experiment']}: {what} of every model on every task", "", markdown_table(results), ""]
+    seeds = results.get("seeds") or [0]
+    parts = [f"# {results['experiment']}: {what} of every model on every task", ""]
+    if len(seeds) > 1:
+        parts += [f"Mean ± standard deviation over {len(seeds)} seeds ({', '.join(map(str, seeds))}): every training, "
+                  "data subset, Fisher and merge was run once per seed.", ""]
+    parts += [markdown_table(results), ""]
     if _has_generation(results):
         parts += ["Unwanted %: share of the generations the attribute classifier labels unwanted, with its binomial "
                   "standard error; distinct-2: unique bigrams over all bigrams of the continuations.", ""]
         if results.get("classifier"):
             c = results["classifier"]
-            parts += [f"Attribute classifier `{c['label']}`: accuracy {100 * c.get('accuracy', float('nan')):.1f}% "
-                      f"on {c.get('num_examples', '?')} held-out examples.", ""]
+            parts += [f"Attribute classifier `{c['label']}`: accuracy "
+                      f"{_fmt(c.get('accuracy'), 'accuracy', c.get('accuracy_sd'))}% on {c.get('num_examples', '?')} "
+                      "held-out examples.", ""]
         parts += ["## Removal: unwanted attribute against fluency", "", tradeoff_table(results), "",
                   "![unwanted rate against perplexity](tradeoff.png)", ""]
     else:
         parts += ["Bold: each merge method's best α by the average.", ""]
     if any(r["kind"] == "merge" for r in results["rows"]):
         parts += [f"## Average {metric} against α", "", alpha_table(results), ""]
+    if results.get("paired"):
+        parts += ["## Gradient matching against task arithmetic, paired by seed", "", paired_table(results), "",
+                  "An interval that contains 0 says the difference is not distinguishable from seed-to-seed noise.", ""]
     if results["missing"]:
         parts += [f"Not finished yet: {', '.join(results['missing'])}.", ""]
     parts += [f"![{metric} against α](alpha_average.png)", "", f"![{metric} against α per task](alpha_per_task.png)", "",
@@ -191,20 +308,24 @@ def _reference_rows(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {r["label"]: r for r in results["rows"] if r["kind"] == "model" and r["label"] in ("parent", "multitask")}
 
 
-def _plot_alpha(ax, curves, refs, value, title: str, metric: str) -> None:
+def _plot_alpha(ax, curves, refs, value, title: str, metric: str, spread=lambda r: None) -> None:
     alphas = sorted({r["alpha"] for rows in curves.values() for r in rows}) or [0.0, 1.0]
     lo, hi = min(alphas), max(alphas)
     if lo == hi:
         lo, hi = lo - 0.5, hi + 0.5
     for method, rows in curves.items():
-        points = [(r["alpha"], value(r)) for r in rows if value(r) is not None]
+        points = [(r["alpha"], value(r), spread(r)) for r in rows if value(r) is not None]
         if not points:
             continue
-        xs, ys = zip(*points)
+        xs, ys, sds = zip(*points)
         if len(points) == 1:  # a method without α (e.g. plain averaging): a level line
-            ax.plot([lo, hi], [ys[0], ys[0]], linestyle=":", label=method)
+            line = ax.plot([lo, hi], [ys[0], ys[0]], linestyle=":", label=method)[0]
+            xs, ys, sds = (lo, hi), (ys[0], ys[0]), (sds[0], sds[0])
         else:
-            ax.plot(xs, ys, marker="o", label=method)
+            line = ax.plot(xs, ys, marker="o", label=method)[0]
+        if all(sd is not None for sd in sds):  # several seeds: mean ± sd as a band
+            ax.fill_between(xs, [y - sd for y, sd in zip(ys, sds)], [y + sd for y, sd in zip(ys, sds)],
+                            color=line.get_color(), alpha=0.15, linewidth=0)
     for label, style in (("parent", "--"), ("multitask", "-.")):
         if label in refs and value(refs[label]) is not None:
             ax.axhline(value(refs[label]), color="gray", linestyle=style, linewidth=1, label=label)
@@ -270,7 +391,7 @@ def write_plots(results: dict[str, Any], out: Path, dpi: int = 100) -> list[Path
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     _plot_alpha(ax, curves, refs, lambda r: r["average"], f"{results['experiment']}: average {metric} against α",
-                metric)
+                metric, spread=lambda r: r.get("average_sd"))
     if ax.get_legend_handles_labels()[1]:
         ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
@@ -282,7 +403,8 @@ def write_plots(results: dict[str, Any], out: Path, dpi: int = 100) -> list[Path
     nrows = -(-len(tasks) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
     for ax, task in zip(axes.flat, tasks):
-        _plot_alpha(ax, curves, refs, lambda r, t=task: r["values"].get(t), task, metric)
+        _plot_alpha(ax, curves, refs, lambda r, t=task: r["values"].get(t), task, metric,
+                    spread=lambda r, t=task: (r.get("sd") or {}).get(t))
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
