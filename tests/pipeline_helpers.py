@@ -27,17 +27,19 @@ TINY = {
     "training": {"per_device_train_batch_size": 32, "learning_rate": 1.0e-3, "num_train_epochs": 3,
                  "logging_strategy": "no"},
     "fisher": {"estimator": "sampled", "max_examples": 48, "batch_size": 16},
+    "gram": {"max_examples": 48, "batch_size": 16},
     "merges": [
         {"method": "gradient_matching", "alphas": [0.5, 1.0], "parameters": {"delta_0": 1.0e-12}},
         {"method": "task_arithmetic", "alphas": [0.5, 1.0]},
+        {"method": "regmean", "parameters": {"reduce_nondiagonal": 0.9}},
     ],
     "multitask": True,
     "evaluation": {"batch_size": 128},
     "resources": {"default": {"threads": 1, "mem_mb": 1000, "runtime": 15}},
 }
 
-#: Jobs of TINY: 7 prepare (3 test, 3 train, multitask), 4 train, 3 Fisher, 4 evaluate, 2 merge, report.
-TINY_JOB_COUNT = 21
+#: Jobs of TINY: 7 prepare (3 test, 3 train, multitask), 4 train, 3 Fisher, 2 Gram, 4 evaluate, 3 merge, report.
+TINY_JOB_COUNT = 24
 
 
 def tiny(**changes) -> dict:

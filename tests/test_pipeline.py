@@ -74,7 +74,9 @@ def test_graph_shape_and_order():
     gm, ta = by_name["merges/gradient_matching"], by_name["merges/task_arithmetic"]
     assert "parent_fisher" in gm.inputs and "child_fisher/rot90" in gm.inputs
     assert not any("fisher" in role for role in ta.inputs)  # task arithmetic does not wait for Fishers
-    assert jobs[-1].kind == "report" and len(jobs[-1].inputs) == 4 + 2  # 4 models + 2 merge methods
+    rm = by_name["merges/regmean"]
+    assert rm.inputs["child_gram/rot90"] is by_name["gram/child-rot90"] and "parent_fisher" not in rm.inputs
+    assert jobs[-1].kind == "report" and len(jobs[-1].inputs) == 4 + 3  # 4 models + 3 merge methods
 
 
 def test_hash_covers_what_determines_a_job_and_nothing_else():
@@ -86,8 +88,8 @@ def test_hash_covers_what_determines_a_job_and_nothing_else():
     changed["children"][0]["training"] = {"learning_rate": 5e-4}
     new = {j.name: j.hash for j in build_jobs(changed)}
     differ = {name for name in base if base[name] != new[name]}
-    assert differ == {"models/child-rot90", "fisher/child-rot90", "eval/child-rot90", "merges/gradient_matching",
-                      "merges/task_arithmetic", "report"}
+    assert differ == {"models/child-rot90", "fisher/child-rot90", "gram/child-rot90", "eval/child-rot90",
+                      "merges/gradient_matching", "merges/task_arithmetic", "merges/regmean", "report"}
     # resources and names do not enter the hash
     res = {j.name: j.hash for j in build_jobs(tiny(resources={"default": {"threads": 2, "mem_mb": 9999}}))}
     assert res == base
@@ -130,7 +132,7 @@ def test_end_to_end_report_links_and_rerun_skips_everything(finished_run):
     rows = report_rows(workdir)
     labels = [r["label"] for r in rows]
     assert labels == ["parent", "child-rot90", "child-inverted", "gradient_matching α=0.5", "gradient_matching α=1",
-                      "task_arithmetic α=0.5", "task_arithmetic α=1", "multitask"]
+                      "task_arithmetic α=0.5", "task_arithmetic α=1", "regmean α=1", "multitask"]
     for row in rows:
         assert set(row["values"]) == {"original", "rot90", "inverted"}
         assert all(0.0 <= v <= 1.0 for v in row["values"].values())
@@ -283,7 +285,8 @@ def test_mismatch_of_every_merge_of_a_run(finished_run, tmp_path):
     assert main(["mismatch", "--run", str(workdir), "--max-examples", "16", "--out", str(out)]) == 0
     rows = json.loads((out / "mismatch.json").read_text())["merges"]
     assert [(r["method"], r["alpha"]) for r in rows] == [("gradient_matching", 0.5), ("gradient_matching", 1.0),
-                                                         ("task_arithmetic", 0.5), ("task_arithmetic", 1.0)]
+                                                         ("task_arithmetic", 0.5), ("task_arithmetic", 1.0),
+                                                         ("regmean", 1.0)]
     accuracy = {r["label"]: r["values"] for r in report_rows(workdir)}
     for r in rows:
         assert math.isfinite(r["total_mismatch"]) and r["total_mismatch"] > 0

@@ -57,6 +57,7 @@ class MergePlan:
     parent_scale: float | None
     scales: list[float] | None
     merged: list[str] = field(default_factory=list)  # tensors computed by the method; the rest come from the parent
+    grams: list = field(default_factory=list)  # GramFile per child (RegMean), else empty
 
     @property
     def inputs(self) -> list[Checkpoint]:
@@ -189,8 +190,33 @@ def plan_merge(config: MergeConfig) -> MergePlan:
                   for i, (e, c) in enumerate(zip(config.models, children))]
     if method.uses_parent_hessian:
         parent_scale = _scale(config.base_hessian_scale, parent.folder, "the base model", "base_hessian_scale", default)
+    grams = _plan_grams(config, parent, merged) if method.uses_grams else []
     return MergePlan(config, method, parent, children, parent_hessian, hessians, config.weights(),
-                     parent_scale, scales, merged)
+                     parent_scale, scales, merged, grams)
+
+
+def _plan_grams(config: MergeConfig, parent: Checkpoint, merged: list[str]) -> list:
+    """Every child's Gram matrices: the same layers for each, each a merged 2-D weight of the parent with a
+    Gram of its input size."""
+    from gradmatch.gram import GramFile
+
+    grams = [GramFile(e.gram, f"gram of models[{i}]") for i, e in enumerate(config.models)]
+    layers = set(grams[0].tensors)
+    merged_set = set(merged)
+    for g in grams:
+        if set(g.tensors) != layers:
+            other = sorted(set(g.tensors) ^ layers)[0]
+            raise UserError(f"{g.role} {g.path} and {grams[0].role} {grams[0].path} differ in their layers "
+                            f"(e.g. {other}): compute every child's Gram with the same model architecture")
+        for name, info in g.tensors.items():
+            if name not in merged_set:
+                raise UserError(f"{g.role} {g.path} has a Gram for {name}, which is not a merged tensor of the base "
+                                f"model {parent.folder} (the Gram of another model?)")
+            shape = parent.info(name).shape
+            if len(shape) != 2 or info.shape[0] != shape[1]:
+                raise UserError(f"{g.role} {g.path}: the Gram of {name} is {info.shape[0]} × {info.shape[0]} but the "
+                                f"weight's input size is {shape[-1]} (the Gram of another model?)")
+    return grams
 
 
 def _check_output_not_input(out: Path, plan: MergePlan) -> None:
@@ -232,6 +258,8 @@ class _Executor:
         self.params = params
         self.call_params = self.method.call_parameters(params)
         self.stats: dict[str, dict[str, int]] = {}  # statistic -> tensor name -> count
+        self._cache_name: str | None = None
+        self._cache: dict[str, Any] = {}
         self.reader: BlockReader | None = None  # reads the next block's inputs ahead (see start_reader)
         self._ahead: BlockInputs | None = None  # the current block's inputs, read ahead
 
@@ -272,6 +300,15 @@ class _Executor:
             kwargs["parent_scale"] = p.parent_scale
         if "generator" in wanted:
             kwargs["generator"] = torch.Generator().manual_seed(_tensor_seed(self.params["seed"], name))
+        if self._cache_name != name:  # the per-tensor cache and the tensor's Grams, read once for all its blocks
+            self._cache_name, self._cache = name, {}
+            if "grams" in wanted:
+                self._cache["grams"] = ([g.read(name).to(self.device, self.compute) for g in p.grams]
+                                        if name in p.grams[0].tensors else None)
+        if "grams" in wanted:
+            kwargs["grams"] = self._cache["grams"]
+        if "cache" in wanted:
+            kwargs["cache"] = self._cache
         return {k: v for k, v in kwargs.items() if k in wanted}
 
     def _compute(self, name: str, rows: slice | None) -> torch.Tensor:
@@ -387,6 +424,7 @@ def _provenance(plan: MergePlan, params: dict[str, Any], precision: str, out_dty
         "base_hessian": c.base_hessian if plan.parent_hessian is not None else None,
         "base_hessian_scale": plan.parent_scale,
         "models": [{"model": e.model, "hessian": e.hessian if plan.hessians[i] is not None else None,
+                    "gram": e.gram if plan.grams else None,
                     "weight": plan.alphas[i], "hessian_scale": plan.scales[i] if plan.scales else None}
                    for i, e in enumerate(c.models)],
         "precision": precision,

@@ -326,6 +326,48 @@ def _run_fisher(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- gram
+
+
+def _add_gram(sub) -> None:
+    p = sub.add_parser(
+        "gram",
+        help="RegMean's statistics: the Gram matrix of every Linear layer's inputs",
+        description="Write OUT/gram.safetensors (for every nn.Linear, keyed by its weight's name in the checkpoint: "
+        "G = mean over the examples' non-padding positions of x xᵀ, float32, in × in) and OUT/gram.json. Under "
+        "`torchrun --nproc_per_node K -m gradmatch gram ...` the examples are shared out across processes.",
+    )
+    p.add_argument("--model", required=True, help="Hugging Face folder, hub id or alias")
+    p.add_argument("--data", required=True, help="data set: preset, local JSON Lines/CSV file or folder, hub id")
+    p.add_argument("--split", required=True, help="split, `datasets` syntax: train, train[:20%%], test[100:600]")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--batch-size", type=int, default=16, help="examples per batch (the result does not depend on it)")
+    p.add_argument("--max-examples", type=int, default=None, help="use the first N examples of the split")
+    p.add_argument("--max-length", type=int, default=128, help="truncate texts to this many tokens")
+    p.add_argument("--kind", choices=kind_names(), default=None, help="kind of model (default: read from its config)")
+    p.add_argument("--filter", action="append", default=[], metavar="COLUMN=VALUE[,VALUE...]",
+                   help="keep only rows whose column holds one of the values (repeatable)")
+    p.add_argument("--data-dir", default=None, help="local data root <root>/<preset>/<split>.jsonl "
+                   "(default: $GRADMATCH_DATA_DIR, else the hub)")
+    p.add_argument("--config-name", default=None, help="the data set's configuration name (hub data sets)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when present)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_gram)
+
+
+def _run_gram(args) -> int:
+    from gradmatch.gram import run_gram
+
+    out = run_gram(args.model, args.data, args.split, out=args.out, batch_size=args.batch_size,
+                   max_examples=args.max_examples, max_length=args.max_length, data_dir=args.data_dir,
+                   overwrite=args.overwrite, config_name=args.config_name, device=args.device,
+                   progress=not args.quiet, kind=args.kind, filters=_filters(args.filter))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"Gram matrices written to {out}")
+    return 0
+
+
 # --------------------------------------------------------------------------- mismatch
 
 
@@ -426,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _COMMANDS = [_add_merge, _add_train, _add_evaluate]
 _COMMANDS += [_add_run, _add_report, _add_demo]  # the pipeline's commands
-_COMMANDS += [_add_fisher]
+_COMMANDS += [_add_fisher, _add_gram]
 _COMMANDS += [_add_mismatch]
 
 

@@ -16,7 +16,7 @@ from gradmatch.config.run import GenerationSettings
 from gradmatch.methods import get_method, method_names
 
 #: Kinds of pipeline job; each gets its own resources.
-JOB_KINDS = ("prepare", "pretrained", "train", "fisher", "evaluate", "merge", "report")
+JOB_KINDS = ("prepare", "pretrained", "train", "fisher", "gram", "evaluate", "merge", "report")
 #: Training keys the pipeline sets itself (per job); an experiment may not override them.
 _PIPELINE_TRAIN_KEYS = {
     "model_name_or_path", "dataset_name", "dataset_config_name", "dataset_train_split", "dataset_val_split",
@@ -102,6 +102,14 @@ class FisherSettings(_Strict):
     max_length: int = Field(default=128, gt=0)
 
 
+class GramSettings(_Strict):
+    """How each child's Gram matrices (RegMean's statistics) are computed (on its own training data)."""
+
+    max_examples: int | None = Field(default=200, gt=0)
+    batch_size: int = Field(default=16, gt=0)
+    max_length: int = Field(default=128, gt=0)
+
+
 class MergeSpec(_Strict):
     """One merge method to compare, at each α in ``alphas`` (the same α for every child)."""
 
@@ -177,6 +185,7 @@ DEFAULT_JOB_RESOURCES: dict[str, dict[str, int]] = {
     "pretrained": {"mem_mb": 4000, "runtime": 30},
     "train": {"threads": 2, "mem_mb": 8000, "runtime": 240},
     "fisher": {"threads": 2, "mem_mb": 8000, "runtime": 120},
+    "gram": {"threads": 2, "mem_mb": 8000, "runtime": 60},
     "evaluate": {"threads": 2, "mem_mb": 6000, "runtime": 60},
     "merge": {"threads": 2, "mem_mb": 8000, "runtime": 120},
     "report": {"mem_mb": 2000, "runtime": 10},
@@ -192,6 +201,7 @@ class ResourcesConfig(_Strict):
     pretrained: _PartialResources = Field(default_factory=_PartialResources)
     train: _PartialResources = Field(default_factory=_PartialResources)
     fisher: _PartialResources = Field(default_factory=_PartialResources)
+    gram: _PartialResources = Field(default_factory=_PartialResources)
     evaluate: _PartialResources = Field(default_factory=_PartialResources)
     merge: _PartialResources = Field(default_factory=_PartialResources)
     report: _PartialResources = Field(default_factory=_PartialResources)
@@ -246,6 +256,7 @@ class ExperimentConfig(_Strict):
         default=None, description="a text classifier trained in the run that scores generations (evaluation.generation)")
     training: dict[str, Any] = Field(default_factory=dict, description="shared training settings (train config keys)")
     fisher: FisherSettings = Field(default_factory=FisherSettings)
+    gram: GramSettings = Field(default_factory=GramSettings)
     merges: list[MergeSpec] = Field(default_factory=list)
     multitask: MultitaskConfig = Field(default_factory=MultitaskConfig)
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)

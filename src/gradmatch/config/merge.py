@@ -56,11 +56,12 @@ class MergeModelEntry(_MergeSchema):
 
     model: str
     hessian: str | None = None
+    gram: str | None = Field(None, description="the Gram matrices of its Linear layers' inputs (gradmatch gram), for RegMean")
     weight: float | None = Field(None, description="α_t (default 1.0)")
     hessian_scale: float | None = Field(None, ge=0, description="N_t (default: training_metadata.json num_train_examples)")
     parameters: ModelParameters = Field(default_factory=ModelParameters)
 
-    @field_validator("model", "hessian")
+    @field_validator("model", "hessian", "gram")
     @classmethod
     def _path(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():
@@ -121,6 +122,11 @@ class MergeConfig(_MergeSchema):
             if missing:
                 raise ValueError(f"{self.method} needs a hessian for every model; models[{missing[0]}] "
                                  f"({self.models[missing[0]].model}) has none")
+        if method.uses_grams:
+            missing = [i for i, m in enumerate(self.models) if not m.gram]
+            if missing:
+                raise ValueError(f"{self.method} needs a gram for every model; models[{missing[0]}] "
+                                 f"({self.models[missing[0]].model}) has none (write one with gradmatch gram)")
         if method.uses_parent_hessian and not self.base_hessian:
             raise ValueError(f"{self.method} needs base_hessian (the parent's Hessian folder)")
         if not method.signed_weights:

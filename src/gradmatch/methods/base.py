@@ -47,6 +47,7 @@ ENGINE_INPUTS = {
     "grams": "G_t, the children's Gram matrices of the layer's inputs (None for non-Linear tensors)",
     "generator": "a torch.Generator seeded by the method's `seed` parameter and the tensor's name",
     "stats": "a dict the method may add counts to (summed per tensor into merge.json)",
+    "cache": "a dict kept across the blocks of one tensor (e.g. a factorisation the blocks share)",
 }
 
 

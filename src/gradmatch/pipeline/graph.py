@@ -22,8 +22,8 @@ from gradmatch.methods import get_method
 HASH_VERSION = 1
 
 #: Where, inside a job's folder, the thing its readable name should point at lives.
-ALIAS_SUBDIR = {"prepare": "data", "pretrained": "model", "train": "model", "fisher": "fisher", "evaluate": "",
-                "merge": "", "report": ""}
+ALIAS_SUBDIR = {"prepare": "data", "pretrained": "model", "train": "model", "fisher": "fisher", "gram": "gram",
+                "evaluate": "", "merge": "", "report": ""}
 
 
 class Job:
@@ -179,6 +179,10 @@ def _seed_jobs(exp: ExperimentConfig, seed: int, prefix: str, data_dir: str | No
         params = {**exp.fisher.model_dump(), "seed": seed, **({"kind": exp.kind} if exp.kind else {})}
         return Job("fisher", prefix + name, params, {"model": model, "data": data}, res("fisher"))
 
+    def gram(name: str, model: Job, data: Job) -> Job:
+        params = {**exp.gram.model_dump(), **({"kind": exp.kind} if exp.kind else {})}
+        return Job("gram", prefix + name, params, {"model": model, "data": data}, res("gram"))
+
     def evaluate(label: str, model: Job) -> Job:
         return Job("evaluate", f"{prefix}eval/{label}", {"label": label, **eval_params},
                    {"model": model, **test_inputs, **scorer}, res("evaluate"))
@@ -194,11 +198,16 @@ def _seed_jobs(exp: ExperimentConfig, seed: int, prefix: str, data_dir: str | No
     jobs += [parent, parent_fisher]
     evals = [("parent", "model", evaluate("parent", parent))]
     children: dict[str, tuple[Job, Job]] = {}
+    grams: dict[str, Job] = {}
+    needs_grams = any(get_method(spec.method).uses_grams for spec in exp.merges)
     for child in exp.children:
         data = prepare(f"data/{child.name}-train", child.train_parts())
         model = train(f"models/child-{child.name}", parent, data, child.training)
         children[child.name] = (model, fisher(f"fisher/child-{child.name}", model, data))
         jobs += list(children[child.name])
+        if needs_grams:
+            grams[child.name] = gram(f"gram/child-{child.name}", model, data)
+            jobs.append(grams[child.name])
         evals.append((f"child-{child.name}", "model", evaluate(f"child-{child.name}", model)))
 
     merges = []
@@ -214,6 +223,8 @@ def _seed_jobs(exp: ExperimentConfig, seed: int, prefix: str, data_dir: str | No
             inputs[f"child/{name}"] = model
             if needs_hessian:
                 inputs[f"child_fisher/{name}"] = fis
+            if method.uses_grams:
+                inputs[f"child_gram/{name}"] = grams[name]
         if needs_hessian:
             scales["hessian_scales"] = {c.name: c.hessian_scale for c in exp.children}
         params = {"method": spec.method, "label": spec.label, "alphas": spec.alphas, "parameters": spec.parameters,

@@ -12,6 +12,7 @@ prepare    —                                               ``data/`` (a saved 
 pretrained —                                               ``model/`` (a model taken as it is, as a local folder)
 train      ``train`` (prepare), ``init`` (train, optional) ``model/`` (HF folder + training_metadata.json)
 fisher     ``model`` (train), ``data`` (prepare)           ``fisher/hessian/`` + ``fisher/hessian/fisher.json``
+gram       ``model`` (train), ``data`` (prepare)           ``gram/gram.safetensors`` + ``gram/gram.json``
 evaluate   ``model``, ``test/<task>``, ``classifier``?     ``metrics.json``, ``eval/<task>.json``
 merge      ``parent``, ``child/<t>``, fishers, tests       ``metrics.json``, ``configs/*.yaml`` (rebuild a merge)
 report     ``model/<label>``, ``merge/<label>``            ``report.md``, ``report.json``, ``*.png``
@@ -121,6 +122,18 @@ def fisher(params: dict[str, Any], inputs: dict[str, str], out: Path) -> None:
                max_length=params["max_length"], seed=params["seed"], kind=params.get("kind"))
 
 
+# --------------------------------------------------------------------------- gram
+
+
+def gram(params: dict[str, Any], inputs: dict[str, str], out: Path) -> None:
+    """RegMean's Gram matrices of ``model`` on ``data`` (the model's own training data)."""
+    from gradmatch.gram import run_gram
+
+    run_gram(_model(inputs["model"]), _data(inputs["data"]), "train", out=out / "gram",
+             batch_size=params["batch_size"], max_examples=params["max_examples"], max_length=params["max_length"],
+             kind=params.get("kind"))
+
+
 # --------------------------------------------------------------------------- evaluate
 
 
@@ -194,6 +207,8 @@ def merge_config(params: dict[str, Any], inputs: dict[str, str], alpha: float) -
     models = []
     for child in params["children"]:
         entry: dict[str, Any] = {"model": _model(inputs[f"child/{child}"]), "weight": float(alpha)}
+        if f"child_gram/{child}" in inputs:
+            entry["gram"] = str(Path(inputs[f"child_gram/{child}"]) / "gram")
         if f"child_fisher/{child}" in inputs:
             entry["hessian"] = _fisher(inputs[f"child_fisher/{child}"])
             entry["hessian_scale"] = ((params.get("hessian_scales") or {}).get(child)
@@ -258,8 +273,8 @@ def report(params: dict[str, Any], inputs: dict[str, str], out: Path) -> None:
 
 
 #: The job functions by kind.
-JOB_FUNCTIONS = {"prepare": prepare, "pretrained": pretrained, "train": train, "fisher": fisher, "evaluate": evaluate, "merge": merge,
-                 "report": report}
+JOB_FUNCTIONS = {"prepare": prepare, "pretrained": pretrained, "train": train, "fisher": fisher, "gram": gram,
+                 "evaluate": evaluate, "merge": merge, "report": report}
 
 #: What each kind of job reads (input roles; ``x/*`` one per task or child; ``?`` optional) and what it
 #: leaves in its folder (besides job.json). Checked before and after every job.
@@ -268,8 +283,9 @@ JOB_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "pretrained": ((), ("model/config.json",)),
     "train": (("train", "init?"), ("model/config.json", "model/training_metadata.json")),
     "fisher": (("model", "data"), ("fisher/hessian/fisher.json",)),
+    "gram": (("model", "data"), ("gram/gram.safetensors", "gram/gram.json")),
     "evaluate": (("model", "test/*", "classifier?"), ("metrics.json", "eval")),
-    "merge": (("parent", "parent_fisher?", "child/*", "child_fisher/*?", "test/*", "classifier?"),
+    "merge": (("parent", "parent_fisher?", "child/*", "child_fisher/*?", "child_gram/*?", "test/*", "classifier?"),
               ("metrics.json", "configs")),
     "report": (("model/*", "merge/*?", "classifier/*?"), ("report.md", "report.json", "alpha_average.png", "alpha_per_task.png",
                                         "best_per_task.png")),
@@ -304,7 +320,7 @@ def check_outputs(kind: str, folder: Path) -> None:
 def _set_threads(threads: int, kind: str) -> None:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
-    if kind in ("pretrained", "train", "fisher", "evaluate", "merge"):
+    if kind in ("pretrained", "train", "fisher", "gram", "evaluate", "merge"):
         import torch
 
         torch.set_num_threads(threads)

@@ -1,0 +1,249 @@
+"""RegMean's statistics: for every Linear layer, the Gram matrix of its inputs, G = mean over the examples'
+non-padding positions of x xᵀ, computed in batches; `run_gram` writes them, keyed by the name of the layer's
+weight in the model's checkpoint, with ``gram.json`` (data-parallel under torchrun, like the Fisher)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gradmatch.errors import UserError
+
+#: The file of a Gram folder that holds the matrices (safetensors, float32, keyed by module name).
+GRAM_FILE = "gram.safetensors"
+GRAM_RECORD = "gram.json"
+#: What the stored matrices are: one normalisation for every layer (RegMean's code averages over tokens).
+NORMALISATION = "mean over the non-padding input positions (tokens) of x xᵀ"
+
+
+class GramAccumulator:
+    """Running sums Σ x xᵀ (float64) and position counts of the inputs of every ``nn.Linear`` of ``model``.
+
+    A layer's input of shape (batch, length, in) whose (batch, length) matches the batch's
+    ``attention_mask`` counts its non-padding positions only; any other input counts every row (a
+    classification head sees one vector per example).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.modules = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+        if not self.modules:
+            raise UserError("the model has no Linear layers: RegMean has nothing to merge")
+        self.sums: dict[str, torch.Tensor] = {}
+        self.positions: dict[str, int] = {name: 0 for name in self.modules}
+        self.count = 0
+        self._mask: torch.Tensor | None = None
+        self._handles: list = []
+
+    def _hook(self, name: str):
+        def hook(module, args, kwargs, out):
+            x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+            x = x.detach()
+            mask = self._mask
+            if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+                x = x[mask.bool()]
+            x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+            gram = x.t() @ x
+            if name in self.sums:
+                self.sums[name].add_(gram)
+            else:
+                self.sums[name] = gram
+            self.positions[name] += int(x.shape[0])
+        return hook
+
+    def add(self, batch: Mapping[str, torch.Tensor], kind) -> int:
+        """Run one batch forward (eval mode, no gradients); returns its number of examples."""
+        device = next(self.model.parameters()).device
+        inputs = kind.model_inputs(batch, device)
+        mask = inputs.get("attention_mask")
+        self._mask = None if mask is None else mask
+        with torch.no_grad():
+            self.model(**inputs)
+        n = kind.batch_size(batch)
+        self.count += n
+        return n
+
+    def __enter__(self):
+        self.model.eval()
+        self._handles = [m.register_forward_hook(self._hook(name), with_kwargs=True) for name, m in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        return False
+
+    def means(self) -> dict[str, torch.Tensor]:
+        """G of every layer (float32): the mean of x xᵀ over the positions it saw, keyed by the name of the
+        layer's weight in the model's checkpoint (see :func:`checkpoint_names`)."""
+        missing = [name for name in self.modules if name not in self.sums]
+        if missing:
+            raise UserError(f"Linear layer {missing[0]} never ran on the data: no Gram matrix for it")
+        names = checkpoint_names(self.model, [f"{name}.weight" for name in self.modules])
+        return {names[f"{name}.weight"]: (s / max(1, self.positions[name])).to(torch.float32)
+                for name, s in self.sums.items()}
+
+
+def checkpoint_names(model: nn.Module, names: list[str]) -> dict[str, str]:
+    """The names ``names`` (parameters as the model holds them) take in its checkpoint. transformers 5 renames
+    some modules when it loads a checkpoint (ViT's ``encoder.layer.0.attention.attention.query`` is
+    ``layers.0.attention.q_proj`` in memory) and back when it saves; the same reverse mapping is applied here
+    to one marker number per name, so that only renamings pass (a fused or split weight is refused)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # pragma: no cover - older transformers keep the checkpoint's names
+        return {n: n for n in names}
+    if not hasattr(model, "config"):
+        return {n: n for n in names}
+    markers = {n: torch.tensor([float(i)]) for i, n in enumerate(names)}
+    mapping = {}
+    for disk, marker in revert_weight_conversion(model, dict(markers)).items():
+        if disk not in markers and marker.numel() != 1:
+            raise UserError(f"the checkpoint stores {disk} fused from several layers: RegMean's Gram matrices are per "
+                            "layer and cannot be paired with it")
+        mapping[names[int(marker.reshape(-1)[0].item())]] = disk
+    return {n: mapping.get(n, n) for n in names}
+
+
+def estimate_grams(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *, kind=None,
+                   progress: bool = True, total: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """The Gram matrix of every Linear layer's inputs over ``batches``, and the positions each one averaged."""
+    from tqdm.auto import tqdm
+
+    if kind is None:
+        from gradmatch.kinds import kind_of_config
+
+        kind = kind_of_config(getattr(model, "config", None))
+    acc = GramAccumulator(model)
+    with acc, tqdm(total=total, unit="ex", desc="gram", disable=not progress, dynamic_ncols=True) as bar:
+        for batch in batches:
+            bar.update(acc.add(batch, kind))
+    return acc.means(), dict(acc.positions)
+
+
+def run_gram(model: str, data: str, split: str, *, out: str | os.PathLike, batch_size: int = 16,
+             max_examples: int | None = None, max_length: int = 128, data_dir: str | os.PathLike | None = None,
+             overwrite: bool = False, config_name: str | None = None, device: str | None = None,
+             progress: bool = True, kind: str | None = None, filters: Mapping[str, object] | None = None) -> Path:
+    """Estimate the Gram matrices of ``model`` on ``data``/``split`` and write ``OUT/gram.safetensors`` and
+    ``OUT/gram.json`` (atomically). Under torchrun the examples are shared out and the sums all-reduced."""
+    from safetensors.torch import save_file
+
+    from gradmatch import __version__
+    from gradmatch.checkpoints import folder_fingerprint
+    from gradmatch.data import load_split
+    from gradmatch.fisher import _batches, _distributed
+    from gradmatch.fsutil import atomic_dir, check_not_input, check_output_dir
+    from gradmatch.models import kind_of, load_config, load_model, model_max_length, resolve_model
+
+    for flag, value in (("--batch-size", batch_size), ("--max-length", max_length)):
+        if int(value) < 1:
+            raise UserError(f"{flag} must be at least 1 (got {value})")
+    if max_examples is not None and int(max_examples) < 1:
+        raise UserError(f"--max-examples must be at least 1 (got {max_examples})")
+    if device is not None:
+        from gradmatch.devices import parse_device
+
+        parse_device(device)
+    out = check_output_dir(out, overwrite)
+    check_not_input(out, {"the model": str(model), "the data": str(data)}, "--out")
+    name = str(model)
+    load_config(name)
+    model_kind = kind_of(name, kind)
+    dataset = load_split(data, split, config_name=config_name, data_dir=data_dir, filters=filters)
+    model_kind.check_data(dataset, f"{data} ({split})", name)
+    if max_examples is not None and len(dataset) > int(max_examples):
+        dataset = dataset.select(range(int(max_examples)))
+    net, processor = load_model(name, kind=model_kind)
+    length = model_max_length(net, max_length)
+    use_cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+    rank, world, started = _distributed(use_cuda)
+    try:
+        encoded = model_kind.encode(dataset, processor, length)
+        if device is None or (world > 1 and device == "cuda"):
+            device = f"cuda:{torch.cuda.current_device()}" if use_cuda else "cpu"
+        net.to(device)
+        indices = list(range(rank, len(encoded), world))
+        acc = GramAccumulator(net)
+        from tqdm.auto import tqdm
+
+        with acc, tqdm(total=len(indices), unit="ex", desc="gram", disable=not (progress and rank == 0)) as bar:
+            for batch in _batches(encoded, model_kind.collator(processor), indices, int(batch_size)):
+                bar.update(acc.add(batch, model_kind))
+        if world > 1:
+            import torch.distributed as dist
+
+            for module in acc.modules:  # a layer may not have run on a rank's share: every rank sends a sum
+                size = acc.modules[module].in_features
+                acc.sums.setdefault(module, torch.zeros(size, size, dtype=torch.float64, device=device))
+                dist.all_reduce(acc.sums[module])
+            counts = torch.tensor([acc.count, *acc.positions.values()], dtype=torch.float64, device=device)
+            dist.all_reduce(counts)
+            acc.count = int(counts[0])
+            acc.positions = {m: int(c) for m, c in zip(acc.positions, counts[1:].tolist())}
+        grams = acc.means()
+        if rank == 0:
+            source = Path(resolve_model(name))
+            names = checkpoint_names(net, [f"{m}.weight" for m in acc.positions])
+            positions = {names[f"{m}.weight"]: n for m, n in acc.positions.items()}
+            record = {"examples": acc.count, "positions": positions, "normalisation": NORMALISATION,
+                      "dataset": str(data), "split": str(split), "config_name": config_name,
+                      "filters": dict(filters) if filters else None, "max_length": length, "model": name,
+                      "kind": model_kind.name,
+                      "model_fingerprint": folder_fingerprint(source) if source.is_dir() else None,
+                      "num_processes": world, "gradmatch_version": __version__}
+            with atomic_dir(out, overwrite) as tmp:
+                save_file({k: v.cpu().contiguous() for k, v in grams.items()}, str(tmp / GRAM_FILE),
+                          metadata={"format": "pt"})
+                (tmp / GRAM_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return Path(out)
+
+
+class GramFile:
+    """The Gram matrices of one model as `gradmatch gram` wrote them, read one matrix at a time (validated)."""
+
+    def __init__(self, folder: str | os.PathLike, role: str):
+        from gradmatch.checkpoints import read_safetensors_header
+
+        folder = Path(folder)
+        if not folder.exists():
+            raise UserError(f"{role} {folder} does not exist")
+        path = folder / GRAM_FILE if folder.is_dir() else folder
+        if not path.is_file():
+            raise UserError(f"{role} {folder} is not a Gram folder: it has no {GRAM_FILE} (write one with gradmatch gram)")
+        self.folder, self.path, self.role = folder, path, role
+        self.tensors = read_safetensors_header(path)
+        for name, info in self.tensors.items():
+            if len(info.shape) != 2 or info.shape[0] != info.shape[1] or not info.is_floating:
+                raise UserError(f"{path}: {name} is not a square floating-point matrix (shape {list(info.shape)})")
+        record = path.parent / GRAM_RECORD
+        self.record: dict = {}
+        if record.is_file():
+            try:
+                self.record = json.loads(record.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise UserError(f"cannot read {record}: {exc}") from None
+
+    def read(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as fh:  # the header was validated when the file was opened
+            tensor = fh.get_tensor(name).clone()
+        if tensor.numel() and not bool(torch.isfinite(tensor).all()):
+            raise UserError(f"the Gram matrix of {name} in {self.path} holds NaN or Inf values")
+        return tensor
