@@ -133,3 +133,28 @@ def test_cli_writes_json(setup):
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
     assert data["total_mismatch"] == 0.0 and data["tasks"][0]["num_examples"] == len(TEXTS)
+
+
+def test_residual_of_a_real_merge_splits_into_its_terms(setup):
+    """Task arithmetic's merge is θ̄_TA itself: its prior term is zero, and its scaled mismatch is N_t times the
+    plain one (one task); gradient matching's record names F_0 and N, so its residual needs no flags."""
+    from gradmatch.fisher import run_fisher
+    from gradmatch.merge import merge
+
+    tmp, parent, tasks = setup
+    child = _perturbed(parent, tmp / "child", 0.05, seed=4)
+    run_fisher(str(parent), tasks[0], "train", out=tmp / "f0", estimator="empirical", progress=False)
+    run_fisher(str(child), tasks[0], "train", out=tmp / "f1", estimator="empirical", progress=False)
+    ta = merge({"method": "task_arithmetic", "base": str(parent), "models": [{"model": str(child), "weight": 0.5}]},
+               tmp / "ta", progress=False)
+    result = gradient_mismatch(ta, data=tasks[:1], split="train", base_hessian=str(tmp / "f0"), base_hessian_scale=50,
+                               scales=[20], progress=False)
+    r = result.residual
+    assert r["prior_term"] == pytest.approx(0.0, abs=1e-6 * r["residual"])
+    assert r["scaled_mismatch"] == pytest.approx(20 * result.total_mismatch, rel=1e-9)
+    gm = merge({"method": "gradient_matching", "base": str(parent), "base_hessian": str(tmp / "f0"),
+                "base_hessian_scale": 50, "models": [{"model": str(child), "weight": 0.5, "hessian": str(tmp / "f1"),
+                                                      "hessian_scale": 20}]}, tmp / "gm", progress=False)
+    measured = gradient_mismatch(gm, data=tasks[:1], split="train", progress=False)  # everything from merge.json
+    assert measured.scales["base_hessian_scale"] == 50 and measured.scales["hessian_scales"] == [20]
+    assert measured.residual["prior_term"] > 0 and measured.residual["preconditioned"] is not None

@@ -288,8 +288,14 @@ def test_mismatch_of_every_merge_of_a_run(finished_run, tmp_path):
                                                          ("task_arithmetic", 0.5), ("task_arithmetic", 1.0),
                                                          ("regmean", 1.0)]
     accuracy = {r["label"]: r["values"] for r in report_rows(workdir)}
+    record = json.loads((out / "mismatch.json").read_text())
+    assert set(record["rank_correlation_with_error"]) == {"plain_mismatch", "scaled_mismatch", "residual",
+                                                           "preconditioned"}
     for r in rows:
         assert math.isfinite(r["total_mismatch"]) and r["total_mismatch"] > 0
+        assert math.isfinite(r["residual"]) and r["scales"]["base_hessian_scale"] == 320  # the run's N_0: 240 + 2 × 40
+        if r["method"] == "task_arithmetic":  # θ̄ = θ̄_TA: no prior term, whatever α
+            assert r["prior_term"] <= 1e-6 * r["residual"]
         assert set(r["mismatch"]) == {"rot90", "inverted"} and r["examples_per_task"] == 16
         for task, error in r["test_error"].items():
             assert error == pytest.approx(1 - accuracy[f"{r['method']} α={r['alpha']:g}"][task], abs=1e-9)

@@ -1,5 +1,6 @@
-"""The paper's gradient mismatch of a merge: each task's loss gradient at the merged parameters
-against the gradient at its child's own parameters, weighted as in the merge (Daheim et al., §3)."""
+"""What the paper bounds about a merge: the residual of its target objective, r(θ̄) = H_0(θ̄ − θ_0) + Σ_t α_t ∇ℓ_t(θ̄),
+split into the distance from task arithmetic and the gradient mismatch, and the plain mismatch; for one merged
+model or for every merge of a pipeline run (Daheim et al., ICLR 2024, §3)."""
 
 from __future__ import annotations
 
@@ -13,47 +14,96 @@ from typing import Any
 
 from gradmatch.errors import UserError
 
-
-@dataclass
-class TaskMismatch:
-    """One task t of a merge: α_t‖∇L_t(θ̄) − ∇L_t(θ_t)‖ and the merged model's error on that task."""
-
-    task: str
-    child: str
-    alpha: float
-    num_examples: int
-    mismatch: float  # ‖α_t (∇L_t(θ̄) − ∇L_t(θ_t))‖₂
-    grad_norm_merged: float  # ‖∇L_t(θ̄)‖₂
-    grad_norm_child: float  # ‖∇L_t(θ_t)‖₂
-    loss_merged: float
-    accuracy_merged: float | None  # classifiers; None for kinds without accuracy
-    metrics_merged: dict = field(default_factory=dict)  # the kind's metrics of the loss (accuracy, perplexity, ...)
-
-    @property
-    def error_merged(self) -> float | None:
-        return None if self.accuracy_merged is None else 1.0 - self.accuracy_merged
+#: The quantities of a merge that `mismatch --run` sets against the test error (name, what it is).
+QUANTITIES = {
+    "plain_mismatch": "‖Σ_t α_t (∇L_t(θ̄) − ∇L_t(θ_t))‖ (the paper's Fig. 1)",
+    "scaled_mismatch": "‖Σ_t α_t (∇ℓ_t(θ̄) − ∇ℓ_t(θ_t))‖, ℓ_t = N_t·L_t",
+    "residual": "‖H_0(θ̄ − θ_0) + Σ_t α_t ∇ℓ_t(θ̄)‖",
+    "preconditioned": "‖H̄⁻¹ r(θ̄)‖ ≈ ‖θ̄ − θ_{1:T}‖, H̄ = H_0 + Σ_t α_t H_t",
+}
 
 
-@dataclass
-class MergeMismatch:
-    """The gradient mismatch of one merged model over all its tasks."""
+# --------------------------------------------------------------------------- the residual, tensor by tensor
 
-    merged: str
-    split: str
-    tasks: list[TaskMismatch] = field(default_factory=list)
-    total_mismatch: float = 0.0  # ‖Σ_t α_t (∇L_t(θ̄) − ∇L_t(θ_t))‖₂
 
-    @property
-    def mean_error(self) -> float | None:
-        errors = [t.error_merged for t in self.tasks]
-        return None if None in errors else sum(errors) / len(errors)
+class ResidualAccumulator:
+    """The residual of the paper's target objective at a merge θ̄ and its terms, built one task at a time.
 
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        for task, row in zip(self.tasks, data["tasks"]):
-            row["error_merged"] = task.error_merged
-        data["mean_error"] = self.mean_error
-        return data
+    With ℓ_t = N_t·L_t the summed loss of task t (L_t its mean loss), H_0 = N_0·F_0 + δ and the children at
+    their optima (H_0 τ_t = −∇ℓ_t(θ_t), τ_t = θ_t − θ_0):
+
+        r(θ̄) = H_0(θ̄ − θ_0) + Σ_t α_t ∇ℓ_t(θ̄)
+              = H_0(θ̄ − θ̄_TA)  +  Σ_t α_t [∇ℓ_t(θ̄) − ∇ℓ_t(θ_t)]  +  Σ_t α_t [∇ℓ_t(θ_t) + H_0 τ_t]
+                 (prior term)       (scaled mismatch)                 (the children's optimality gap)
+
+    with θ̄_TA = θ_0 + Σ_t α_t τ_t. Task arithmetic has no prior term; gradient matching is built to make the
+    residual vanish on quadratic losses, where its scaled mismatch equals minus its prior term. Everything is
+    summed in float64, parameter by parameter (dicts of tensors keyed alike).
+    """
+
+    def __init__(self, theta_bar: Mapping[str, Any], theta_0: Mapping[str, Any], H_0: Mapping[str, Any]):
+        import torch
+
+        self.names = list(theta_bar)
+        d = torch.float64
+        self.theta_0 = {n: theta_0[n].to(d) for n in self.names}
+        self.H_0 = {n: H_0[n].to(d) for n in self.names}
+        self.shift = {n: theta_bar[n].to(d) - self.theta_0[n] for n in self.names}  # θ̄ − θ_0
+        zeros = {n: torch.zeros_like(self.shift[n]) for n in self.names}
+        self.ta_step = {n: z.clone() for n, z in zeros.items()}  # Σ α_t τ_t
+        self.merged_pull = {n: z.clone() for n, z in zeros.items()}  # Σ α_t ∇ℓ_t(θ̄)
+        self.scaled = {n: z.clone() for n, z in zeros.items()}  # Σ α_t (∇ℓ_t(θ̄) − ∇ℓ_t(θ_t))
+        self.plain = {n: z.clone() for n, z in zeros.items()}  # Σ α_t (∇L_t(θ̄) − ∇L_t(θ_t))
+        self.curvature: dict[str, Any] | None = {n: h.clone() for n, h in self.H_0.items()}  # H_0 + Σ α_t H_t
+
+    def add_task(self, alpha: float, scale: float, theta_t: Mapping[str, Any], grad_merged: Mapping[str, Any],
+                 grad_child: Mapping[str, Any], fisher_t: Mapping[str, Any] | None = None) -> None:
+        """Task t: its weight α_t, N_t, child θ_t, ∇L_t at the merge and at the child (mean-loss gradients) and,
+        optionally, its Fisher F_t (for the preconditioned norm; without it for any task there is none)."""
+        import torch
+
+        d = torch.float64
+        for n in self.names:
+            g_m, g_c = grad_merged[n].to(d), grad_child[n].to(d)
+            self.ta_step[n].add_(theta_t[n].to(d) - self.theta_0[n], alpha=alpha)
+            self.plain[n].add_(g_m - g_c, alpha=alpha)
+            self.scaled[n].add_(g_m - g_c, alpha=alpha * scale)
+            self.merged_pull[n].add_(g_m, alpha=alpha * scale)
+            if fisher_t is not None and self.curvature is not None:
+                self.curvature[n].add_(fisher_t[n].to(d), alpha=alpha * scale)
+        if fisher_t is None:
+            self.curvature = None
+
+    def result(self) -> dict[str, float | None]:
+        """The norms of the residual, its three terms, the plain and scaled mismatch, and ‖H̄⁻¹ r‖ (None without
+        every child's Fisher, or where H̄ is not positive: a removal)."""
+        totals = dict.fromkeys(("residual", "prior_term", "scaled_mismatch", "optimality_gap", "plain_mismatch",
+                                "preconditioned"), 0.0)
+        positive = self.curvature is not None
+        for n in self.names:
+            r = self.H_0[n] * self.shift[n] + self.merged_pull[n]
+            prior = self.H_0[n] * (self.shift[n] - self.ta_step[n])  # H_0 (θ̄ − θ̄_TA)
+            gap = r - prior - self.scaled[n]
+            totals["residual"] += float(r.square().sum())
+            totals["prior_term"] += float(prior.square().sum())
+            totals["scaled_mismatch"] += float(self.scaled[n].square().sum())
+            totals["optimality_gap"] += float(gap.square().sum())
+            totals["plain_mismatch"] += float(self.plain[n].square().sum())
+            if positive and bool((self.curvature[n] > 0).all()):
+                totals["preconditioned"] += float((r / self.curvature[n]).square().sum())
+            else:
+                positive = False
+        out: dict[str, float | None] = {k: math.sqrt(v) for k, v in totals.items()}
+        if not positive:
+            out["preconditioned"] = None
+        return out
+
+
+def _norm(tensors: Iterable[Any]) -> float:
+    return math.sqrt(sum(float((t.double() * t.double()).sum()) for t in tensors))
+
+
+# --------------------------------------------------------------------------- gradients of a model on data
 
 
 def loss_gradient(model, batches: Iterable[Mapping[str, Any]], kind=None
@@ -90,10 +140,6 @@ def loss_gradient(model, batches: Iterable[Mapping[str, Any]], kind=None
     return {n: s / count for n, s in sums.items()}, total_loss / count, kind.loss_metrics(extra, count, total_loss), count
 
 
-def _norm(tensors: Iterable[Any]) -> float:
-    return math.sqrt(sum(float((t * t).sum()) for t in tensors))
-
-
 def _batches(model_path: str, data: str, split: str, *, max_length: int, batch_size: int, data_dir,
              max_examples: int | None, cache: dict):
     """Load the model at ``model_path`` and the encoded examples of ``data`` for it (encodings cached by processor)."""
@@ -118,17 +164,87 @@ def _batches(model_path: str, data: str, split: str, *, max_length: int, batch_s
     return model, loader, kind
 
 
-def merge_sources(merged: str | os.PathLike) -> tuple[list[str], list[float]]:
-    """The children and α_t recorded in a merged folder's ``merge.json`` (written by gradmatch merge)."""
+def _parameters(model) -> dict[str, Any]:
+    return {n: p.detach().to("cpu") for n, p in model.named_parameters()}
+
+
+def _hessian(folder: str | os.PathLike, kind) -> dict[str, Any]:
+    """A Hessian folder (the original's layout: a model folder of F values) as parameters keyed like the model's."""
+    from gradmatch.checkpoints import find_hessian_folder
+
+    folder = find_hessian_folder(Path(folder))
+    try:
+        model = kind.auto_class().from_pretrained(str(folder))
+    except Exception as exc:  # noqa: BLE001 - corrupt, missing, of another architecture
+        raise UserError(f"cannot load the Hessian {folder}: {' '.join(str(exc).split())[:200]}") from None
+    return _parameters(model)
+
+
+# --------------------------------------------------------------------------- one merged model
+
+
+@dataclass
+class TaskMismatch:
+    """One task t of a merge: its plain mismatch α_t‖∇L_t(θ̄) − ∇L_t(θ_t)‖ and the merged model's loss there."""
+
+    task: str
+    child: str
+    alpha: float
+    scale: float
+    num_examples: int
+    mismatch: float
+    grad_norm_merged: float
+    grad_norm_child: float
+    loss_merged: float
+    accuracy_merged: float | None  # classifiers; None for kinds without accuracy
+    metrics_merged: dict = field(default_factory=dict)
+
+    @property
+    def error_merged(self) -> float | None:
+        return None if self.accuracy_merged is None else 1.0 - self.accuracy_merged
+
+
+@dataclass
+class MergeMismatch:
+    """A merge's plain mismatch and, with the parent's Hessian, the residual of the paper's objective and its terms."""
+
+    merged: str
+    split: str
+    tasks: list[TaskMismatch] = field(default_factory=list)
+    total_mismatch: float = 0.0  # ‖Σ_t α_t (∇L_t(θ̄) − ∇L_t(θ_t))‖₂, the plain mismatch
+    residual: dict[str, float | None] | None = None  # ResidualAccumulator.result(); None without H_0
+    scales: dict[str, Any] = field(default_factory=dict)  # N_0, δ, N_t used, and where they came from
+
+    @property
+    def mean_error(self) -> float | None:
+        errors = [t.error_merged for t in self.tasks]
+        return None if None in errors else sum(errors) / len(errors)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        for task, row in zip(self.tasks, data["tasks"]):
+            row["error_merged"] = task.error_merged
+        data["mean_error"] = self.mean_error
+        return data
+
+
+def merge_record(merged: str | os.PathLike) -> dict[str, Any]:
+    """A merged folder's ``merge.json`` (written by gradmatch merge)."""
     record = Path(merged) / "merge.json"
     if not record.is_file():
         raise UserError(f"{merged} has no merge.json: give the children and alphas explicitly")
     try:
         info = json.loads(record.read_text(encoding="utf-8"))
-        models = info["models"]
-        return [str(m["model"]) for m in models], [float(m["weight"]) for m in models]
+        [(str(m["model"]), float(m["weight"])) for m in info["models"]]
+        return info
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{record} is not a merge record gradmatch can read: {exc}") from None
+
+
+def merge_sources(merged: str | os.PathLike) -> tuple[list[str], list[float]]:
+    """The children and α_t recorded in a merged folder's ``merge.json``."""
+    models = merge_record(merged)["models"]
+    return [str(m["model"]) for m in models], [float(m["weight"]) for m in models]
 
 
 def child_task(child: str | os.PathLike) -> str:
@@ -141,12 +257,26 @@ def child_task(child: str | os.PathLike) -> str:
     return str(meta["dataset_name"])
 
 
+def _training_size(model: str | os.PathLike) -> int | None:
+    from gradmatch.train import read_training_metadata
+
+    meta = read_training_metadata(model) or {}
+    value = meta.get("num_train_examples")
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
 def gradient_mismatch(
     merged: str | os.PathLike,
     *,
     children: Sequence[str] | None = None,
     data: Sequence[str] | None = None,
     alphas: Sequence[float] | None = None,
+    parent: str | None = None,
+    base_hessian: str | None = None,
+    base_hessian_scale: float | None = None,
+    scales: Sequence[float] | None = None,
+    hessians: Sequence[str] | None = None,
+    delta_0: float | None = None,
     split: str = "test",
     max_length: int = 128,
     batch_size: int = 16,
@@ -155,23 +285,24 @@ def gradient_mismatch(
     child_gradients: dict | None = None,
     progress: bool = True,
 ) -> MergeMismatch:
-    """Measure the gradient mismatch of ``merged`` on held-out data of each child's task.
+    """The plain mismatch of ``merged`` on held-out data of each child's task and, when the parent's Hessian is
+    known, the residual r(θ̄) of the paper's target objective and its terms (:class:`ResidualAccumulator`).
 
-    For task t with child θ_t, weight α_t and mean loss L_t on ``split`` of its data set:
-    mismatch_t = ‖α_t (∇L_t(θ̄) − ∇L_t(θ_t))‖ and total = ‖Σ_t α_t (∇L_t(θ̄) − ∇L_t(θ_t))‖, the term
-    whose size bounds how far the merge θ̄ is from a model trained on all tasks. Children and α_t
-    default to the merge's own record (``merge.json``); data sets to each child's training data set.
-    ``max_examples`` caps the examples per task; ``child_gradients``, a dict kept by the caller, caches
-    ∇L_t(θ_t) across calls (the children's gradients do not depend on the merge).
+    Children, α_t, the parent, its Hessian F_0, N_0, δ and N_t default to the merge's own record
+    (``merge.json``); N_t otherwise to the children's training-set sizes; data sets to each child's training
+    data set. Without a parent Hessian (e.g. a task-arithmetic merge made outside a run) only the plain
+    mismatch is measured. ``hessians`` (the children's F_t) add ‖H̄⁻¹ r‖. ``child_gradients``, a dict kept
+    by the caller, caches ∇L_t(θ_t) across calls.
     """
-    import torch
     from tqdm.auto import tqdm
 
-    if children is None or alphas is None:
-        recorded_children, recorded_alphas = merge_sources(merged)
-        children = list(children) if children is not None else recorded_children
-        alphas = list(alphas) if alphas is not None else recorded_alphas
-    children, alphas = list(children), [float(a) for a in alphas]
+    record = merge_record(merged) if (children is None or alphas is None or parent is None) and \
+        (Path(merged) / "merge.json").is_file() else {}
+    if (children is None or alphas is None) and not record:
+        merge_record(merged)  # the one-line error
+    models = record.get("models", [])
+    children = list(children) if children is not None else [str(m["model"]) for m in models]
+    alphas = [float(a) for a in (alphas if alphas is not None else [m["weight"] for m in models])]
     if len(alphas) != len(children):
         raise UserError(f"{len(alphas)} alphas given for {len(children)} children")
     data = list(data) if data is not None else [child_task(c) for c in children]
@@ -179,42 +310,78 @@ def gradient_mismatch(
         raise UserError(f"{len(data)} data sets given for {len(children)} children")
     if batch_size <= 0 or max_length <= 0 or (max_examples is not None and max_examples <= 0):
         raise UserError("batch size, max length and max examples must be positive")
+    parent = parent or record.get("base")
+    base_hessian = base_hessian or record.get("base_hessian")
+    base_hessian_scale = base_hessian_scale if base_hessian_scale is not None else record.get("base_hessian_scale")
+    if delta_0 is None:
+        delta_0 = float((record.get("parameters") or {}).get("delta_0", 1e-12))
+    recorded_scales = [m.get("hessian_scale") for m in models] if models else [None] * len(children)
+    if scales is None:
+        scales = [s if s is not None else _training_size(c) for s, c in zip(recorded_scales, children)]
+    hessians = list(hessians) if hessians is not None else (
+        [m.get("hessian") for m in models] if models and all(m.get("hessian") for m in models) else None)
+    residual_wanted = base_hessian is not None and parent is not None
+    if residual_wanted:
+        if base_hessian_scale is None:
+            base_hessian_scale = _training_size(parent)
+        if base_hessian_scale is None or any(s is None for s in scales):
+            raise UserError("the residual needs N_0 and every N_t (the Hessians' scales): give --base-hessian-scale and "
+                            "--scales, or children and a parent with training_metadata.json")
     if child_gradients is None:
         child_gradients = {}
 
-    result = MergeMismatch(merged=str(merged), split=split)
-    total: dict[str, torch.Tensor] | None = None
+    result = MergeMismatch(merged=str(merged), split=split, scales={
+        "base_hessian": base_hessian, "base_hessian_scale": base_hessian_scale, "delta_0": delta_0,
+        "hessian_scales": list(scales)})
     cache: dict = {}
-    bar = tqdm(list(zip(children, data, alphas)), desc="gradient mismatch", unit="task", disable=None if progress else True)
-    for child, task, alpha in bar:
-        grads = {}
-        stats = {}
+    accumulator = theta_0 = None
+    bar = tqdm(list(zip(children, data, alphas, scales)), desc="gradient mismatch", unit="task",
+               disable=None if progress else True)
+    for t, (child, task, alpha, scale) in enumerate(bar):
         child_key = (str(child), task, split, max_length, max_examples)
-        for role, path in (("merged", str(merged)), ("child", child)):
-            if role == "child" and child_key in child_gradients:
-                grads[role], stats[role] = child_gradients[child_key]
-                continue
-            model, loader, kind = _batches(path, task, split, max_length=max_length, batch_size=batch_size,
-                                           data_dir=data_dir, max_examples=max_examples, cache=cache)
-            grads[role], loss, metrics, n = loss_gradient(model, loader, kind)
-            stats[role] = (loss, metrics, n)
-            del model
-        child_gradients[child_key] = (grads["child"], stats["child"])
-        if grads["merged"].keys() != grads["child"].keys():
+        model, loader, kind = _batches(str(merged), task, split, max_length=max_length, batch_size=batch_size,
+                                       data_dir=data_dir, max_examples=max_examples, cache=cache)
+        if accumulator is None and residual_wanted:
+            theta_bar = _parameters(model)
+            parent_model, _, _ = _batches(str(parent), task, split, max_length=max_length, batch_size=batch_size,
+                                          data_dir=data_dir, max_examples=max_examples, cache=cache)
+            theta_0 = _parameters(parent_model)
+            F_0 = _hessian(base_hessian, kind)
+            if F_0.keys() != theta_bar.keys():
+                raise UserError(f"the Hessian {base_hessian} and the merge {merged} have different parameters")
+            H_0 = {n: float(base_hessian_scale) * F_0[n].double() + delta_0 for n in F_0}
+            accumulator = ResidualAccumulator(theta_bar, theta_0, H_0)
+            del parent_model
+        g_merged, loss, metrics, n = loss_gradient(model, loader, kind)
+        del model
+        if child_key not in child_gradients:
+            child_model, child_loader, _ = _batches(str(child), task, split, max_length=max_length,
+                                                    batch_size=batch_size, data_dir=data_dir,
+                                                    max_examples=max_examples, cache=cache)
+            g_child, *_ = loss_gradient(child_model, child_loader, kind)
+            child_gradients[child_key] = (g_child, _parameters(child_model))
+            del child_model
+        g_child, theta_t = child_gradients[child_key]
+        if g_merged.keys() != g_child.keys():
             raise UserError(f"{merged} and {child} have different parameters")
-        diff = {k: alpha * (grads["merged"][k] - grads["child"][k]) for k in grads["merged"]}
-        loss, metrics, n = stats["merged"]
+        plain = math.sqrt(sum(float((alpha * (g_merged[k] - g_child[k])).square().sum()) for k in g_merged))
+        if accumulator is not None:
+            fisher_t = _hessian(hessians[t], kind) if hessians else None
+            accumulator.add_task(alpha, float(scale), theta_t, g_merged, g_child, fisher_t)
         result.tasks.append(TaskMismatch(
-            task=task, child=child, alpha=alpha, num_examples=n, mismatch=_norm(diff.values()),
-            grad_norm_merged=_norm(grads["merged"].values()), grad_norm_child=_norm(grads["child"].values()),
-            loss_merged=loss, accuracy_merged=metrics.get("accuracy"), metrics_merged=metrics))
-        if total is None:
-            total = diff
+            task=task, child=str(child), alpha=alpha, scale=float(scale) if scale is not None else float("nan"),
+            num_examples=n, mismatch=plain, grad_norm_merged=_norm(g_merged.values()),
+            grad_norm_child=_norm(g_child.values()), loss_merged=loss, accuracy_merged=metrics.get("accuracy"),
+            metrics_merged=metrics))
+        if t == 0:
+            total = {k: alpha * (g_merged[k] - g_child[k]) for k in g_merged}
         else:
             for k in total:
-                total[k] += diff[k]
+                total[k] += alpha * (g_merged[k] - g_child[k])
     bar.close()
-    result.total_mismatch = _norm(total.values()) if total else 0.0
+    result.total_mismatch = _norm(total.values()) if result.tasks else 0.0
+    if accumulator is not None:
+        result.residual = accumulator.result()
     return result
 
 
@@ -232,20 +399,32 @@ def _finished_merge_jobs(run_dir: Path) -> list[dict[str, Any]]:
     return finished
 
 
-def run_mismatch(
-    run_dir: str | os.PathLike,
-    *,
-    max_examples: int | None = 100,
-    max_length: int = 128,
-    batch_size: int = 16,
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """The gradient mismatch of every merge (each method at each α) of a finished pipeline run.
+def _run_scales(run_dir: Path, spec: dict[str, Any]) -> tuple[str | None, float | None, list[float], str | None]:
+    """The run's parent Hessian, N_0, N_t and the merge's seed prefix: the same for every method of a seed, so
+    the residual of task arithmetic and of gradient matching are measured on one scale."""
+    from gradmatch.pipeline.graph import read_run_specs
 
-    Each merge is rebuilt from the YAML its job kept (``configs/alpha-*.yaml``) into a temporary folder
-    (or read from ``models/`` when kept), measured on the first ``max_examples`` examples of each
-    child's test set as the run prepared it, and set beside its test error from the run's metrics.
+    prefix = spec["name"].split("merges/", 1)[0]
+    by_name = {s["name"]: s for s in read_run_specs(run_dir)}
+    fisher = by_name.get(f"{prefix}fisher/parent")
+    base_hessian = str(Path(fisher["out"]) / "fisher") if fisher and (Path(fisher["out"]) / "job.json").is_file() else None
+    parent = spec["inputs"]["parent"]
+    n0 = spec["params"].get("base_hessian_scale") or _training_size(Path(parent) / "model")
+    scales = [(spec["params"].get("hessian_scales") or {}).get(c) or _training_size(Path(spec["inputs"][f"child/{c}"]) / "model")
+              for c in spec["params"]["children"]]
+    return base_hessian, n0, scales, prefix
+
+
+def run_mismatch(run_dir: str | os.PathLike, *, max_examples: int | None = 100, max_length: int = 128,
+                 batch_size: int = 16, progress: bool = True) -> list[dict[str, Any]]:
+    """The plain mismatch and the residual of every merge (each method at each α, each seed) of a finished run.
+
+    Each merge is rebuilt from the YAML its job kept (``configs/alpha-*.yaml``) into a temporary folder (or
+    read from ``models/`` when kept), measured on the first ``max_examples`` examples of each child's test set
+    as the run prepared it, with the run's parent Hessian and training-set sizes for every method, and set
+    beside its test error from the run's metrics.
     """
+    import shutil
     import tempfile
 
     import yaml
@@ -268,47 +447,73 @@ def run_mismatch(
             model = out / "models" / tag
             if not model.is_dir():
                 config = yaml.safe_load((out / "configs" / f"{tag}.yaml").read_text(encoding="utf-8"))
-                model = merge(config, Path(tmp) / f"{params['label']}-{tag}", progress=False)
+                model = merge(config, Path(tmp) / f"m-{len(rows)}", progress=False)
+            base_hessian, n0, scales, prefix = _run_scales(run_dir, spec)
             result = gradient_mismatch(
-                model, data=[str(Path(inputs[f"test/{c}"]) / "data") for c in children], split="test",
-                max_examples=max_examples, max_length=max_length, batch_size=batch_size,
-                child_gradients=cache, progress=False)
+                model, children=[str(Path(inputs[f"child/{c}"]) / "model") for c in children],
+                alphas=[float(entry["alpha"])] * len(children),
+                data=[str(Path(inputs[f"test/{c}"]) / "data") for c in children], split="test",
+                parent=str(Path(inputs["parent"]) / "model"), base_hessian=base_hessian, base_hessian_scale=n0,
+                scales=scales, hessians=None, max_examples=max_examples, max_length=max_length,
+                batch_size=batch_size, child_gradients=cache, progress=False)
             errors = {c: 1.0 - float(entry["tasks"][c]["accuracy"]) for c in children}
             rows.append({
                 "method": params["method"], "label": params["label"], "alpha": float(entry["alpha"]),
-                "total_mismatch": result.total_mismatch,
+                "seed": prefix.strip("/").removeprefix("seed-") or None,
+                "plain_mismatch": result.total_mismatch, "total_mismatch": result.total_mismatch,
                 "mismatch": {c: t.mismatch for c, t in zip(children, result.tasks)},
+                **({k: v for k, v in (result.residual or {}).items() if k != "plain_mismatch"}),
                 "test_error": errors, "mean_test_error": sum(errors.values()) / len(errors),
-                "examples_per_task": result.tasks[0].num_examples,
+                "examples_per_task": result.tasks[0].num_examples, "scales": result.scales,
             })
             if model.parent == Path(tmp):
-                import shutil
-
                 shutil.rmtree(model)
     bar.close()
     return rows
 
 
+def rank_correlations(rows: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
+    """Spearman's rank correlation of the mean test error with each quantity, across every merge of ``rows``."""
+    from scipy.stats import spearmanr
+
+    out: dict[str, float | None] = {}
+    for key in QUANTITIES:
+        pairs = [(r[key], r["mean_test_error"]) for r in rows if r.get(key) is not None]
+        if len(pairs) < 3:
+            out[key] = None
+            continue
+        rho = spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic
+        out[key] = None if rho != rho else float(rho)
+    return out
+
+
 def plot_mismatch(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: str = "") -> Path:
-    """Test error against gradient mismatch, one colour per method, α written beside each point (Fig. 1, right)."""
+    """Test error against each quantity (plain mismatch, scaled mismatch, residual, preconditioned residual), one
+    colour per method, α written beside each point (the paper's Fig. 1, right, and what it bounds)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=100)
-    for label in dict.fromkeys(r["label"] for r in rows):
-        mine = sorted((r for r in rows if r["label"] == label), key=lambda r: r["alpha"])
-        xs = [r["total_mismatch"] for r in mine]
-        ys = [100 * r["mean_test_error"] for r in mine]
-        ax.plot(xs, ys, "o-", label=label, alpha=0.85)
-        for r, x, y in zip(mine, xs, ys):
-            ax.annotate(f"{r['alpha']:g}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
-    ax.set_xlabel(r"gradient mismatch $\|\sum_t \alpha_t(\nabla L_t(\bar\theta) - \nabla L_t(\theta_t))\|$")
-    ax.set_ylabel("mean test error of the merged tasks (%)")
-    ax.set_title(title or "test error against gradient mismatch (numbers: α)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    correlations = rank_correlations(rows)
+    keys = [k for k in QUANTITIES if any(r.get(k) is not None for r in rows)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.4 * len(keys), 4.2), dpi=100, squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for label in dict.fromkeys(r["label"] for r in rows):
+            mine = sorted((r for r in rows if r["label"] == label and r.get(key) is not None), key=lambda r: r["alpha"])
+            xs = [r[key] for r in mine]
+            ys = [100 * r["mean_test_error"] for r in mine]
+            ax.plot(xs, ys, "o", label=label, alpha=0.8)
+            for r, x, y in zip(mine, xs, ys):
+                ax.annotate(f"{r['alpha']:g}", (x, y), textcoords="offset points", xytext=(3, 2), fontsize=6)
+        rho = correlations.get(key)
+        ax.set_title(f"{key.replace('_', ' ')}" + (f" (Spearman ρ = {rho:.2f})" if rho is not None else ""), fontsize=9)
+        ax.set_xlabel(QUANTITIES[key], fontsize=7)
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("mean test error of the merged tasks (%)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title or "test error against what the paper bounds (numbers: α)", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
@@ -318,15 +523,16 @@ def plot_mismatch(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, ti
 
 def write_run_mismatch(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, overwrite: bool = False,
                        **kwargs) -> Path:
-    """Measure every merge of a run (:func:`run_mismatch`) and write ``mismatch.json`` and the plot to ``out``
-    (default ``RUN_DIR/mismatch``), atomically."""
+    """Measure every merge of a run (:func:`run_mismatch`) and write ``mismatch.json`` (rows and rank correlations)
+    and the plot to ``out`` (default ``RUN_DIR/mismatch``), atomically."""
     from gradmatch.fsutil import atomic_dir, check_output_dir
 
     out = Path(out) if out is not None else Path(run_dir) / "mismatch"
     check_output_dir(out, overwrite)
     rows = run_mismatch(run_dir, **kwargs)
+    record = {"run": str(run_dir), "quantities": QUANTITIES, "rank_correlation_with_error": rank_correlations(rows),
+              "merges": rows}
     with atomic_dir(out, overwrite) as tmp:
-        (tmp / "mismatch.json").write_text(json.dumps({"run": str(run_dir), "merges": rows}, indent=2) + "\n",
-                                           encoding="utf-8")
+        (tmp / "mismatch.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         plot_mismatch(rows, tmp / "mismatch_vs_error.png")
     return out
