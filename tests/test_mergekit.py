@@ -328,7 +328,10 @@ def test_unknown_parameters_are_ignored_with_a_warning_as_mergekit_ignores_them(
     case = json.loads(json.dumps(CASES["task_arithmetic"]))
     case["parameters"] = {"foo": 1}
     case["models"][0]["parameters"]["t"] = 0.5
-    merged = run(case, rand, tmp_path / "out")
+    from test_llm_merge import captured_warnings
+
+    with captured_warnings(caplog, "gradmatch.config.mergekit"):
+        merged = run(case, rand, tmp_path / "out")
     assert torch.equal(merged["model.norm.weight"], run(CASES["task_arithmetic"], rand, tmp_path / "plain")["model.norm.weight"])
     assert "parameters.foo is not a parameter of mergekit's task_arithmetic" in caplog.text
     assert "models[0].parameters.t is not a per-model parameter" in caplog.text
