@@ -597,7 +597,8 @@ def run_fisher(model: str, data: str, split: str, *, out: str | os.PathLike, est
     check_not_input(out, {"the model": str(model), "the data": str(data)}, "--out")
 
     from gradmatch.data import load_split
-    from gradmatch.models import BUILTIN_SPECS, kind_of, load_config, load_model, model_max_length
+    from gradmatch.checkpoints import folder_fingerprint
+    from gradmatch.models import BUILTIN_SPECS, kind_of, load_config, load_model, model_max_length, resolve_model
 
     # Everything the user can get wrong is checked before the weights load (and before any output).
     name = str(model)
@@ -620,6 +621,8 @@ def run_fisher(model: str, data: str, split: str, *, out: str | os.PathLike, est
         if device is None or (world > 1 and device == "cuda"):  # under torchrun: this process's GPU
             device = f"cuda:{torch.cuda.current_device()}" if use_cuda else "cpu"
         fingerprint = model_fingerprint(net) if rank == 0 else None
+        source = Path(resolve_model(name)) if name not in BUILTIN_SPECS else None
+        weights = folder_fingerprint(source) if rank == 0 and source is not None and source.is_dir() else None
         net.to(device)
         indices = list(range(rank, len(encoded), world))
         acc = FisherAccumulator(net, kind=model_kind, estimator=estimator, seed=seed)
@@ -640,7 +643,7 @@ def run_fisher(model: str, data: str, split: str, *, out: str | os.PathLike, est
                 "estimator": estimator, "num_examples": acc.count, "dataset": str(data), "split": str(split),
                 "config_name": config_name, "filters": dict(filters) if filters else None, "seed": int(seed),
                 "max_length": length, "model": name, "kind": model_kind.name,
-                "model_fingerprint": fingerprint, "num_processes": world,
+                "model_fingerprint": fingerprint, "weights_fingerprint": weights, "num_processes": world,
                 "quantity": f"mean over {model_kind.unit}s of squared per-{model_kind.unit} gradients of "
                             f"{model_kind.likelihood}",
                 "gradmatch_version": __version__,

@@ -196,7 +196,7 @@ def run_gram(model: str, data: str, split: str, *, out: str | os.PathLike, batch
                       "dataset": str(data), "split": str(split), "config_name": config_name,
                       "filters": dict(filters) if filters else None, "max_length": length, "model": name,
                       "kind": model_kind.name,
-                      "model_fingerprint": folder_fingerprint(source) if source.is_dir() else None,
+                      "weights_fingerprint": folder_fingerprint(source) if source.is_dir() else None,
                       "num_processes": world, "gradmatch_version": __version__}
             with atomic_dir(out, overwrite) as tmp:
                 save_file({k: v.cpu().contiguous() for k, v in grams.items()}, str(tmp / GRAM_FILE),

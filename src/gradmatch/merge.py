@@ -58,6 +58,7 @@ class MergePlan:
     scales: list[float] | None
     merged: list[str] = field(default_factory=list)  # tensors computed by the method; the rest come from the parent
     grams: list = field(default_factory=list)  # GramFile per child (RegMean), else empty
+    scale_sources: dict[str, str] = field(default_factory=dict)  # where each N came from
 
     @property
     def inputs(self) -> list[Checkpoint]:
@@ -108,14 +109,16 @@ def _training_size(folder: Path) -> int | None:
     return value
 
 
-def _scale(given: float | None, folder: Path, role: str, key: str, default: float | None) -> float:
+def _scale(given: float | None, folder: Path, role: str, key: str, default: float | None) -> tuple[float, str]:
+    """N for one model and where it came from: the config, the model's training_metadata.json, or the method's
+    default (the Hessian as stored)."""
     if given is not None:
-        return float(given)
+        return float(given), "config"
     found = _training_size(folder)
     if found is not None:
-        return float(found)
+        return float(found), "training_metadata.json"
     if default is not None:
-        return default
+        return default, "default (the Hessian as stored)"
     raise UserError(f"no Hessian scale for {role} {folder}: set {key} (normally its number of training "
                     "examples; it has no training_metadata.json to take it from)")
 
@@ -133,6 +136,71 @@ def _check_same_architecture(parent: Checkpoint, other: Checkpoint) -> None:
             raise UserError(f"{other.role} {other.folder} has {key} {theirs} but the base model {parent.folder} has {mine}")
 
 
+#: Config keys that do not change what a model computes in eval mode (names, versions, dtypes, caching,
+#: output flags, training-only dropout): a child may differ from its parent in them.
+_NEUTRAL_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash", "use_cache",
+                        "output_hidden_states", "output_attentions", "return_dict", "gradient_checkpointing",
+                        "problem_type", "finetuning_task", "tokenizer_class", "task_specific_params", "pruned_heads",
+                        "use_return_dict", "torchscript", "architectures", "quantization_config", "label2id"}
+
+
+def _check_same_function(parent: Checkpoint, child: Checkpoint) -> None:
+    """A child whose config would make the same weights compute something else (another activation, label order,
+    number of heads, ...) is refused: its weights do not mean what the parent's mean."""
+    if parent.config is None or child.config is None:
+        return
+    for key in sorted(set(parent.config) | set(child.config)):
+        if key in _NEUTRAL_CONFIG_KEYS or key.endswith(("dropout", "dropout_prob", "dropout_rate", "pdrop")):
+            continue
+        mine, theirs = parent.config.get(key), child.config.get(key)
+        if mine != theirs and not (key == "id2label" and _generic_labels(mine) and _generic_labels(theirs)):
+            raise UserError(f"{child.role} {child.folder} has {key} {theirs!r} in its config.json but the base model "
+                            f"{parent.folder} has {mine!r}: its weights would compute something else "
+                            "(--allow-config-mismatch merges it anyway)")
+
+
+def _generic_labels(id2label) -> bool:
+    """LABEL_0, LABEL_1, ... (transformers' names when none were given): no label order to disagree on."""
+    return isinstance(id2label, dict) and all(str(v) == f"LABEL_{k}" for k, v in id2label.items())
+
+
+def _check_owners(plan: MergePlan) -> None:
+    """Each Hessian and Gram records (fisher.json, gram.json) a fingerprint of the model folder it was computed
+    on; one that names another model than the one it is paired with is refused. Records without one (the
+    original code's Hessians) pass with a note."""
+    from gradmatch.checkpoints import folder_fingerprint
+
+    pairs = [(plan.parent_hessian, plan.parent, "base_hessian")] + [
+        (h, c, f"hessian of models[{i}]") for i, (h, c) in enumerate(zip(plan.hessians, plan.children))]
+    pairs += [(g, c, f"gram of models[{i}]") for i, (g, c) in enumerate(zip(plan.grams, plan.children))]
+    fingerprints: dict[Path, str] = {}
+    for stats, model, role in pairs:
+        if stats is None:
+            continue
+        record_file = (stats.path.parent / "gram.json") if hasattr(stats, "path") else stats.folder / "fisher.json"
+        recorded = (stats.record if hasattr(stats, "record") else _read_record(record_file)).get("weights_fingerprint")
+        if not recorded:
+            log.warning("note: %s %s has no weights_fingerprint in %s: cannot check that it belongs to %s",
+                        role, stats.folder, record_file.name, model.folder)
+            continue
+        if model.folder not in fingerprints:
+            fingerprints[model.folder] = folder_fingerprint(model.folder)
+        if recorded != fingerprints[model.folder]:
+            raise UserError(f"{role} {stats.folder} was computed on another model than {model.folder} "
+                            f"(its {record_file.name} names weights {recorded[:19]}…, the model's are "
+                            f"{fingerprints[model.folder][:19]}…); --no-check-hessians merges anyway")
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+    return value if isinstance(value, dict) else {}
+
+
 def _check_tensors(ckpt: Checkpoint, parent: Checkpoint, merged: list[str], why_needed: str) -> None:
     """``ckpt`` holds no tensor the parent lacks, and every merged tensor with the parent's shape."""
     for name in ckpt:
@@ -147,8 +215,9 @@ def _check_tensors(ckpt: Checkpoint, parent: Checkpoint, merged: list[str], why_
                             f"but {list(parent.info(name).shape)} in the base model {parent.info(name).file}")
 
 
-def plan_merge(config: MergeConfig) -> MergePlan:
-    """Open and validate every input (paths, headers, architectures, key sets, shapes, scales) before any work."""
+def plan_merge(config: MergeConfig, *, check_inputs: bool = True, allow_config_mismatch: bool = False) -> MergePlan:
+    """Open and validate every input (paths, headers, architectures, configs, key sets, shapes, scales, and that
+    each Hessian and Gram was computed on the model it is paired with) before any work."""
     method = get_method(config.method)
     parent = Checkpoint(_local_model(config.base, "base model"), "base model")
     if parent.config is None:
@@ -158,6 +227,8 @@ def plan_merge(config: MergeConfig) -> MergePlan:
         role = f"models[{i}]"
         child = Checkpoint(_local_model(entry.model, role), role)
         _check_same_architecture(parent, child)
+        if not allow_config_mismatch:
+            _check_same_function(parent, child)
         children.append(child)
     hessians: list[Checkpoint | None] = [None] * len(children)
     parent_hessian = None
@@ -183,16 +254,23 @@ def plan_merge(config: MergeConfig) -> MergePlan:
                 raise UserError(f"tensor {name!r} of {info.file} is {info.dtype}, not floating point as a Hessian must be")
 
     scales = parent_scale = None
+    sources: dict[str, str] = {}
     # N_t: gradient matching needs the true training-set sizes; Fisher averaging uses the Fisher as stored.
     default = 1.0 if method.hessian_scale == "one" else None
     if method.uses_child_hessians:
-        scales = [_scale(e.hessian_scale, c.folder, f"models[{i}]", f"models[{i}].hessian_scale", default)
-                  for i, (e, c) in enumerate(zip(config.models, children))]
+        found = [_scale(e.hessian_scale, c.folder, f"models[{i}]", f"models[{i}].hessian_scale", default)
+                 for i, (e, c) in enumerate(zip(config.models, children))]
+        scales = [value for value, _ in found]
+        sources.update({f"models[{i}]": source for i, (_, source) in enumerate(found)})
     if method.uses_parent_hessian:
-        parent_scale = _scale(config.base_hessian_scale, parent.folder, "the base model", "base_hessian_scale", default)
+        parent_scale, sources["base"] = _scale(config.base_hessian_scale, parent.folder, "the base model",
+                                               "base_hessian_scale", default)
     grams = _plan_grams(config, parent, merged) if method.uses_grams else []
-    return MergePlan(config, method, parent, children, parent_hessian, hessians, config.weights(),
-                     parent_scale, scales, merged, grams)
+    plan = MergePlan(config, method, parent, children, parent_hessian, hessians, config.weights(),
+                     parent_scale, scales, merged, grams, sources)
+    if check_inputs:
+        _check_owners(plan)
+    return plan
 
 
 def _plan_grams(config: MergeConfig, parent: Checkpoint, merged: list[str]) -> list:
@@ -411,6 +489,19 @@ def _statistics(plan: MergePlan, executor: _Executor) -> dict[str, Any]:
             for key, per_tensor in executor.stats.items()}
 
 
+def _inputs_record(plan: MergePlan) -> dict[str, Any]:
+    """Every input folder: its absolute path and a fingerprint of its weights (checkpoints.folder_fingerprint)."""
+    from gradmatch.checkpoints import folder_fingerprint
+
+    entries = [("base", plan.parent.folder), ("base_hessian", plan.parent_hessian and plan.parent_hessian.folder)]
+    for i, child in enumerate(plan.children):
+        entries.append((f"models[{i}]", child.folder))
+        entries.append((f"models[{i}].hessian", plan.hessians[i] and plan.hessians[i].folder))
+        entries.append((f"models[{i}].gram", plan.grams[i].path.parent if plan.grams else None))
+    return {role: {"path": str(Path(folder).resolve()), "fingerprint": folder_fingerprint(folder)}
+            for role, folder in entries if folder is not None}
+
+
 def _provenance(plan: MergePlan, params: dict[str, Any], precision: str, out_dtype: str | None,
                 statistics: dict[str, Any]) -> dict[str, Any]:
     from gradmatch import __version__
@@ -431,6 +522,8 @@ def _provenance(plan: MergePlan, params: dict[str, Any], precision: str, out_dty
         "out_dtype": out_dtype,
         "merged_entries": sum(plan.parent.info(name).numel for name in plan.merged),
         "statistics": statistics,
+        "scale_sources": plan.scale_sources,
+        "inputs": _inputs_record(plan),
     }
 
 
@@ -448,6 +541,8 @@ def merge(
     threads: int | None = 1,
     card: bool = True,
     prefetch: bool | None = None,
+    check_inputs: bool = True,
+    allow_config_mismatch: bool = False,
 ) -> Path:
     """Merge the children of ``config`` into a Hugging Face folder ``out``; return ``out``.
 
@@ -460,7 +555,9 @@ def merge(
     the default because blockwise merging is memory-bound, and several threads on a shared or
     oversubscribed machine made merges 10-40x slower in our measurements. ``card``: write a model card
     (README.md, replacing the parent's). ``prefetch``: read the next block's inputs on a thread while the
-    current one is computed (None: only on a GPU, where it also uses pinned host buffers).
+    current one is computed (None: only on a GPU, where it also uses pinned host buffers). ``check_inputs``:
+    refuse a Hessian or Gram whose record names another model; ``allow_config_mismatch``: merge children
+    whose config would make their weights compute something else than the parent's.
     """
     cfg = load_merge_config(config)
     out = check_output_dir(out, overwrite)
@@ -475,7 +572,7 @@ def merge(
         raise UserError(f"block rows must be positive, got {block_rows}")
     shard_bytes = parse_size(max_shard_size)
     dev = parse_device(device)
-    plan = plan_merge(cfg)
+    plan = plan_merge(cfg, check_inputs=check_inputs, allow_config_mismatch=allow_config_mismatch)
     _check_output_not_input(out, plan)
     params = dict(cfg.parameters)
     executor = _Executor(plan, params, dev, _PRECISIONS[precision], block_rows)
@@ -485,7 +582,7 @@ def merge(
         torch.set_num_threads(threads)
     _keep_freed_memory()
     reproduce = _reproduction(config, cfg, out_dtype_option=out_dtype if out_dtype != cfg.out_dtype else None,
-                              precision=precision, max_shard_size=max_shard_size) if card else None
+                              precision=precision, max_shard_size=max_shard_size)
     if prefetch is None:
         prefetch = dev.type == "cuda"
     collecting = gc.isenabled()
@@ -494,7 +591,7 @@ def merge(
         if prefetch:
             executor.start_reader(pinned=dev.type == "cuda")
         _write(plan, executor, out, overwrite=overwrite, shard_bytes=shard_bytes, out_dtype=out_dtype, params=params,
-               precision=precision, progress=progress, reproduce=reproduce)
+               precision=precision, progress=progress, reproduce=reproduce, card=card)
     finally:
         executor.close()
         for ckpt in plan.inputs:
@@ -538,7 +635,7 @@ def _keep_freed_memory() -> None:
 
 def _write(plan: MergePlan, executor: _Executor, out: Path, *, overwrite: bool, shard_bytes: int,
            out_dtype: str | None, params: dict[str, Any], precision: str, progress: bool,
-           reproduce: tuple[str, str, str] | None) -> None:
+           reproduce: tuple[str, str, str], card: bool) -> None:
     """Stream every tensor, block by block, through the executor into shards in a temporary folder, then
     rename it to ``out``. The shard layout is planned from the parent's names, shapes and output dtypes
     first, so each block goes to its place in its file as soon as it is merged: memory holds one block."""
@@ -569,11 +666,13 @@ def _write(plan: MergePlan, executor: _Executor, out: Path, *, overwrite: bool, 
             writer.close()
             bar.close()
         record = _provenance(plan, params, precision, out_dtype, _statistics(plan, executor))
+        command, config_name, config_text = reproduce
+        record["command"] = command
         (tmp / "merge.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        if reproduce is not None:
+        (tmp / "merge.yaml").write_text(config_text, encoding="utf-8")  # the config as given: rebuilds the merge
+        if card:
             from gradmatch.card import model_card
 
-            command, config_name, config_text = reproduce
             (tmp / "README.md").write_text(model_card(record, plan.method, command, config_name, config_text),
                                            encoding="utf-8")
 

@@ -17,11 +17,63 @@ from gradmatch.kinds import kind_names
 from gradmatch.methods import method_names
 
 
+#: How the local data root is given, in every command that reads data.
+DATA_DIR_HELP = "local data root holding <root>/<preset>/<split>.jsonl (default: $GRADMATCH_DATA_DIR, else the hub)"
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line and exit status 2."""
+    """argparse that reports a usage error as one line and exit status 2, and lets a command's options come
+    before, between or after its positional arguments."""
+
+    intermixed = False
 
     def error(self, message: str):  # noqa: D102 - argparse API
-        raise UserError(f"{self.prog}: {message}")
+        command = self.prog.removeprefix("gradmatch").strip()
+        raise UserError(f"{command + ': ' if command else ''}{message} (see `{self.prog} --help`)")
+
+    def parse_known_args(self, args=None, namespace=None):  # noqa: D102 - argparse API
+        if self.intermixed and not getattr(self, "_inside", False):
+            self._inside = True  # parse_known_intermixed_args calls parse_known_args itself
+            try:
+                return self.parse_known_intermixed_args(args, namespace)
+            finally:
+                self._inside = False
+        return super().parse_known_args(args, namespace)
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Examples as written, descriptions wrapped; every option's default shown when it has a meaningful one."""
+
+    def _fill_text(self, text, width, indent):
+        if text.startswith("examples:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("default" not in text and default not in (None, False, "", [], argparse.SUPPRESS)
+                and action.option_strings and action.nargs != 0):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _output_flags() -> argparse.ArgumentParser:
+    """-q / -v, the same on every command (a parent parser)."""
+    p = argparse.ArgumentParser(add_help=False)
+    group = p.add_argument_group("output")
+    group.add_argument("-q", "--quiet", action="store_true",
+                       help="print nothing but errors and the final line (no progress bars, no library logs)")
+    group.add_argument("-v", "--verbose", action="store_true", help="print more detail (informational log lines)")
+    return p
+
+
+def _command(sub, name: str, *, help: str, description: str, examples: list[str]):
+    """A subcommand parser with the output flags, shown defaults and its examples."""
+    p = sub.add_parser(name, help=help, description=description, parents=[_OUTPUT], formatter_class=_Formatter,
+                       epilog="examples:\n" + "\n".join(f"  {e}" for e in examples))
+    p.intermixed = True
+    return p
 
 
 class _Removed(argparse.Action):
@@ -40,55 +92,63 @@ class _Removed(argparse.Action):
 
 
 def _add_merge(sub) -> None:
-    p = sub.add_parser(
-        "merge",
+    p = _command(
+        sub, "merge",
         help="merge fine-tuned children of a common parent",
-        description="Merge models fine-tuned from one parent. Either give a YAML config and an "
-        "output folder (`gradmatch merge CONFIG.yaml OUT`) or the original script's flags.",
+        description="Merge models fine-tuned from one parent into one Hugging Face model folder. Give a merge YAML "
+        "(gradmatch's own, or a mergekit YAML for the methods both have) and an output folder, or the original "
+        "scripts' flags. Methods, parameters and guarantees: docs/merge.md.",
+        examples=["gradmatch merge merge.yaml merged/",
+                  "gradmatch merge mergekit.yaml merged/ --out-dtype bfloat16",
+                  "gradmatch merge --pretrained-model-name-or-path parent --pretrained-hessian-path parent-fisher \\",
+                  "    --ft-model-name-or-paths a,b --ft-hessian-paths a-fisher,b-fisher --scaling-factor-pt 2000 \\",
+                  "    --scaling-factors-ft 1000,1000 --delta-0 1e-12 --out-model-path merged/"],
     )
     p.add_argument("config", nargs="?", help="merge YAML (method, base, models, parameters)")
     p.add_argument("out", nargs="?", help="output folder (Hugging Face model folder)")
     orig = p.add_argument_group(
         "the original scripts' flags",
-        "uncertainty_based_gradient_matching.py and task_arithmetic.py, same meaning and defaults "
-        "(see docs/merge.md)")
-    orig.add_argument("--pretrained_model_name_or_path", "--pretrained-model", dest="pretrained_model_name_or_path",
-                      metavar="PATH", help="the parent θ_0 (folder, hub id, or the alias minilm)")
-    orig.add_argument("--pretrained_hessian_path", dest="pretrained_hessian_path", metavar="PATH",
-                      help="the parent's Hessian F_0: a fisher output folder or its hessian/ subfolder")
-    orig.add_argument("--ft_model_name_or_paths", dest="ft_model_name_or_paths", metavar="A,B,...",
-                      help="comma-separated fine-tuned children θ_t")
-    orig.add_argument("--ft_hessian_paths", dest="ft_hessian_paths", metavar="HA,HB,...",
-                      help="comma-separated Hessians F_t of the children, in the same order")
-    orig.add_argument("--scaling_factor_pt", dest="scaling_factor_pt", type=float, metavar="N0",
-                      help="N_0, the scale of the parent's Hessian (default 1.0, as the original)")
-    orig.add_argument("--scaling_factors_ft", dest="scaling_factors_ft", metavar="N1,N2,...",
-                      help="N_t, the scales of the children's Hessians (default 1.0 each)")
-    orig.add_argument("--delta_0", dest="delta_0", type=float, metavar="DELTA",
-                      help="prior precision δ added to N_0·F_0 (default 0.0, as the original; 1e-12 works well)")
-    orig.add_argument("--scaling_factor", dest="scaling_factor", type=float, metavar="ALPHA",
-                      help="α, one weight for every task vector (default 1.0)")
-    orig.add_argument("--scaling_factors", dest="scaling_factors", metavar="A1,A2,...",
-                      help="comma-separated α_t, one per child (instead of --scaling_factor)")
-    orig.add_argument("--out_model_path", dest="out_model_path", metavar="OUT", help="the output folder")
-    orig.add_argument("--task_type", dest="task_type", default="SEQ_CLS",
-                      help="accepted for compatibility; the merge reads weight files whatever the head")
+        "uncertainty_based_gradient_matching.py and task_arithmetic.py, same meaning and defaults (their underscore "
+        "spellings are accepted too, e.g. --pretrained_model_name_or_path)")
+
+    def flag(name: str, *more: str, **kwargs):
+        orig.add_argument(f"--{name.replace('_', '-')}", f"--{name}", *more, dest=name, **kwargs)
+
+    flag("pretrained_model_name_or_path", "--pretrained-model", metavar="PATH",
+         help="the parent θ_0 (folder, hub id, or an alias: minilm, smollm2)")
+    flag("pretrained_hessian_path", metavar="PATH", help="the parent's Hessian F_0: a fisher output folder or its hessian/")
+    flag("ft_model_name_or_paths", metavar="A,B,...", help="comma-separated fine-tuned children θ_t")
+    flag("ft_hessian_paths", metavar="HA,HB,...", help="comma-separated Hessians F_t of the children, in the same order")
+    flag("scaling_factor_pt", type=float, metavar="N0", help="N_0, the scale of the parent's Hessian (the original's "
+         "default 1.0; give the parent's training-set size)")
+    flag("scaling_factors_ft", metavar="N1,N2,...", help="N_t, the scales of the children's Hessians (default 1.0 "
+         "each; give their training-set sizes)")
+    flag("delta_0", type=float, metavar="DELTA", help="prior precision δ added to N_0·F_0 (the original's default 0.0; "
+         "1e-12 works well)")
+    flag("scaling_factor", type=float, metavar="ALPHA", help="α, one weight for every task vector (default 1.0)")
+    flag("scaling_factors", metavar="A1,A2,...", help="comma-separated α_t, one per child (instead of --scaling-factor)")
+    flag("out_model_path", metavar="OUT", help="the output folder")
+    flag("task_type", default="SEQ_CLS", help="accepted for compatibility; the merge reads weight files whatever the head")
     orig.add_argument("--method", default=None, choices=method_names(),
-                      help="default: gradient_matching when Hessians are given, else task_arithmetic")
+                      help="the method (default: gradient_matching when Hessians are given, else task_arithmetic)")
     run = p.add_argument_group("execution")
     run.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
-    run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     run.add_argument("--precision", choices=["float32", "float64"], default="float32", help="compute dtype")
     run.add_argument("--out-dtype", default=None, choices=["float32", "float16", "bfloat16", "float64"],
-                     help="dtype of the merged floating tensors (default: the parent's)")
+                     help="dtype of the merged floating tensors (default: the parent's stored dtype)")
     run.add_argument("--max-shard-size", default="5GB", help="safetensors shard size, e.g. 2GB, 500MB")
-    run.add_argument("--block-rows", type=int, default=None, help="rows per block for elementwise methods")
+    run.add_argument("--block-rows", type=int, default=None,
+                     help="rows per block for methods that stream a tensor (default: about 2^17 entries per input)")
     run.add_argument("--clamp-denominator", action=_Removed, help=argparse.SUPPRESS,
                      message="--clamp-denominator was replaced by the removal guard: set parameters: "
                      "{max_update_ratio: R} in the merge YAML (see docs/merge.md, Removal)")
     run.add_argument("--threads", type=int, default=1,
-                     help="CPU threads for torch (default 1: merging is memory-bound; more can be slower on shared machines)")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
+                     help="CPU threads for torch (merging is memory-bound; more can be slower on shared machines)")
+    run.add_argument("--no-check-hessians", dest="check_inputs", action="store_false",
+                     help="accept Hessians and Grams whose record names another model (fisher.json / gram.json)")
+    run.add_argument("--allow-config-mismatch", action="store_true",
+                     help="merge children whose config differs from the parent's in a way that changes the function")
     run.add_argument("--no-card", dest="no_card", action="store_true",
                      help="write no model card (README.md: method, formula, inputs, how to reproduce)")
     p.set_defaults(func=_run_merge)
@@ -108,7 +168,7 @@ def _run_merge(args) -> int:
 def _add_executor_flags(p) -> None:
     p.add_argument("--cores", type=int, default=None, help="CPU cores Snakemake may use at once (default: all)")
     p.add_argument("--executor", default="local",
-                   help="Snakemake executor: local (default), slurm, or any installed executor plugin")
+                   help="Snakemake executor: local, slurm, or any installed executor plugin")
     p.add_argument("--jobs", type=int, default=None, help="jobs submitted at once on a cluster executor (default: 8)")
     slurm = p.add_argument_group("SLURM (with --executor slurm)")
     slurm.add_argument("--slurm-partition", default=os.environ.get("GRADMATCH_SLURM_PARTITION"),
@@ -116,7 +176,7 @@ def _add_executor_flags(p) -> None:
     slurm.add_argument("--slurm-account", default=os.environ.get("GRADMATCH_SLURM_ACCOUNT"),
                        help="account (default: $GRADMATCH_SLURM_ACCOUNT, else none: --slurm-no-account)")
     slurm.add_argument("--slurm-status-command", choices=["squeue", "sacct"], default="squeue",
-                       help="how job states are read (sacct needs an accounting database; default: squeue)")
+                       help="how job states are read (sacct needs an accounting database)")
     p.add_argument("--snakemake-args", default="", metavar="'ARGS'",
                    help="more Snakemake arguments, as one quoted string (e.g. '--latency-wait 60')")
 
@@ -141,16 +201,21 @@ def _executor_kwargs(args) -> dict:
 
 
 def _add_run(sub) -> None:
-    p = sub.add_parser(
-        "run",
+    p = _command(
+        sub, "run",
         help="run an experiment (train, Fisher, merges, evaluation, report) with Snakemake",
         description="Turn an experiment YAML into hashed jobs and run them with Snakemake, locally or on a "
-        "cluster (--executor slurm). Finished jobs are skipped; an interrupted run resumes.",
+        "cluster (--executor slurm). Finished jobs are skipped; an interrupted run resumes. Schema: "
+        "docs/pipeline.md.",
+        examples=["gradmatch run experiments/sentiment.yaml --data-dir DATA --cores 2",
+                  "gradmatch run experiments/sentiment.yaml --data-dir DATA --dry-run",
+                  "gradmatch run experiments/sentiment.yaml --executor slurm --jobs 20"],
     )
     p.add_argument("experiment", help="experiment YAML (see docs/pipeline.md)")
     p.add_argument("--workdir", default=None, help="run folder (default: runs/<experiment name>)")
-    p.add_argument("--data-dir", default=None, help="local data root for the presets (default: $GRADMATCH_DATA_DIR)")
-    p.add_argument("--dry-run", "-n", action="store_true", help="list the jobs and what would run; run nothing")
+    p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
+    p.add_argument("--dry-run", "-n", action="store_true",
+                   help="check the data and models, list the jobs with a rough time estimate; run nothing")
     _add_executor_flags(p)
     p.set_defaults(func=_run_run)
 
@@ -168,8 +233,10 @@ def _run_run(args) -> int:
 
 
 def _add_report(sub) -> None:
-    p = sub.add_parser("report", help="table, JSON and α plots of a run folder",
-                       description="Build the report of a run folder from whatever has finished.")
+    p = _command(sub, "report", help="table, JSON and plots of a run folder",
+                 description="Build the report of a run folder from whatever has finished (means ± sd over seeds, "
+                 "paired comparisons, α plots, the removal trade-off).",
+                 examples=["gradmatch report runs/sentiment", "gradmatch report runs/sentiment --out /tmp/report"])
     p.add_argument("run_dir", help="the run folder (holds plan.json)")
     p.add_argument("--out", default=None, help="report folder (default: RUN_DIR/report)")
     p.set_defaults(func=_run_report)
@@ -188,11 +255,12 @@ def _run_report(args) -> int:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="the built-in experiment: digit domains, a small ViT, every merge method",
-                       description="Run the embedded demo experiment offline (scikit-learn digits as image "
-                       "domains, a small ViT trained from scratch, children per domain, every merge with an α "
-                       "sweep) and print its table.")
-    p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
+    p = _command(sub, "demo", help="the built-in experiment: digit domains, a small ViT, every merge method",
+                 description="Run the embedded demo experiment offline (scikit-learn digits as image domains, a "
+                 "small ViT trained from scratch, children per domain, every merge with an α sweep, three seeds) "
+                 "and print its table.",
+                 examples=["gradmatch demo", "gradmatch demo --print-config > my-demo.yaml"])
+    p.add_argument("--out", default="runs/demo", help="run folder")
     p.add_argument("--dry-run", "-n", action="store_true", help="list the jobs; run nothing")
     p.add_argument("--print-config", action="store_true", help="print the demo's experiment YAML and exit")
     _add_executor_flags(p)
@@ -212,17 +280,16 @@ def _run_demo(args) -> int:
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser(
-        "train",
+    p = _command(
+        sub, "train",
         help="fine-tune a model from a JSON/YAML config (the original's keys)",
-        description="Fine-tune a classifier with Hugging Face Trainer (AdamW, warmup + linear/cosine schedule, "
-        "optional LoRA) and write a model folder with training_metadata.json. Keys: docs/config.md.",
+        description="Fine-tune a classifier or a causal LM with Hugging Face Trainer (AdamW, warmup + linear/cosine "
+        "schedule, optional LoRA) and write a model folder with training_metadata.json. Keys: docs/config.md.",
+        examples=["gradmatch train train.yaml --data-dir DATA", "gradmatch train train_config.json --overwrite -q"],
     )
     p.add_argument("config", help="train config (.json or .yaml)")
-    p.add_argument("--data-dir", default=None, help="local data root <root>/<preset>/<split>.jsonl "
-                   "(default: $GRADMATCH_DATA_DIR, else the hub)")
+    p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_train)
 
 
@@ -235,17 +302,18 @@ def _run_train(args) -> int:
 
 
 def _add_evaluate(sub) -> None:
-    p = sub.add_parser(
-        "evaluate",
+    p = _command(
+        sub, "evaluate",
         help="evaluate a model (or, with the original's Fisher method, estimate its Fisher) from a config",
-        description="Write accuracy, macro-F1 and predictions of a model on a split; a config with method "
-        "sequence_classification_squared_gradients writes <output_dir>/hessian instead. Keys: docs/config.md.",
+        description="Write a model's metrics on a split (accuracy and macro-F1 for classifiers, perplexity for "
+        "causal LMs; with a generation block, continuations of prompts scored by a classifier) and per-example "
+        "records; a config with method sequence_classification_squared_gradients writes <output_dir>/hessian "
+        "instead. Keys: docs/config.md.",
+        examples=["gradmatch evaluate eval.yaml --data-dir DATA", "gradmatch evaluate fisher_config.json"],
     )
     p.add_argument("config", help="evaluate config (.json or .yaml)")
-    p.add_argument("--data-dir", default=None, help="local data root <root>/<preset>/<split>.jsonl "
-                   "(default: $GRADMATCH_DATA_DIR, else the hub)")
+    p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files (atomically)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_evaluate)
 
 
@@ -270,12 +338,15 @@ def _run_evaluate(args) -> int:
 
 
 def _add_fisher(sub) -> None:
-    p = sub.add_parser(
-        "fisher",
+    p = _command(
+        sub, "fisher",
         help="estimate a model's diagonal Fisher (exact per-example squared gradients, batched)",
         description="Write OUT/hessian/: a model folder whose weights are the mean over examples of squared "
-        "per-example gradients of log p(y|x), plus fisher.json. Under `torchrun --nproc_per_node K -m gradmatch "
+        "per-example gradients of each example's log-likelihood (log p(y|x) for classifiers, a sequence's "
+        "Σ_i log p(x_i | x_<i) for causal LMs), plus fisher.json. Under `torchrun --nproc_per_node K -m gradmatch "
         "fisher ...` the examples are shared out across processes with the same result. See docs/fisher.md.",
+        examples=['gradmatch fisher --model runs/child-sst2 --data sst2 --split "train[:200]" --out runs/child-sst2-fisher',
+                  'gradmatch fisher --model smollm2 --data imdb --split "train[:64]" --filter label=0 --out neg-fisher'],
     )
     p.add_argument("--model", required=True, help="a classifier or causal LM: Hugging Face folder, hub id or alias "
                    "(minilm, smollm2)")
@@ -292,12 +363,10 @@ def _add_fisher(sub) -> None:
     p.add_argument("--max-examples", type=int, default=None, help="use the first N examples of the split")
     p.add_argument("--max-length", type=int, default=128, help="truncate texts to this many tokens (default 128)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled labels (default 0)")
-    p.add_argument("--data-dir", default=None, help="local data root <root>/<preset>/<split>.jsonl "
-                   "(default: $GRADMATCH_DATA_DIR, else the hub)")
+    p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     p.add_argument("--config-name", default=None, help="the data set's configuration name (hub data sets)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when present)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_fisher)
 
 
@@ -330,12 +399,13 @@ def _run_fisher(args) -> int:
 
 
 def _add_gram(sub) -> None:
-    p = sub.add_parser(
-        "gram",
+    p = _command(
+        sub, "gram",
         help="RegMean's statistics: the Gram matrix of every Linear layer's inputs",
         description="Write OUT/gram.safetensors (for every nn.Linear, keyed by its weight's name in the checkpoint: "
         "G = mean over the examples' non-padding positions of x xᵀ, float32, in × in) and OUT/gram.json. Under "
         "`torchrun --nproc_per_node K -m gradmatch gram ...` the examples are shared out across processes.",
+        examples=['gradmatch gram --model runs/child-sst2 --data sst2 --split "train[:200]" --out runs/child-sst2-gram'],
     )
     p.add_argument("--model", required=True, help="Hugging Face folder, hub id or alias")
     p.add_argument("--data", required=True, help="data set: preset, local JSON Lines/CSV file or folder, hub id")
@@ -347,12 +417,10 @@ def _add_gram(sub) -> None:
     p.add_argument("--kind", choices=kind_names(), default=None, help="kind of model (default: read from its config)")
     p.add_argument("--filter", action="append", default=[], metavar="COLUMN=VALUE[,VALUE...]",
                    help="keep only rows whose column holds one of the values (repeatable)")
-    p.add_argument("--data-dir", default=None, help="local data root <root>/<preset>/<split>.jsonl "
-                   "(default: $GRADMATCH_DATA_DIR, else the hub)")
+    p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     p.add_argument("--config-name", default=None, help="the data set's configuration name (hub data sets)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when present)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_gram)
 
 
@@ -372,8 +440,8 @@ def _run_gram(args) -> int:
 
 
 def _add_mismatch(sub) -> None:
-    p = sub.add_parser(
-        "mismatch",
+    p = _command(
+        sub, "mismatch",
         help="what the paper bounds about a merge: the residual of its objective and the gradient mismatch",
         description="For a merged model θ̄ and its children θ_t: the plain gradient mismatch "
         "||Σ_t α_t (∇L_t(θ̄) − ∇L_t(θ_t))|| on held-out data (per task and in total) and, with the parent's "
@@ -383,8 +451,8 @@ def _add_mismatch(sub) -> None:
         "default to the merge's merge.json. With --run, every merge of a finished `gradmatch run` is measured on "
         "one scale (the run's parent Hessian and training-set sizes) and test error is plotted against each "
         "quantity, with rank correlations.",
-        epilog="example:\n  gradmatch mismatch --run runs/sentiment --max-examples 64",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=["gradmatch mismatch --run runs/sentiment --max-examples 64",
+                  "gradmatch mismatch merged/ --data sst2 --data rotten_tomatoes --split \"test[:200]\" --data-dir DATA"],
     )
     p.add_argument("merged", nargs="?", help="a merged model folder (written by gradmatch merge)")
     p.add_argument("--run", metavar="RUN_DIR", help="measure every merge of this pipeline run instead")
@@ -399,8 +467,7 @@ def _add_mismatch(sub) -> None:
     p.add_argument("--delta-0", type=float, default=None, help="δ (default: merge.json's delta_0, else 1e-12)")
     p.add_argument("--data", action="append", help="the data set of each child, in order (repeat the flag)")
     p.add_argument("--split", default="test", help="held-out split (datasets syntax, default: test)")
-    p.add_argument("--data-dir", default=None, help="local data root <root>/<preset>/<split>.jsonl "
-                   "(default: $GRADMATCH_DATA_DIR, else the hub)")
+    p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     p.add_argument("--max-examples", type=int, default=None,
                    help="examples per task (default: all; 100 with --run)")
     p.add_argument("--max-length", type=int, default=128)
@@ -494,16 +561,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS = [_add_merge, _add_train, _add_evaluate]
-_COMMANDS += [_add_run, _add_report, _add_demo]  # the pipeline's commands
-_COMMANDS += [_add_fisher, _add_gram]
-_COMMANDS += [_add_mismatch]
+_OUTPUT = _output_flags()
+_COMMANDS = [_add_merge, _add_train, _add_evaluate, _add_fisher, _add_gram, _add_run, _add_report, _add_demo,
+             _add_mismatch]
 
 
 def main(argv: list[str] | None = None) -> int:
+    from gradmatch import console
+
     try:
         args = build_parser().parse_args(argv)
-        return int(args.func(args) or 0)
+        with console.configured(console.QUIET if args.quiet else console.VERBOSE if args.verbose else console.NORMAL):
+            return int(args.func(args) or 0)
     except UserError as exc:
         message = " ".join(str(exc).split())
         print(f"gradmatch: error: {message}", file=sys.stderr)

@@ -279,21 +279,26 @@ def read_run_specs(run_dir: str | os.PathLike, kind: str | None = None) -> list[
     if not plan_path.is_file():
         raise UserError(f"{run_dir} is not a gradmatch run folder (no plan.json)")
     here = str(run_dir.resolve())
-    specs = []
     try:
-        plan = json.loads(plan_path.read_text(encoding="utf-8"))
-        for job in plan["jobs"]:
-            if kind is not None and job["kind"] != kind:
-                continue
-            spec = json.loads((run_dir / "jobs" / f"{job['hash']}.json").read_text(encoding="utf-8"))
-            there = str(spec["workdir"])
+        jobs = [j for j in json.loads(plan_path.read_text(encoding="utf-8"))["jobs"] if kind in (None, j["kind"])]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{plan_path} is not a readable gradmatch plan: {' '.join(str(exc).split())[:200]}") from None
+    specs = []
+    for job in jobs:
+        name = f"{job['hash']}.json" if "hash" in job else Path(str(job.get("spec", ""))).name
+        path = run_dir / "jobs" / name
+        try:
+            spec = json.loads(path.read_text(encoding="utf-8"))
+            there = str(spec.get("workdir") or here)
 
-            def move(path: str) -> str:
-                return here + path[len(there):] if path == there or path.startswith(there + os.sep) else path
+            def move(p: str) -> str:
+                return here + p[len(there):] if p == there or p.startswith(there + os.sep) else p
 
-            spec.update(workdir=here, out=move(spec["out"]), inputs={r: move(p) for r, p in spec["inputs"].items()})
-            specs.append(spec)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise UserError(f"{plan_path} or its job specs in {run_dir / 'jobs'} are not a readable gradmatch plan: "
-                        f"{' '.join(str(exc).split())[:200]}") from None
+            spec.update(workdir=here, inputs={r: move(p) for r, p in spec["inputs"].items()})
+            if "out" in spec:
+                spec["out"] = move(spec["out"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UserError(f"the {job.get('kind', '?')} job of {run_dir} cannot be read: its spec {name} in "
+                            f"{run_dir / 'jobs'}: {' '.join(str(exc).split())[:200]}") from None
+        specs.append(spec)
     return specs

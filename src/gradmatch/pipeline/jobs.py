@@ -366,6 +366,9 @@ def run_job(spec: dict[str, Any] | str | Path, *, threads: int = 1) -> Path:
 
 def execute(spec: str | Path, threads: int = 1) -> int:
     """Run one job and turn its failure into an exit status (2: bad input, one line; 1: a bug, traceback)."""
+    from gradmatch import console
+
+    console.configure(console.NORMAL)  # the job's log is a file: no colour codes in it
     try:
         run_job(spec, threads=threads)
     except UserError as exc:
