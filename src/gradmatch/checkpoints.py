@@ -25,6 +25,9 @@ SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_WEIGHTS = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
+#: The folder of a trained model holding the initial values of the tensors training added to its pretrained
+#: parent (a new head), written by `gradmatch train`; a merge from that parent starts the head from them.
+HEAD_INIT = "head_init"
 #: Where a Hessian folder keeps its weights, in the order looked for.
 WEIGHT_LAYOUTS = (SAFE_INDEX, SAFE_WEIGHTS, BIN_INDEX, BIN_WEIGHTS)
 
@@ -302,6 +305,118 @@ def _read_exactly(fd: int, path: Path, offset: int, tensor: torch.Tensor) -> Non
         raise UserError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
 
+class ConstantTensors:
+    """Tensors holding one value everywhere, of given names and shapes, with nothing on disk: an isotropic
+    prior's Hessian (c·I), or a zero Hessian for tensors a model does not have. Reads like a :class:`Checkpoint`."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], value: float, role: str, dtype: torch.dtype = torch.float32):
+        self.folder: Path | None = None
+        self.config: dict | None = None
+        self.role, self.value = role, float(value)
+        self.tensors = {name: TensorInfo(name, Path(f"<{role}>"), dtype, tuple(shape)) for name, shape in shapes.items()}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        return self.tensors[name]
+
+    def read(self, name: str, rows: slice | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        info = self.tensors[name]
+        shape = info.shape
+        if rows is not None:
+            start, stop, _ = rows.indices(shape[0])
+            shape = (max(0, stop - start), *shape[1:])
+        if out is None:
+            return torch.full(shape, self.value, dtype=info.dtype)
+        return out[: math.prod(shape) * info.dtype.itemsize].view(info.dtype).view(shape).fill_(self.value)
+
+    def close(self) -> None:
+        pass
+
+
+class TensorView:
+    """Tensors of other checkpoints under new names, read like one :class:`Checkpoint`.
+
+    ``sources`` pairs a checkpoint with a map {name here: name there}: a pretrained body under its
+    fine-tuned children's names (BertModel's ``embeddings.x`` as ``bert.embeddings.x``), plus the
+    tensors the body lacks from elsewhere (a recorded head initialisation, a child's head). ``folder``
+    and ``config`` are the first source's.
+    """
+
+    def __init__(self, sources: list[tuple[Checkpoint | ConstantTensors, dict[str, str]]], role: str | None = None):
+        first = sources[0][0]
+        self.folder, self.config = first.folder, first.config
+        self.role = role or first.role
+        self.sources = [source for source, _ in sources]
+        self._where: dict[str, tuple[Checkpoint | ConstantTensors, str]] = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        for source, names in sources:
+            for name, there in names.items():
+                if name in self._where:
+                    continue  # the first source holding a name gives it
+                if there not in source:
+                    raise UserError(f"{source.role} {source.folder} lacks tensor {there!r}"
+                                    + (f" (wanted as {name!r})" if there != name else ""))
+                self._where[name] = (source, there)
+                info = source.info(there)
+                self.tensors[name] = TensorInfo(name, info.file, info.dtype, info.shape, info.offset)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        return self.tensors[name]
+
+    def source_name(self, name: str) -> str:
+        """The name tensor ``name`` has in the checkpoint it comes from."""
+        return self._where[name][1]
+
+    def read(self, name: str, rows: slice | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        source, there = self._where[name]
+        return source.read(there, rows, out)
+
+    def close(self) -> None:
+        for source in self.sources:
+            source.close()
+
+
+def match_names(wanted: dict[str, TensorInfo], available: dict[str, TensorInfo]) -> dict[str, str]:
+    """Which tensors of ``available`` (a pretrained body) the model ``wanted`` (that body with a head) holds, as
+    {wanted name: available name}: the same names, or names one leading component apart (the body's prefix:
+    BertModel's ``embeddings.x`` is ``bert.embeddings.x`` in BertForSequenceClassification; the reverse for a
+    body saved with a prefix the children lack). Of these renamings, the one that pairs the most names."""
+    def renamings():
+        yield lambda n: n
+        for prefix in sorted({n.split(".", 1)[0] + "." for n in wanted if "." in n}):
+            yield lambda n, p=prefix: n[len(p):] if n.startswith(p) else None
+        for prefix in sorted({n.split(".", 1)[0] + "." for n in available if "." in n}):
+            yield lambda n, p=prefix: p + n
+
+    best: dict[str, str] = {}
+    for rename in renamings():
+        pairs = {}
+        for name in wanted:
+            there = rename(name)
+            if there is not None and there in available:
+                pairs[name] = there
+        if len(pairs) > len(best):
+            best = pairs
+    return best
+
+
 def find_hessian_folder(path: str | os.PathLike) -> Path:
     """A Hessian as written by `gradmatch fisher` or the original code: ``<out>/hessian`` if present, else ``<out>``."""
     path = Path(path)
@@ -542,7 +657,7 @@ _WEIGHT_FILE = re.compile(
     r"|flax_model.*\.msgpack|model\.ckpt.*|training_metadata\.json|fisher\.json|merge\.json|\.gradmatch-.*"
     r"|.*\.pt|.*\.pth|training_args\.bin|trainer_state\.json|adapter_model\..*)"
 )
-_SKIPPED_DIRS = re.compile(r"(hessian|checkpoint-.*|runs|\..*)")
+_SKIPPED_DIRS = re.compile(r"(hessian|head_init|checkpoint-.*|runs|\..*)")
 
 
 def _link_roots(folder: Path) -> list[Path]:

@@ -566,6 +566,11 @@ def write_hessian(model: nn.Module, fisher: Mapping[str, torch.Tensor], folder: 
     (folder / "fisher.json").write_text(json.dumps(metadata, indent=2) + "\n")
 
 
+#: What to do instead of a Fisher of a pretrained model without a likelihood of its own (no classification or LM head).
+_NO_HEAD = ("as the H_0 of a merge from this pretrained base, set `base_hessian: prior` in the merge config (an "
+            "isotropic prior, docs/merge.md \"Merging from a pretrained base\"), or fine-tune it first")
+
+
 def run_fisher(model: str, data: str, split: str, *, out: str | os.PathLike, estimator: str = "sampled",
                batch_size: int = 16, max_examples: int | None = None, max_length: int = 128, seed: int = 0,
                data_dir: str | os.PathLike | None = None, overwrite: bool = False, config_name: str | None = None,
@@ -605,7 +610,7 @@ def run_fisher(model: str, data: str, split: str, *, out: str | os.PathLike, est
     config = load_config(name)
     model_kind = kind_of(name, kind)
     if name not in BUILTIN_SPECS:
-        model_kind.check_head(name, config, "the Fisher")
+        model_kind.check_head(name, config, "the Fisher", _NO_HEAD)
     dataset = load_split(data, split, config_name=config_name, data_dir=data_dir, filters=filters)
     model_kind.check_data(dataset, f"{data} ({split})", name)
     if model_kind.needs_labels:

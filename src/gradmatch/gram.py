@@ -13,12 +13,14 @@ import torch
 from torch import nn
 
 from gradmatch.errors import UserError
+from gradmatch.models import checkpoint_names
 
 #: The file of a Gram folder that holds the matrices (safetensors, float32, keyed by module name).
 GRAM_FILE = "gram.safetensors"
 GRAM_RECORD = "gram.json"
 #: What the stored matrices are: one normalisation for every layer (RegMean's code averages over tokens).
 NORMALISATION = "mean over the non-padding input positions (tokens) of x xᵀ"
+_FUSED = "RegMean's Gram matrices are per layer and cannot be paired with it"
 
 
 class GramAccumulator:
@@ -81,34 +83,13 @@ class GramAccumulator:
 
     def means(self) -> dict[str, torch.Tensor]:
         """G of every layer (float32): the mean of x xᵀ over the positions it saw, keyed by the name of the
-        layer's weight in the model's checkpoint (see :func:`checkpoint_names`)."""
+        layer's weight in the model's checkpoint (see :func:`gradmatch.models.checkpoint_names`)."""
         missing = [name for name in self.modules if name not in self.sums]
         if missing:
             raise UserError(f"Linear layer {missing[0]} never ran on the data: no Gram matrix for it")
-        names = checkpoint_names(self.model, [f"{name}.weight" for name in self.modules])
+        names = checkpoint_names(self.model, [f"{name}.weight" for name in self.modules], _FUSED)
         return {names[f"{name}.weight"]: (s / max(1, self.positions[name])).to(torch.float32)
                 for name, s in self.sums.items()}
-
-
-def checkpoint_names(model: nn.Module, names: list[str]) -> dict[str, str]:
-    """The names ``names`` (parameters as the model holds them) take in its checkpoint. transformers 5 renames
-    some modules when it loads a checkpoint (ViT's ``encoder.layer.0.attention.attention.query`` is
-    ``layers.0.attention.q_proj`` in memory) and back when it saves; the same reverse mapping is applied here
-    to one marker number per name, so that only renamings pass (a fused or split weight is refused)."""
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:  # pragma: no cover - older transformers keep the checkpoint's names
-        return {n: n for n in names}
-    if not hasattr(model, "config"):
-        return {n: n for n in names}
-    markers = {n: torch.tensor([float(i)]) for i, n in enumerate(names)}
-    mapping = {}
-    for disk, marker in revert_weight_conversion(model, dict(markers)).items():
-        if disk not in markers and marker.numel() != 1:
-            raise UserError(f"the checkpoint stores {disk} fused from several layers: RegMean's Gram matrices are per "
-                            "layer and cannot be paired with it")
-        mapping[names[int(marker.reshape(-1)[0].item())]] = disk
-    return {n: mapping.get(n, n) for n in names}
 
 
 def estimate_grams(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *, kind=None,
@@ -190,7 +171,7 @@ def run_gram(model: str, data: str, split: str, *, out: str | os.PathLike, batch
         grams = acc.means()
         if rank == 0:
             source = Path(resolve_model(name))
-            names = checkpoint_names(net, [f"{m}.weight" for m in acc.positions])
+            names = checkpoint_names(net, [f"{m}.weight" for m in acc.positions], _FUSED)
             positions = {names[f"{m}.weight"]: n for m, n in acc.positions.items()}
             record = {"examples": acc.count, "positions": positions, "normalisation": NORMALISATION,
                       "dataset": str(data), "split": str(split), "config_name": config_name,

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from gradmatch.checkpoints import (Checkpoint, SafetensorsWriter, TensorSpec, copy_non_weight_files,
-                                  find_hessian_folder, parse_size)
-from gradmatch.config.merge import OUT_DTYPES, MergeConfig, load_merge_config
+from gradmatch.checkpoints import (HEAD_INIT, Checkpoint, ConstantTensors, SafetensorsWriter, TensorSpec, TensorView,
+                                  copy_non_weight_files, find_hessian_folder, match_names, parse_size)
+from gradmatch.config.merge import OUT_DTYPES, PRIOR, MergeConfig, load_merge_config
 from gradmatch.devices import parse_device
 from gradmatch.errors import UserError
 from gradmatch.fsutil import atomic_dir, check_output_dir
@@ -59,10 +59,21 @@ class MergePlan:
     merged: list[str] = field(default_factory=list)  # tensors computed by the method; the rest come from the parent
     grams: list = field(default_factory=list)  # GramFile per child (RegMean), else empty
     scale_sources: dict[str, str] = field(default_factory=dict)  # where each N came from
+    output: Checkpoint | TensorView | None = None  # the output's tensors (names, shapes, dtypes; the unmerged values)
+    template: Path | None = None  # the folder whose config, tokenizer, ... the output copies
+    averaged: list[str] = field(default_factory=list)  # head tensors without a common initialisation: their mean
+    prior: float | None = None  # c of base_hessian: prior (H_0 = N_0·c·I)
+    head: dict[str, Any] = field(default_factory=dict)  # a pretrained base: how its body and the head were matched
+
+    def __post_init__(self):
+        self.output = self.output or self.parent
+        self.template = self.template or self.parent.folder
 
     @property
     def inputs(self) -> list[Checkpoint]:
-        return [c for c in [self.parent, self.parent_hessian, *self.children, *self.hessians] if c is not None]
+        """The inputs read from disk (a prior's constant Hessian is none)."""
+        return [c for c in [self.parent, self.parent_hessian, *self.children, *self.hessians]
+                if c is not None and c.folder is not None]
 
 
 def _local_model(name: str, role: str) -> Path:
@@ -127,13 +138,14 @@ def _is_mergeable(name: str, dtype: torch.dtype) -> bool:
     return dtype.is_floating_point and not any(part in name for part in _PARENT_ONLY)
 
 
-def _check_same_architecture(parent: Checkpoint, other: Checkpoint) -> None:
-    if parent.config is None or other.config is None:
+def _check_same_architecture(reference: Checkpoint, other: Checkpoint) -> None:
+    if reference.config is None or other.config is None:
         return
     for key in ("model_type", "architectures"):
-        mine, theirs = parent.config.get(key), other.config.get(key)
+        mine, theirs = reference.config.get(key), other.config.get(key)
         if mine is not None and theirs is not None and mine != theirs:
-            raise UserError(f"{other.role} {other.folder} has {key} {theirs} but the base model {parent.folder} has {mine}")
+            raise UserError(f"{other.role} {other.folder} has {key} {theirs} but {reference.role} {reference.folder} "
+                            f"has {mine}")
 
 
 #: Config keys that do not change what a model computes in eval mode (names, versions, dtypes, caching,
@@ -144,18 +156,19 @@ _NEUTRAL_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", 
                         "use_return_dict", "torchscript", "architectures", "quantization_config", "label2id"}
 
 
-def _check_same_function(parent: Checkpoint, child: Checkpoint) -> None:
+def _check_same_function(reference: Checkpoint, child: Checkpoint, ignore: tuple[str, ...] = ()) -> None:
     """A child whose config would make the same weights compute something else (another activation, label order,
-    number of heads, ...) is refused: its weights do not mean what the parent's mean."""
-    if parent.config is None or child.config is None:
+    number of heads, ...) than ``reference``'s is refused: its weights do not mean what the reference's mean.
+    ``ignore``: keys of a head the reference (a pretrained body) does not have."""
+    if reference.config is None or child.config is None or reference is child:
         return
-    for key in sorted(set(parent.config) | set(child.config)):
-        if key in _NEUTRAL_CONFIG_KEYS or key.endswith(("dropout", "dropout_prob", "dropout_rate", "pdrop")):
+    for key in sorted(set(reference.config) | set(child.config)):
+        if key in _NEUTRAL_CONFIG_KEYS or key in ignore or key.endswith(("dropout", "dropout_prob", "dropout_rate", "pdrop")):
             continue
-        mine, theirs = parent.config.get(key), child.config.get(key)
+        mine, theirs = reference.config.get(key), child.config.get(key)
         if mine != theirs and not (key == "id2label" and _generic_labels(mine) and _generic_labels(theirs)):
-            raise UserError(f"{child.role} {child.folder} has {key} {theirs!r} in its config.json but the base model "
-                            f"{parent.folder} has {mine!r}: its weights would compute something else "
+            raise UserError(f"{child.role} {child.folder} has {key} {theirs!r} in its config.json but {reference.role} "
+                            f"{reference.folder} has {mine!r}: its weights would compute something else "
                             "(--allow-config-mismatch merges it anyway)")
 
 
@@ -175,7 +188,7 @@ def _check_owners(plan: MergePlan) -> None:
     pairs += [(g, c, f"gram of models[{i}]") for i, (g, c) in enumerate(zip(plan.grams, plan.children))]
     fingerprints: dict[Path, str] = {}
     for stats, model, role in pairs:
-        if stats is None:
+        if stats is None or stats.folder is None:  # none, or base_hessian: prior
             continue
         record_file = (stats.path.parent / "gram.json") if hasattr(stats, "path") else stats.folder / "fisher.json"
         recorded = (stats.record if hasattr(stats, "record") else _read_record(record_file)).get("weights_fingerprint")
@@ -202,7 +215,7 @@ def _read_record(path: Path) -> dict[str, Any]:
 
 
 def _check_tensors(ckpt: Checkpoint, parent: Checkpoint, merged: list[str], why_needed: str) -> None:
-    """``ckpt`` holds no tensor the parent lacks, and every merged tensor with the parent's shape."""
+    """``ckpt`` holds no tensor the output (``parent``) lacks, and every merged tensor with the parent's shape."""
     for name in ckpt:
         if name not in parent:
             raise UserError(f"{ckpt.role} {ckpt.folder} has tensor {name!r} which the base model {parent.folder} lacks")
@@ -217,41 +230,43 @@ def _check_tensors(ckpt: Checkpoint, parent: Checkpoint, merged: list[str], why_
 
 def plan_merge(config: MergeConfig, *, check_inputs: bool = True, allow_config_mismatch: bool = False) -> MergePlan:
     """Open and validate every input (paths, headers, architectures, configs, key sets, shapes, scales, and that
-    each Hessian and Gram was computed on the model it is paired with) before any work."""
+    each Hessian and Gram was computed on the model it is paired with) before any work.
+
+    A base of another architecture than its children (a pretrained ``BertModel`` under
+    ``BertForSequenceClassification`` children) is their pretrained body: see :func:`_pretrained_base`."""
     method = get_method(config.method)
-    parent = Checkpoint(_local_model(config.base, "base model"), "base model")
-    if parent.config is None:
-        raise UserError(f"base model {parent.folder} is not a model folder: it has no config.json")
-    children = []
-    for i, entry in enumerate(config.models):
-        role = f"models[{i}]"
-        child = Checkpoint(_local_model(entry.model, role), role)
-        _check_same_architecture(parent, child)
+    base = Checkpoint(_local_model(config.base, "base model"), "base model")
+    if base.config is None:
+        raise UserError(f"base model {base.folder} is not a model folder: it has no config.json")
+    children = [Checkpoint(_local_model(entry.model, f"models[{i}]"), f"models[{i}]")
+                for i, entry in enumerate(config.models)]
+    pretrained = _is_pretrained_base(base, children[0])
+    for child in children:
+        _check_same_architecture(children[0] if pretrained else base, child)
         if not allow_config_mismatch:
-            _check_same_function(parent, child)
-        children.append(child)
+            _check_same_function(base, child, ignore=_HEAD_CONFIG_KEYS if pretrained else ())
+            if pretrained:
+                _check_same_function(children[0], child)
+    if pretrained:
+        parent, output, head = _pretrained_base(base, children)
+    else:
+        parent = output = base
+        head = {}
     hessians: list[Checkpoint | None] = [None] * len(children)
-    parent_hessian = None
     if method.uses_child_hessians:
         hessians = [Checkpoint(_local_hessian(e.hessian, f"hessian of models[{i}]"), f"hessian of models[{i}]")
                     for i, e in enumerate(config.models)]
-    if method.uses_parent_hessian:
-        parent_hessian = Checkpoint(_local_hessian(config.base_hessian, "base_hessian"), "base_hessian")
-    for h in [parent_hessian, *hessians]:
+    for h, child in zip(hessians, children):
         if h is not None:
-            _check_same_architecture(parent, h)
+            _check_same_architecture(child, h)
 
-    merged = [name for name, info in parent.tensors.items() if _is_mergeable(name, info.dtype)]
+    merged = [name for name, info in output.tensors.items() if name in parent and _is_mergeable(name, info.dtype)]
+    averaged = [name for name, info in output.tensors.items() if name not in parent and _is_mergeable(name, info.dtype)]
     for child in children:
-        _check_tensors(child, parent, merged, f"of the base model {parent.folder}")
-    for h in [parent_hessian, *hessians]:
-        if h is None:
-            continue
-        _check_tensors(h, parent, merged, f"(needed by {method.name})")
-        for name in merged:
-            info = h.info(name)
-            if not info.is_floating:
-                raise UserError(f"tensor {name!r} of {info.file} is {info.dtype}, not floating point as a Hessian must be")
+        _check_tensors(child, output, merged + averaged, f"of the base model {base.folder}")
+    for h in hessians:
+        if h is not None:
+            _check_hessian(h, output, merged, method.name)
 
     scales = parent_scale = None
     sources: dict[str, str] = {}
@@ -262,15 +277,157 @@ def plan_merge(config: MergeConfig, *, check_inputs: bool = True, allow_config_m
                  for i, (e, c) in enumerate(zip(config.models, children))]
         scales = [value for value, _ in found]
         sources.update({f"models[{i}]": source for i, (_, source) in enumerate(found)})
-    if method.uses_parent_hessian:
-        parent_scale, sources["base"] = _scale(config.base_hessian_scale, parent.folder, "the base model",
+    parent_hessian, prior = None, None
+    if method.uses_parent_hessian and config.base_hessian == PRIOR:
+        if scales is None:
+            raise UserError(f"base_hessian: {PRIOR} sets its level from the children's Hessians, which "
+                            f"{method.name} does not read")
+        prior = _prior_level(hessians, merged)
+        parent_hessian = ConstantTensors({n: parent.info(n).shape for n in merged}, prior, f"base_hessian {PRIOR}")
+        if config.base_hessian_scale is not None:
+            parent_scale, sources["base"] = float(config.base_hessian_scale), "config"
+        else:
+            parent_scale, sources["base"] = sum(scales) / len(scales), f"default for {PRIOR}: the mean of the children's N_t"
+        log.info("base_hessian: %s: H_0 = N_0·c·I with c = %.4g (the mean of the children's Hessian entries) and "
+                 "N_0 = %g (%s)", PRIOR, prior, parent_scale, sources["base"])
+    elif method.uses_parent_hessian:
+        parent_hessian = Checkpoint(_local_hessian(config.base_hessian, "base_hessian"), "base_hessian")
+        _check_same_architecture(base, parent_hessian)
+        if pretrained:  # the base's Hessian under the children's names; zero (H_0 = δ) on the head tensors
+            body = {n: parent.source_name(n) for n in merged if parent.source_name(n) in base}
+            zero = ConstantTensors({n: parent.info(n).shape for n in merged if n not in body}, 0.0,
+                                   "base_hessian (zero on the head)")
+            parent_hessian = TensorView([(parent_hessian, body), (zero, {n: n for n in zero.tensors})], "base_hessian")
+        _check_hessian(parent_hessian, output, merged, method.name)
+        parent_scale, sources["base"] = _scale(config.base_hessian_scale, base.folder, "the base model",
                                                "base_hessian_scale", default)
-    grams = _plan_grams(config, parent, merged) if method.uses_grams else []
+    grams = _plan_grams(config, output, merged) if method.uses_grams else []
     plan = MergePlan(config, method, parent, children, parent_hessian, hessians, config.weights(),
-                     parent_scale, scales, merged, grams, sources)
+                     parent_scale, scales, merged, grams, sources, output=output,
+                     template=children[0].folder if pretrained else base.folder, averaged=averaged, prior=prior,
+                     head=head)
     if check_inputs:
         _check_owners(plan)
     return plan
+
+
+def _check_hessian(h: Checkpoint | TensorView, output, merged: list[str], method: str) -> None:
+    _check_tensors(h, output, merged, f"(needed by {method})")
+    for name in merged:
+        info = h.info(name)
+        if not info.is_floating:
+            raise UserError(f"tensor {name!r} of {info.file} is {info.dtype}, not floating point as a Hessian must be")
+
+
+# --------------------------------------------------------------------------- a pretrained base
+
+#: Config keys of a classification head: a pretrained body has none (or generic ones) where its children have theirs.
+_HEAD_CONFIG_KEYS = ("id2label", "label2id", "num_labels")
+
+
+def _is_pretrained_base(base: Checkpoint, child: Checkpoint) -> bool:
+    """The base is its children's pretrained body: the same model type in another architecture (a ``BertModel``
+    or ``BertForMaskedLM`` under ``BertForSequenceClassification`` children, a causal LM under classifiers)."""
+    mine, theirs = base.config or {}, child.config or {}
+    if mine.get("model_type") is not None and theirs.get("model_type") is not None \
+            and mine["model_type"] != theirs["model_type"]:
+        raise UserError(f"{child.role} {child.folder} has model_type {theirs['model_type']} but the base model "
+                        f"{base.folder} has {mine['model_type']}: a merge needs children fine-tuned from the base")
+    archs, child_archs = mine.get("architectures"), theirs.get("architectures")
+    return bool(archs and child_archs and archs != child_archs)
+
+
+def _pretrained_base(base: Checkpoint, children: list[Checkpoint]) -> tuple[TensorView, TensorView, dict[str, Any]]:
+    """The parent θ_0 and the output's tensors when the base is the children's pretrained body.
+
+    The body is matched by name (:func:`gradmatch.checkpoints.match_names`: the same names or one prefix
+    apart). The children's tensors the base lacks (their head) are merged by the method relative to their
+    common initialisation when every child recorded the same one (``head_init/``, written by ``gradmatch
+    train``); otherwise they are averaged, with a line saying so. Base tensors the children lack (a masked-LM
+    or LM head) are not used. Returns (parent, output, a record of the rule for merge.json)."""
+    first = children[0]
+    for child in children[1:]:
+        differ = sorted(set(child.tensors) ^ set(first.tensors))
+        if differ:
+            raise UserError(f"{child.role} {child.folder} and models[0] {first.folder} hold different tensors (e.g. "
+                            f"{differ[0]!r}): children of one base must share their architecture")
+    body = match_names(first.tensors, base.tensors)
+    if not body:
+        raise UserError(f"the base model {base.folder} shares no tensor with models[0] {first.folder}, not even "
+                        "up to a prefix such as 'bert.': is it their parent?")
+    heads = [name for name in first.tensors if name not in body]
+    unused = [name for name in base.tensors if name not in set(body.values())]
+    renamed = next((f"{there} as {name}" for name, there in body.items() if name != there), None)
+    log.info("the base model %s (%s) is the pretrained body of the children (%s): %d tensors matched by name%s; "
+             "the children's head: %s%s", base.folder, ", ".join(base.config.get("architectures") or []),
+             ", ".join(first.config.get("architectures") or []), len(body), f" (e.g. {renamed})" if renamed else "",
+             ", ".join(heads) or "none", f"; base tensors not used: {', '.join(unused[:4])}{' …' if len(unused) > 4 else ''}"
+             if unused else "")
+    sources: list[tuple[Any, dict[str, str]]] = [(base, body)]
+    record: dict[str, Any] = {"architecture": base.config.get("architectures"), "matched_tensors": len(body),
+                              "example_renaming": renamed, "head": heads, "unused_base_tensors": unused}
+    if heads:
+        inits, why = _common_head_init(children, heads)
+        if inits is not None:
+            sources.append((inits, {name: name for name in heads}))
+            record["head_rule"] = f"merged by the method relative to the common initialisation in {HEAD_INIT}/"
+            log.info("the children's head (%s) is merged relative to their common initialisation (%s/)",
+                     ", ".join(heads), HEAD_INIT)
+        else:
+            record["head_rule"] = f"averaged: {why}"
+            log.warning("the base model has no %s: the merge takes the children's plain average of it, because %s",
+                        ", ".join(heads), why)
+    parent = TensorView(sources, "base model")
+    output = TensorView(sources + [(first, {name: name for name in heads})], "base model")
+    return parent, output, record
+
+
+def _common_head_init(children: list[Checkpoint], heads: list[str]) -> tuple[Checkpoint | None, str]:
+    """The recorded initialisation of the head tensors, when every child has the same one; else why not."""
+    inits = []
+    for child in children:
+        folder = child.folder / HEAD_INIT
+        if not folder.is_dir():
+            return None, (f"{child.role} {child.folder} recorded no initialisation of its head ({HEAD_INIT}/, which "
+                          "gradmatch train writes)")
+        init = Checkpoint(folder, f"{child.role} head initialisation")
+        missing = [name for name in heads if name not in init]
+        if missing:
+            return None, f"{folder} lacks {missing[0]!r}"
+        inits.append(init)
+    for name in heads:
+        first = inits[0].read(name)
+        for init in inits[1:]:
+            if not torch.equal(first, init.read(name)):
+                return None, (f"the children's heads start from different initialisations ({name!r} differs between "
+                              f"{inits[0].folder} and {init.folder}: train every child with the same seed)")
+    for init in inits[1:]:
+        init.close()
+    return inits[0], ""
+
+
+def _prior_level(hessians: list[Checkpoint | None], merged: list[str]) -> float:
+    """c of ``base_hessian: prior``: the mean of the children's Hessian entries over the merged tensors (each
+    child's mean, averaged), so that N_0·c is on the scale of an average task's N_t·F_t when N_0 is a
+    typical N_t. Read once, block by block, in float64."""
+    means = []
+    for h in hessians:
+        total, count = 0.0, 0
+        for name in merged:
+            info = h.info(name)
+            if not info.numel:
+                continue
+            step = max(1, DEFAULT_BLOCK_ELEMENTS // max(1, info.numel // max(1, info.shape[0]))) if info.shape else 1
+            for start in range(0, info.shape[0] if info.shape else 1, step):
+                rows = slice(start, min(start + step, info.shape[0])) if info.shape else None
+                total += float(h.read(name, rows).sum(dtype=torch.float64))
+            count += info.numel
+        means.append(total / max(1, count))
+    level = sum(means) / len(means)
+    if not (math.isfinite(level) and level > 0):
+        raise UserError(f"base_hessian: {PRIOR} takes its level from the children's Hessians, whose mean is {level}: "
+                        "set base_hessian to a Hessian folder, or give the prior's precision as parameters.delta_0")
+    return level
 
 
 def _plan_grams(config: MergeConfig, parent: Checkpoint, merged: list[str]) -> list:
@@ -521,6 +678,8 @@ def _provenance(plan: MergePlan, params: dict[str, Any], precision: str, out_dty
         "precision": precision,
         "out_dtype": out_dtype,
         "merged_entries": sum(plan.parent.info(name).numel for name in plan.merged),
+        "prior_level": plan.prior,
+        "pretrained_base": plan.head or None,
         "statistics": statistics,
         "scale_sources": plan.scale_sources,
         "inputs": _inputs_record(plan),
@@ -641,11 +800,11 @@ def _write(plan: MergePlan, executor: _Executor, out: Path, *, overwrite: bool, 
     first, so each block goes to its place in its file as soon as it is merged: memory holds one block."""
     from tqdm.auto import tqdm
 
-    merged = set(plan.merged)
-    specs = [TensorSpec(name, _OUT_DTYPES[out_dtype] if out_dtype and name in merged else info.dtype, info.shape)
-             for name, info in plan.parent.tensors.items()]
+    merged, averaged = set(plan.merged), set(plan.averaged)
+    specs = [TensorSpec(name, _OUT_DTYPES[out_dtype] if out_dtype and name in merged | averaged else info.dtype,
+                        info.shape) for name, info in plan.output.tensors.items()]
     with atomic_dir(out, overwrite) as tmp:
-        copy_non_weight_files(plan.parent.folder, tmp)
+        copy_non_weight_files(plan.template, tmp)
         if out_dtype is not None:
             _set_config_dtype(tmp / "config.json", out_dtype)
         writer = SafetensorsWriter(tmp, specs, shard_bytes)
@@ -656,8 +815,10 @@ def _write(plan: MergePlan, executor: _Executor, out: Path, *, overwrite: bool, 
             for spec in specs:
                 if spec.name in merged:
                     blocks = executor.merged_blocks(spec.name, spec.dtype)
+                elif spec.name in averaged:
+                    blocks = _averaged_blocks(plan.children, spec.name, spec.dtype, executor.compute)
                 else:
-                    blocks = _copied_blocks(plan.parent, spec.name)
+                    blocks = _copied_blocks(plan.output, spec.name)
                 for first_row, block in blocks:
                     writer.write(spec.name, block, first_row)
                     bar.update(block.numel() * block.element_size())
@@ -675,6 +836,20 @@ def _write(plan: MergePlan, executor: _Executor, out: Path, *, overwrite: bool, 
 
             (tmp / "README.md").write_text(model_card(record, plan.method, command, config_name, config_text),
                                            encoding="utf-8")
+
+
+def _averaged_blocks(children: list[Checkpoint], name: str, out_dtype: torch.dtype, compute: torch.dtype):
+    """The children's plain mean of tensor ``name`` (a head the base lacks and no common initialisation)."""
+    for first_row, block in _copied_blocks(children[0], name):
+        rows = slice(first_row, first_row + block.shape[0]) if block.dim() else None
+        total = block.to(compute)
+        for child in children[1:]:
+            total += child.read(name, rows).to(compute)
+        mean = (total / len(children)).to(out_dtype)
+        if not _finite(mean):
+            raise UserError(f"{_where(name, rows)}: the children's mean overflows {str(out_dtype).removeprefix('torch.')}"
+                            " or they hold NaN or Inf values")
+        yield first_row, mean
 
 
 def _copied_blocks(parent: Checkpoint, name: str):

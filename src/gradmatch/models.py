@@ -207,6 +207,7 @@ def load_model(
     id2label: dict[int, str] | None = None,
     from_scratch: bool = False,
     seed: int | None = None,
+    new_tensors: list[str] | None = None,
 ):
     """Load a model and its processor (tokenizer or image processor) as ``kind`` says (default: the kind of
     its config, :func:`gradmatch.kinds.kind_of_config`). Returns ``(model, processor)``.
@@ -216,6 +217,8 @@ def load_model(
     folder/config.json whose architecture is built with random weights. A classifier checkpoint without a
     classification head, or with one of another size than ``num_labels``, gets a new head. ``dropout``
     overrides every dropout probability of the config. ``seed`` seeds the initialisation of new weights.
+    ``new_tensors``: a list to which the names of the parameters the checkpoint did not hold (a new head,
+    initialised here) are appended, as transformers reports them.
     """
     import pickle
 
@@ -247,7 +250,7 @@ def load_model(
         return kind.prepare_model(model, processor), processor
     source = resolve_model(name)
     try:
-        model = auto.from_pretrained(source, config=config, ignore_mismatched_sizes=resize)
+        model, info = auto.from_pretrained(source, config=config, ignore_mismatched_sizes=resize, output_loading_info=True)
     except ValueError as exc:
         raise UserError(f"model {name}: {' '.join(str(exc).split())[:300]}") from exc
     except OSError as exc:
@@ -255,8 +258,34 @@ def load_model(
     except (pickle.UnpicklingError, RuntimeError, EOFError, SafetensorError) as exc:  # unsafe, corrupt or truncated weights
         raise UserError(f"cannot load the weights of model {name} (corrupt, truncated, or not a plain tensor file: "
                         f"only tensors are unpickled): {' '.join(str(exc).split())[:300]}") from exc
+    if new_tensors is not None:  # mismatched: (name, checkpoint shape, model shape) tuples, or names
+        mismatched = [m[0] if isinstance(m, tuple) else m for m in info.get("mismatched_keys") or ()]
+        new_tensors.extend(sorted(set(info.get("missing_keys") or ()) | set(mismatched)))
     processor = kind.load_processor(source, config, name, from_scratch=False)
     return kind.prepare_model(model, processor), processor
+
+
+def checkpoint_names(model, names: list[str], fused: str = "its tensors cannot be recorded one by one") -> dict[str, str]:
+    """The names ``names`` (parameters as the model holds them) take in its checkpoint. transformers 5 renames
+    some modules when it loads a checkpoint (ViT's ``encoder.layer.0.attention.attention.query`` is
+    ``layers.0.attention.q_proj`` in memory) and back when it saves; the same reverse mapping is applied here
+    to one marker number per name, so that only renamings pass (a fused or split weight is refused, with
+    ``fused`` saying why that matters)."""
+    import torch
+
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # pragma: no cover - older transformers keep the checkpoint's names
+        return {n: n for n in names}
+    if not hasattr(model, "config"):
+        return {n: n for n in names}
+    markers = {n: torch.tensor([float(i)]) for i, n in enumerate(names)}
+    mapping = {}
+    for disk, marker in revert_weight_conversion(model, dict(markers)).items():
+        if disk not in markers and marker.numel() != 1:
+            raise UserError(f"the checkpoint stores {disk} fused from several layers: {fused}")
+        mapping[names[int(marker.reshape(-1)[0].item())]] = disk
+    return {n: mapping.get(n, n) for n in names}
 
 
 # --------------------------------------------------------------------------- LoRA adapter folders

@@ -133,11 +133,14 @@ def _fit(cfg, folder: Path, train_data, val_data, num_labels: int | None, kind, 
     from transformers import Trainer
 
     from gradmatch import __version__
+    from gradmatch.checkpoints import HEAD_INIT
     from gradmatch.models import load_model, model_max_length, resolve_model
 
     transformers.set_seed(cfg.seed)
+    new_tensors: list[str] = []
     model, processor = load_model(cfg.model_name_or_path, kind=kind, num_labels=num_labels, dropout=cfg.dropout,
-                                  from_scratch=cfg.from_scratch, seed=cfg.seed)
+                                  from_scratch=cfg.from_scratch, seed=cfg.seed, new_tensors=new_tensors)
+    head_init = _initial_values(model, new_tensors)
     max_length = model_max_length(model, cfg.max_input_length)
     train_encoded = kind.encode(train_data, processor, max_length, desc="preparing training data")
     val_encoded = kind.encode(val_data, processor, max_length, desc="preparing validation data") if val_data else None
@@ -165,6 +168,8 @@ def _fit(cfg, folder: Path, train_data, val_data, num_labels: int | None, kind, 
         model = model.merge_and_unload()
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
+    if head_init:
+        _save_head_init(head_init, folder / HEAD_INIT)
     shutil.rmtree(work, ignore_errors=True)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     parent = cfg.model_name_or_path
@@ -194,8 +199,31 @@ def _fit(cfg, folder: Path, train_data, val_data, num_labels: int | None, kind, 
         "eval": final_eval,
         "log_history": trainer.state.log_history,
         "ignored_keys": cfg.ignored_keys,
+        "head_init": sorted(head_init) or None,
         "config": cfg.model_dump(mode="json"),
     }
+
+
+def _initial_values(model, names: list[str]) -> dict[str, Any]:
+    """The values the tensors ``names`` (new in the model: its head) start from, under their checkpoint names.
+
+    A merge from the pretrained base merges the children's heads relative to this common start (when every
+    child recorded the same one, i.e. was trained with the same seed)."""
+    from gradmatch.models import checkpoint_names
+
+    params = dict(model.named_parameters())
+    names = [name for name in names if name in params]
+    if not names:
+        return {}
+    disk = checkpoint_names(model, names, "its initial value cannot be recorded under the checkpoint's name")
+    return {disk[name]: params[name].detach().to("cpu", copy=True).contiguous() for name in names}
+
+
+def _save_head_init(values: dict[str, Any], folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    save_file(values, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def _builtin_names() -> set[str]:

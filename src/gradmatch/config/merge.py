@@ -18,6 +18,9 @@ from gradmatch.methods import get_method, method_names
 
 #: Floating dtypes a merge can write.
 OUT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+#: ``base_hessian: prior``: H_0 = N_0·c·I, an isotropic prior whose level c is the mean of the children's Hessian
+#: entries (for a pretrained base without a Fisher of its own; a folder named so is ``./prior``).
+PRIOR = "prior"
 #: Largest magnitude accepted for a weight α_t or a Hessian scale N (beyond it float32 overflows).
 MAX_FACTOR = 1e30
 
@@ -86,7 +89,7 @@ class MergeConfig(_MergeSchema):
 
     method: str
     base: str
-    base_hessian: str | None = None
+    base_hessian: str | None = Field(None, description=f"the parent's Hessian folder, or {PRIOR!r} (H_0 = N_0·c·I)")
     base_hessian_scale: float | None = Field(None, ge=0, description="N_0 (default: the parent's training_metadata.json)")
     models: list[MergeModelEntry] = Field(min_length=1)
     parameters: dict[str, Any] = Field(default_factory=dict)
@@ -128,7 +131,7 @@ class MergeConfig(_MergeSchema):
                 raise ValueError(f"{self.method} needs a gram for every model; models[{missing[0]}] "
                                  f"({self.models[missing[0]].model}) has none (write one with gradmatch gram)")
         if method.uses_parent_hessian and not self.base_hessian:
-            raise ValueError(f"{self.method} needs base_hessian (the parent's Hessian folder)")
+            raise ValueError(f"{self.method} needs base_hessian (the parent's Hessian folder, or {PRIOR})")
         if not method.signed_weights:
             weights = self.weights()
             if any(w < 0 for w in weights):

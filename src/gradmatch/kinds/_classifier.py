@@ -73,11 +73,11 @@ class ClassifierKind(Kind):
             config.label2id = {v: k for k, v in config.id2label.items()}
         return resize
 
-    def check_head(self, name: str, config, purpose: str) -> None:
+    def check_head(self, name: str, config, purpose: str, alternatives: str = "fine-tune it first") -> None:
         archs = list(getattr(config, "architectures", None) or [])
         if archs and not any(a.endswith(HEAD_SUFFIXES) for a in archs):
             raise UserError(f"model {name} has no classification head (its architecture is {', '.join(archs)}): "
-                            f"{purpose} of a {self.name} model needs a trained classifier; fine-tune it first")
+                            f"{purpose} of a {self.name} model needs a trained classifier; {alternatives}")
 
     def num_labels(self, config, labels, given):
         if given is not None:

@@ -69,8 +69,9 @@ class Kind:
         """Last touches after loading (e.g. the pad token id of a causal LM); returns the model."""
         return model
 
-    def check_head(self, name: str, config, purpose: str) -> None:
-        """Refuse a checkpoint whose head cannot serve ``purpose`` (``evaluate``, ``fisher``) for this kind."""
+    def check_head(self, name: str, config, purpose: str, alternatives: str = "fine-tune it first") -> None:
+        """Refuse a checkpoint whose head cannot serve ``purpose`` (``evaluate``, ``fisher``) for this kind, saying
+        what to do instead (``alternatives``)."""
 
     def num_labels(self, config, labels: list[int] | None, given: int | None) -> int | None:
         """The size of the head for training on ``labels`` (None: the kind has no label head)."""

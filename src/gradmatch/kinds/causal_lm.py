@@ -76,13 +76,14 @@ class CausalLM(Kind):
             raise UserError(f"num_labels applies to classifiers; a {self.name} model has no label head")
         return False
 
-    def check_head(self, name, config, purpose):
+    def check_head(self, name, config, purpose, alternatives=None):
         archs = list(getattr(config, "architectures", None) or [])
         if any(a.endswith(HEAD_SUFFIXES) for a in archs):
             raise UserError(f"model {name} is a classifier ({', '.join(archs)}), not a causal language model: "
                             f"{purpose} needs a language-modelling head")
         if archs and not any(a.endswith(LM_SUFFIXES) for a in archs):
-            raise UserError(f"model {name} has no language-modelling head (its architecture is {', '.join(archs)})")
+            raise UserError(f"model {name} has no language-modelling head (its architecture is {', '.join(archs)})"
+                            + (f": {alternatives}" if alternatives else ""))
 
     def lora_settings(self):
         from peft import TaskType
