@@ -158,3 +158,28 @@ def test_residual_of_a_real_merge_splits_into_its_terms(setup):
     measured = gradient_mismatch(gm, data=tasks[:1], split="train", progress=False)  # everything from merge.json
     assert measured.scales["base_hessian_scale"] == 50 and measured.scales["hessian_scales"] == [20]
     assert measured.residual["prior_term"] > 0 and measured.residual["preconditioned"] is not None
+
+
+def test_residual_of_a_prior_merge_uses_its_recorded_level(setup):
+    """base_hessian: prior: the residual takes H_0 = N_0·c + δ with c from merge.json, the same residual as a
+    Hessian folder holding c in every entry (written here by hand) gives."""
+    from gradmatch.fisher import run_fisher
+    from gradmatch.merge import merge
+
+    tmp, parent, tasks = setup
+    child = _perturbed(parent, tmp / "child", 0.05, seed=4)
+    run_fisher(str(child), tasks[0], "train", out=tmp / "f1", estimator="empirical", progress=False)
+    gm = merge({"method": "gradient_matching", "base": str(parent), "base_hessian": "prior", "base_hessian_scale": 30,
+                "models": [{"model": str(child), "weight": 0.5, "hessian": str(tmp / "f1"), "hessian_scale": 20}]},
+               tmp / "gm", progress=False)
+    level = json.loads((gm / "merge.json").read_text())["prior_level"]
+    measured = gradient_mismatch(gm, data=tasks[:1], split="train", progress=False)
+    constant = tmp / "constant"
+    shutil.copytree(parent, constant)
+    weights = load_file(constant / "model.safetensors")
+    save_file({k: torch.full_like(v, level) for k, v in weights.items() if v.is_floating_point()},
+              constant / "model.safetensors", metadata={"format": "pt"})
+    by_hand = gradient_mismatch(gm, data=tasks[:1], split="train", base_hessian=str(constant), progress=False)
+    assert measured.scales["base_hessian"] == "prior" and measured.residual["residual"] > 0
+    assert measured.residual["residual"] == pytest.approx(by_hand.residual["residual"], rel=1e-5)
+    assert measured.residual["prior_term"] == pytest.approx(by_hand.residual["prior_term"], rel=1e-5)

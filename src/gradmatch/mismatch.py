@@ -294,10 +294,13 @@ def gradient_mismatch(
     mismatch is measured. ``hessians`` (the children's F_t) add ‖H̄⁻¹ r‖. ``child_gradients``, a dict kept
     by the caller, caches ∇L_t(θ_t) across calls.
     """
+    import torch
     from tqdm.auto import tqdm
 
-    record = merge_record(merged) if (children is None or alphas is None or parent is None) and \
-        (Path(merged) / "merge.json").is_file() else {}
+    from gradmatch.config.merge import PRIOR
+
+    record = merge_record(merged) if (children is None or alphas is None or parent is None
+                                      or base_hessian == PRIOR) and (Path(merged) / "merge.json").is_file() else {}
     if (children is None or alphas is None) and not record:
         merge_record(merged)  # the one-line error
     models = record.get("models", [])
@@ -346,10 +349,18 @@ def gradient_mismatch(
             parent_model, _, _ = _batches(str(parent), task, split, max_length=max_length, batch_size=batch_size,
                                           data_dir=data_dir, max_examples=max_examples, cache=cache)
             theta_0 = _parameters(parent_model)
-            F_0 = _hessian(base_hessian, kind)
-            if F_0.keys() != theta_bar.keys():
-                raise UserError(f"the Hessian {base_hessian} and the merge {merged} have different parameters")
-            H_0 = {n: float(base_hessian_scale) * F_0[n].double() + delta_0 for n in F_0}
+            if base_hessian == PRIOR:  # the merge's isotropic prior: H_0 = N_0·c + δ, c from merge.json
+                level = record.get("prior_level")
+                if level is None:
+                    raise UserError(f"base_hessian {PRIOR} needs the prior's level c, which {merged}/merge.json "
+                                    "does not record: give --base-hessian a Hessian folder")
+                H_0 = {n: torch.full_like(p, float(base_hessian_scale) * float(level) + delta_0, dtype=torch.float64)
+                       for n, p in theta_bar.items()}
+            else:
+                F_0 = _hessian(base_hessian, kind)
+                if F_0.keys() != theta_bar.keys():
+                    raise UserError(f"the Hessian {base_hessian} and the merge {merged} have different parameters")
+                H_0 = {n: float(base_hessian_scale) * F_0[n].double() + delta_0 for n in F_0}
             accumulator = ResidualAccumulator(theta_bar, theta_0, H_0)
             del parent_model
         g_merged, loss, metrics, n = loss_gradient(model, loader, kind)
