@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gradmatch.cli import main
 from gradmatch.config.experiment import load_experiment
@@ -95,6 +96,26 @@ def test_hash_covers_what_determines_a_job_and_nothing_else():
     assert res == base
 
 
+def test_a_prior_merge_needs_no_parent_fisher():
+    """base_hessian: prior: the merge job gets no parent Fisher, and no Fisher of the parent is computed when no
+    merge takes H_0 from it (a pretrained body may have no likelihood to compute one with)."""
+    from gradmatch.pipeline.jobs import merge_config
+
+    prior_only = tiny(merges=[{"method": "gradient_matching", "name": "gm-prior", "base_hessian": "prior",
+                               "alphas": [1.0]}, {"method": "task_arithmetic"}])
+    jobs = {j.name: j for j in build_jobs(prior_only)}
+    assert "fisher/parent" not in jobs and "fisher/child-rot90" in jobs
+    merge = jobs["merges/gm-prior"]
+    assert "parent_fisher" not in merge.inputs and merge.params["base_hessian"] == "prior"
+    inputs = {"parent": "P", "child/rot90": "C1", "child/inverted": "C2", "child_fisher/rot90": "F1",
+              "child_fisher/inverted": "F2"}
+    params = {**merge.params, "hessian_scales": {"rot90": 160, "inverted": 120}}
+    config = merge_config(params, inputs, 1.0)
+    assert config["base_hessian"] == "prior" and "base_hessian_scale" not in config
+    both = {j.name for j in build_jobs(tiny(merges=prior_only["merges"] + [{"method": "gradient_matching"}]))}
+    assert "fisher/parent" in both
+
+
 def test_dry_run_lists_jobs_and_runs_nothing(tmp_path, capsys):
     exp = write_experiment(tmp_path / "tiny.yaml")
     workdir = tmp_path / "run"
@@ -104,6 +125,49 @@ def test_dry_run_lists_jobs_and_runs_nothing(tmp_path, capsys):
     for name in ("models/parent", "fisher/child-inverted", "merges/gradient_matching", "eval/multitask", "report"):
         assert name in out
     assert not (workdir / "work").exists() and not (workdir / "report").exists()
+
+
+def test_dry_run_counts_jobs_by_kind_with_an_estimate(tmp_path, capsys):
+    """The table's counts add up to the jobs to run (Snakemake's own table, which counts its target rule too,
+    is not shown), and the estimate follows the documented rates: one train job of the tiny run by hand."""
+    from gradmatch.pipeline.preflight import RATES, _job_seconds
+
+    exp = write_experiment(tmp_path / "tiny.yaml")
+    assert main(["run", str(exp), "--workdir", str(tmp_path / "run"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "Job stats" not in out and "total" in out
+    table = {line.split()[0]: int(line.split()[1]) for line in out.splitlines()
+             if line.startswith("  ") and len(line.split()) > 2 and line.split()[1].isdigit()}
+    assert table.pop("total") == TINY_JOB_COUNT == sum(table.values())
+    kinds = [j.kind for j in build_jobs(TINY)]
+    assert table == {k: kinds.count(k) for k in set(kinds)}
+    job = next(j for j in build_jobs(TINY) if j.name == "models/child-inverted")
+    settings = job.params["training"]
+    rows = job.inputs["train"].params["parts"][0]["size"]  # 120 images (no length)
+    expected = rows * settings["num_train_epochs"] * (1e6 / 22.7e6) / RATES["train"]  # vit-digits counts as 1M
+    assert _job_seconds(job, {}, {}) == pytest.approx(expected)
+
+
+def test_dry_run_checks_the_data_root(tmp_path, sentiment_root, capsys):
+    """A data root holding one of the sets the experiment names is refused before anything runs."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(sentiment_root / "sst2", root / "sst2")
+    exp = {"name": "s", "model": "minilm", "parent": {"name": "sst2", "dataset": "sst2", "train_size": 8},
+           "children": [{"name": "rt", "dataset": "rotten_tomatoes", "train_size": 8}],
+           "merges": [{"method": "task_arithmetic"}]}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(exp))
+    rc = main(["run", str(tmp_path / "s.yaml"), "--workdir", str(tmp_path / "run"), "--data-dir", str(root), "--dry-run"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert "rotten_tomatoes" in err and "has no folder rotten_tomatoes/" in err
+    exp["children"][0]["dataset"] = "sst2"
+    exp["children"][0]["test_split"] = "validation"  # sst2 has train and test files only
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(exp))
+    rc = main(["run", str(tmp_path / "s.yaml"), "--workdir", str(tmp_path / "run2"), "--data-dir", str(root), "--dry-run"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no split 'validation'" in err
 
 
 # --------------------------------------------------------------------------- end to end

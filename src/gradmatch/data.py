@@ -99,6 +99,7 @@ class _Source:
     label: str
     splits: dict[str, Callable[[], object]]  # split name -> loader returning a datasets.Dataset
     any_split: bool = False  # a single file or saved Dataset: every split name reads the same rows
+    remote: bool = False  # the hub: which splits exist is known only by loading
 
     def load(self, split: str):
         if self.any_split:
@@ -213,7 +214,7 @@ def _hub_source(hub_id: str, config_name: str | None, cache_dir: str | None, lab
         def __getitem__(self, key):
             return lambda: load(key)
 
-    return _Source(label, _HubSplits())
+    return _Source(label, _HubSplits(), remote=True)
 
 
 def resolve_preset(name: str) -> str | None:
@@ -268,6 +269,24 @@ def _source(name: str, config_name: str | None, data_dir, cache_dir: str | None)
         known = ", ".join(list(PRESETS) + list(DIGITS_DOMAINS))
         raise UserError(f"unknown data set {name!r}: not a preset ({known}), a local file or folder, or a hub id (owner/name)")
     return _hub_source(name, config_name, cache_dir), None
+
+
+def check_split(name: str, split: str, *, config_name: str | None = None,
+                data_dir: str | os.PathLike | None = None) -> str:
+    """Check, without reading any rows, that data set ``name`` resolves and has the splits ``split`` names
+    (locally: the folder and its split files exist). Returns where the rows would come from: a local path,
+    or ``hub`` (not checked: offline, only loading can tell)."""
+    if name in DIGITS_DOMAINS:
+        return "scikit-learn"
+    source, _ = _source(name, config_name, data_dir, None)
+    if source.remote:
+        return "hub"
+    instruction = _read_instruction(split, source.label)
+    for rel in instruction._relative_instructions:  # noqa: SLF001 - datasets' parsed form of the spec
+        if not source.any_split and rel.splitname not in source.splits:
+            available = ", ".join(sorted(source.splits)) or "none"
+            raise UserError(f"data set {source.label} has no split {rel.splitname!r} (available: {available})")
+    return source.label
 
 
 # --------------------------------------------------------------------------- split syntax

@@ -194,8 +194,11 @@ def _seed_jobs(exp: ExperimentConfig, seed: int, prefix: str, data_dir: str | No
         parent = Job("pretrained", "models/parent", {"model": exp.model, **({"kind": exp.kind} if exp.kind else {})},
                      resources=res("pretrained"))
         parent = prepared.setdefault(parent.hash, parent)
-    parent_fisher = fisher("fisher/parent", parent, parent_data)
-    jobs += [parent, parent_fisher]
+    jobs.append(parent)
+    parent_fisher = None  # only when a merge takes H_0 from it (a pretrained body may have no likelihood to take it from)
+    if any(get_method(s.method).uses_parent_hessian and s.base_hessian == "fisher" for s in exp.merges):
+        parent_fisher = fisher("fisher/parent", parent, parent_data)
+        jobs.append(parent_fisher)
     evals = [("parent", "model", evaluate("parent", parent))]
     children: dict[str, tuple[Job, Job]] = {}
     grams: dict[str, Job] = {}
@@ -216,9 +219,12 @@ def _seed_jobs(exp: ExperimentConfig, seed: int, prefix: str, data_dir: str | No
         needs_hessian = method.uses_child_hessians
         inputs: dict[str, Job] = {"parent": parent, **test_inputs, **scorer}
         scales = {}
-        if method.uses_parent_hessian:
+        if method.uses_parent_hessian and spec.base_hessian == "fisher":
             inputs["parent_fisher"] = parent_fisher
             scales["base_hessian_scale"] = spec.base_hessian_scale or exp.parent.hessian_scale
+        elif method.uses_parent_hessian:  # the isotropic prior: N_0 defaults to the mean of the children's N_t
+            scales["base_hessian"] = "prior"
+            scales["base_hessian_scale"] = spec.base_hessian_scale
         for name, (model, fis) in children.items():
             inputs[f"child/{name}"] = model
             if needs_hessian:

@@ -204,6 +204,10 @@ def merge_config(params: dict[str, Any], inputs: dict[str, str], alpha: float) -
     if "parent_fisher" in inputs:
         config["base_hessian"] = _fisher(inputs["parent_fisher"])
         config["base_hessian_scale"] = params.get("base_hessian_scale") or _num_train_examples(inputs["parent"])
+    elif params.get("base_hessian") == "prior":
+        config["base_hessian"] = "prior"
+        if params.get("base_hessian_scale"):
+            config["base_hessian_scale"] = params["base_hessian_scale"]
     models = []
     for child in params["children"]:
         entry: dict[str, Any] = {"model": _model(inputs[f"child/{child}"]), "weight": float(alpha)}

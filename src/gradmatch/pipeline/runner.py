@@ -20,7 +20,7 @@ from pathlib import Path
 
 from gradmatch.config.experiment import load_experiment
 from gradmatch.errors import UserError
-from gradmatch.pipeline import jobserver
+from gradmatch.pipeline import jobserver, preflight
 from gradmatch.fsutil import write_text
 from gradmatch.pipeline.graph import ALIAS_SUBDIR, Job, build_jobs, job_spec, plan_dict, toposort
 
@@ -181,10 +181,14 @@ def run_jobs(jobs: list[Job], workdir: str | os.PathLike, *, cores: int | None =
     with _run_lock(workdir):
         plan_path = write_plan(jobs, workdir)
         done = [j for j in jobs if job_done(j, workdir)]
+        finished = set(done)
+        notes = preflight.check_inputs(jobs, finished.__contains__)
         echo(f"{len(jobs)} jobs in {workdir} ({len(done)} already done, {len(jobs) - len(done)} to run)"
              + (":" if dry_run else ""))
         if dry_run:
             echo(describe_jobs(jobs, workdir))
+            echo("checked: every local data set and model the jobs to run read" + "".join(f"\nnote: {n}" for n in notes))
+            echo("jobs to run:\n" + preflight.estimate(jobs, finished.__contains__))
         cmd = snakemake_command(plan_path, workdir, cores=cores, executor=executor, dry_run=dry_run,
                                 jobs_limit=jobs_limit, slurm=slurm, extra_args=list(extra_args or []))
         if not dry_run:
@@ -196,7 +200,11 @@ def run_jobs(jobs: list[Job], workdir: str | os.PathLike, *, cores: int | None =
         started = time.time()
         warm = executor == "local" and not dry_run and job_server and sum(not job_done(j, workdir) for j in jobs) > 1
         with (jobserver.running(env) if warm else contextlib.nullcontext()):
-            proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL)
+            # A dry run shows gradmatch's table; Snakemake's own (printed twice, counting its target rule as a
+            # job) only when it finds a problem in the job graph.
+            proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=dry_run, text=True)
+        if dry_run and proc.returncode:
+            echo((proc.stdout or "") + (proc.stderr or ""))
         if not dry_run:
             refresh_links(jobs, workdir)
         failed = [j for j in jobs if not job_done(j, workdir) and _log_of(j, workdir).exists()

@@ -1,0 +1,268 @@
+"""Before a run: check every data source and model the jobs still to run will read, and (for a dry run)
+estimate what the jobs cost from throughput measured on this project's machine.
+
+The checks read no rows and load no weights: a local data root must hold each preset's folder and the
+split files a job names; a model must be an alias, a built-in spec, a model folder or a hub id. The
+estimate counts each job's examples (local JSON Lines are counted by their lines) and divides by the
+rates below, scaled by the model's size and the sequence length: a rough figure, meant to tell minutes
+from hours.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gradmatch.errors import UserError
+from gradmatch.pipeline.graph import Job
+
+#: Throughput of a MiniLM-size model (22.7M parameters) at sequence length 128 on this project's machine (2-core
+#: AMD EPYC, torch 2.13 CPU, 2 threads): training (batch 16) 12 examples/s and inference 60 examples/s (measured
+#: for the project's brief); the exact Fisher 3 examples/s (docs/benchmarks.md "Fisher": 3.3 on one thread;
+#: 2.5 MiniLM-equivalent in the removal run's SmolLM2 Fisher jobs); Gram matrices 25 examples/s (a forward pass
+#: plus an x xᵀ per Linear input: measured for MiniLM at length 128, batch 16); generation 350 tokens/s
+#: MiniLM-equivalent (SmolLM2-135M wrote 200 continuations of 24 tokens in about 80 s in the removal run).
+RATES = {"train": 12.0, "infer": 60.0, "fisher": 3.0, "gram": 25.0, "generate": 350.0}
+REFERENCE_PARAMETERS = 22.7e6
+REFERENCE_LENGTH = 128
+#: Sizes of the aliases (no need to open their weights, or to convert SmolLM2's GGUF file, to know them).
+ALIAS_PARAMETERS = {"minilm": 22.7e6, "smollm2": 134.5e6}
+MACHINE = "a 2-core AMD EPYC (this project's machine)"
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_inputs(jobs: list[Job], done: Callable[[Job], bool]) -> list[str]:
+    """Check the data sources and models of every job not yet done; return one note per thing checked that
+    could not be checked fully (a hub id offline). A problem is a :class:`UserError` naming the job."""
+    from gradmatch.data import check_split
+    from gradmatch.models import BUILTIN_SPECS, MODEL_ALIASES, resolve_model
+
+    notes: list[str] = []
+    seen: set[tuple] = set()
+    for job in jobs:
+        if done(job):
+            continue
+        if job.kind == "prepare":
+            for part in job.params["parts"]:
+                key = (part["dataset"], part.get("split", "train"), part.get("config_name"), job.params.get("data_dir"))
+                if key in seen:
+                    continue
+                seen.add(key)
+                try:
+                    where = check_split(part["dataset"], part.get("split", "train"), config_name=part.get("config_name"),
+                                        data_dir=job.params.get("data_dir"))
+                except UserError as exc:
+                    raise UserError(f"{job.name}: {exc}") from None
+                if where == "hub":
+                    notes.append(f"data set {part['dataset']} comes from the Hugging Face hub: not checked before loading")
+        for model in _models_named(job):
+            if model in seen or model in BUILTIN_SPECS or model in MODEL_ALIASES:
+                continue
+            seen.add(model)
+            try:
+                resolved = resolve_model(model)
+            except UserError as exc:
+                raise UserError(f"{job.name}: {exc}") from None
+            if not Path(resolved).is_dir():
+                notes.append(f"model {model} comes from the Hugging Face hub: not checked before loading")
+    return notes
+
+
+def _models_named(job: Job) -> list[str]:
+    """Models a job names by path, alias or hub id (not those other jobs make)."""
+    if job.kind == "pretrained":
+        return [job.params["model"]]
+    if job.kind == "train" and "init" in job.params:
+        return [job.params["init"]]
+    return []
+
+
+# --------------------------------------------------------------------------- estimate
+
+
+def estimate(jobs: list[Job], done: Callable[[Job], bool]) -> str:
+    """A table of the jobs still to run by kind with a rough estimate of their compute, and its basis."""
+    counts: Counter[str] = Counter()
+    seconds: Counter[str] = Counter()
+    unknown: set[str] = set()
+    rows_cache: dict[tuple, int | None] = {}
+    size_cache: dict[str, float | None] = {}
+    for job in jobs:
+        if done(job):
+            continue
+        counts[job.kind] += 1
+        cost = _job_seconds(job, rows_cache, size_cache)
+        if cost is None:
+            unknown.add(job.kind)
+        else:
+            seconds[job.kind] += cost
+    if not counts:
+        return "nothing to run"
+    lines = [f"  {'kind':<10} {'jobs':>5}  estimate"]
+    for kind in ["prepare", "pretrained", "train", "fisher", "gram", "evaluate", "merge", "report"]:
+        if counts[kind]:
+            lines.append(f"  {kind:<10} {counts[kind]:>5}  {_duration(seconds[kind])}"
+                         + (" + jobs without an estimate" if kind in unknown else ""))
+    total = sum(seconds.values())
+    lines.append(f"  {'total':<10} {sum(counts.values()):>5}  {_duration(total)} of compute at 2 threads a job"
+                 + (" (some jobs without an estimate)" if unknown else ""))
+    lines.append(f"rough: from throughput measured on {MACHINE} for a {REFERENCE_PARAMETERS / 1e6:.1f}M-parameter "
+                 f"model at length {REFERENCE_LENGTH} (training {RATES['train']:g} examples/s, inference "
+                 f"{RATES['infer']:g}/s, Fisher {RATES['fisher']:g}/s, Gram {RATES['gram']:g}/s, generation "
+                 f"{RATES['generate']:g} tokens/s), scaled by each model's parameters and the sequence length; "
+                 "jobs without a dependency between them run side by side as --cores allows")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return "< 1 min"
+    if seconds < 3600:
+        return f"~{math.ceil(seconds / 60)} min"
+    return f"~{seconds / 3600:.1f} h"
+
+
+def _job_seconds(job: Job, rows_cache: dict, size_cache: dict) -> float | None:
+    """Seconds of compute ``job`` needs by the rates above (None: unknown, e.g. a model from the hub)."""
+    if job.kind in ("prepare", "pretrained", "report"):
+        return 0.0
+    model = _model_of(job)
+    if model not in size_cache:
+        size_cache[model] = _model_size(model)
+    if size_cache[model] is None:
+        return None
+    size, text = size_cache[model]
+    scale = size / REFERENCE_PARAMETERS
+
+    def _length(length: int) -> float:  # images have no length: one example is one image
+        return int(length) / REFERENCE_LENGTH if text else 1.0
+    if job.kind == "train":
+        settings = job.params["training"]
+        rows = _rows(job.inputs["train"], rows_cache)
+        if rows is None:
+            return None
+        epochs = float(settings.get("num_train_epochs", 1.0))
+        steps = settings.get("max_steps", -1)
+        examples = rows * epochs
+        if steps and steps > 0:
+            examples = min(examples, steps * settings.get("per_device_train_batch_size", 8)
+                           * settings.get("gradient_accumulation_steps", 1))
+        return examples * _length(settings.get("max_input_length", 384)) * scale / RATES["train"]
+    if job.kind in ("fisher", "gram"):
+        rows = _rows(job.inputs["data"], rows_cache)
+        if rows is None:
+            return None
+        limit = job.params.get("max_examples")
+        examples = min(rows, limit) if limit else rows
+        return examples * _length(job.params.get("max_length", 128)) * scale / RATES[job.kind]
+    if job.kind in ("evaluate", "merge"):
+        test_rows = [_rows(j, rows_cache) for role, j in job.inputs.items() if role.startswith("test/")]
+        if any(r is None for r in test_rows):
+            return None
+        one = sum(test_rows) * _length(job.params.get("max_length", 128)) * scale / RATES["infer"]
+        generation = job.params.get("generation")
+        if generation:
+            tokens = _prompt_count(generation) * generation.get("num_samples", 1) * generation.get("max_new_tokens", 32)
+            one += tokens * scale / RATES["generate"]
+        return one * (len(job.params.get("alphas", [None])) if job.kind == "merge" else 1)
+    return None
+
+
+def _prompt_count(generation: dict[str, Any]) -> int:
+    """How many prompts a generation block names (a file: its non-empty lines)."""
+    prompts = generation.get("prompts") or []
+    if isinstance(prompts, list):
+        return len(prompts)
+    try:
+        with open(prompts, "rb") as fh:
+            return sum(1 for line in fh if line.strip())
+    except OSError:
+        return 0
+
+
+def _model_of(job: Job) -> str | None:
+    """The model (path, alias or hub id) whose size sets a job's cost: the one it starts from."""
+    while True:
+        if job.kind == "pretrained":
+            return job.params["model"]
+        if job.kind == "train":
+            if "init" in job.params:
+                return job.params["init"]
+            job = job.inputs["init"]
+        elif job.kind in ("fisher", "gram", "evaluate"):
+            job = job.inputs["model"]
+        elif job.kind == "merge":
+            job = job.inputs["parent"]
+        else:
+            return None
+
+
+def _model_size(model: str | None) -> tuple[float, bool] | None:
+    """A model's number of parameters and whether it reads text (None: unknown, e.g. a hub id offline)."""
+    from gradmatch.checkpoints import Checkpoint
+    from gradmatch.kinds import kind_of_config
+    from gradmatch.models import BUILTIN_SPECS, load_config, resolve_model
+
+    if model is None:
+        return None
+    if model in ALIAS_PARAMETERS:
+        return ALIAS_PARAMETERS[model], True
+    if model in BUILTIN_SPECS:
+        return 1e6, False  # the demo's small ViT (0.2M parameters) counted as 1M: fixed costs dominate it
+    try:
+        folder = Path(resolve_model(model))
+        if not folder.is_dir():
+            return None
+        text = kind_of_config(load_config(str(folder))).name != "image-classification"
+        return float(sum(info.numel for info in Checkpoint(folder).tensors.values())), text
+    except UserError:
+        return None
+
+
+def _rows(job: Job, cache: dict) -> int | None:
+    """Rows a prepare job writes: its parts' subset sizes, else the local files' lines (None: from the hub)."""
+    total = 0
+    for part in job.params["parts"]:
+        key = (json.dumps(part, sort_keys=True), job.params.get("data_dir"))
+        if key not in cache:
+            cache[key] = _part_rows(part, job.params.get("data_dir"))
+        if cache[key] is None:
+            return None
+        total += cache[key]
+    return total
+
+
+def _part_rows(part: dict[str, Any], data_dir: str | None) -> int | None:
+    from gradmatch.data import DIGITS_DOMAINS, data_root, resolve_preset
+
+    if part.get("size"):
+        return int(part["size"])
+    name, split = part["dataset"], part.get("split", "train")
+    if name in DIGITS_DOMAINS:
+        return 900  # about half of scikit-learn's 1,797 digits per domain and split
+    preset = resolve_preset(name)
+    root = data_root(data_dir)
+    folder = root / preset if preset and root is not None else Path(name).expanduser()
+    base = split.split("[")[0].split("+")[0].strip()
+    path = folder / f"{base}.jsonl" if folder.is_dir() else folder
+    if not path.is_file() or path.suffix != ".jsonl":
+        return None
+    with open(path, "rb") as fh:
+        rows = sum(1 for line in fh if line.strip())
+    if "[" in split:
+        from datasets import ReadInstruction
+
+        try:
+            absolute = ReadInstruction.from_spec(split).to_absolute({base: rows})
+            rows = sum(max(0, a.to - a.from_) for a in absolute)
+        except (ValueError, AssertionError):
+            return None
+    if part.get("filter"):
+        rows = rows // 2  # a filter on a label keeps about half of a balanced set
+    return rows
