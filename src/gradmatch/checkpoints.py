@@ -162,7 +162,34 @@ def weight_layout(folder: Path) -> str | None:
     return None
 
 
-class Checkpoint:
+class TensorSource:
+    """Named tensors known by their :class:`TensorInfo` (``tensors``), read by name and block of rows (``read``):
+    a checkpoint folder, a view of others under new names, or constant tensors. The merge reads them alike."""
+
+    tensors: dict[str, TensorInfo]
+    folder: Path | None
+    role: str
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        return self.tensors[name]
+
+    def read(self, name: str, rows: slice | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what reading holds open."""
+
+
+class Checkpoint(TensorSource):
     """The tensors of one Hugging Face folder, read one tensor (or one block of rows) at a time.
 
     Opening validates every weight file's header and the shard index; nothing stays mapped between
@@ -215,18 +242,6 @@ class Checkpoint:
                 self.config = json.loads(config.read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
                 raise UserError(f"{config} is not valid JSON: {exc}") from exc
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.tensors)
-
-    def __len__(self) -> int:
-        return len(self.tensors)
-
-    def info(self, name: str) -> TensorInfo:
-        return self.tensors[name]
 
     def read(self, name: str, rows: slice | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Tensor ``name`` (only rows ``rows`` of its first dimension, if given), in its stored dtype.
@@ -305,7 +320,7 @@ def _read_exactly(fd: int, path: Path, offset: int, tensor: torch.Tensor) -> Non
         raise UserError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
 
-class ConstantTensors:
+class ConstantTensors(TensorSource):
     """Tensors holding one value everywhere, of given names and shapes, with nothing on disk: an isotropic
     prior's Hessian (c·I), or a zero Hessian for tensors a model does not have. Reads like a :class:`Checkpoint`."""
 
@@ -314,18 +329,6 @@ class ConstantTensors:
         self.config: dict | None = None
         self.role, self.value = role, float(value)
         self.tensors = {name: TensorInfo(name, Path(f"<{role}>"), dtype, tuple(shape)) for name, shape in shapes.items()}
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.tensors)
-
-    def __len__(self) -> int:
-        return len(self.tensors)
-
-    def info(self, name: str) -> TensorInfo:
-        return self.tensors[name]
 
     def read(self, name: str, rows: slice | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         info = self.tensors[name]
@@ -337,11 +340,8 @@ class ConstantTensors:
             return torch.full(shape, self.value, dtype=info.dtype)
         return out[: math.prod(shape) * info.dtype.itemsize].view(info.dtype).view(shape).fill_(self.value)
 
-    def close(self) -> None:
-        pass
 
-
-class TensorView:
+class TensorView(TensorSource):
     """Tensors of other checkpoints under new names, read like one :class:`Checkpoint`.
 
     ``sources`` pairs a checkpoint with a map {name here: name there}: a pretrained body under its
@@ -350,12 +350,12 @@ class TensorView:
     and ``config`` are the first source's.
     """
 
-    def __init__(self, sources: list[tuple[Checkpoint | ConstantTensors, dict[str, str]]], role: str | None = None):
+    def __init__(self, sources: list[tuple[TensorSource, dict[str, str]]], role: str | None = None):
         first = sources[0][0]
         self.folder, self.config = first.folder, first.config
         self.role = role or first.role
         self.sources = [source for source, _ in sources]
-        self._where: dict[str, tuple[Checkpoint | ConstantTensors, str]] = {}
+        self._where: dict[str, tuple[TensorSource, str]] = {}
         self.tensors: dict[str, TensorInfo] = {}
         for source, names in sources:
             for name, there in names.items():
@@ -367,18 +367,6 @@ class TensorView:
                 self._where[name] = (source, there)
                 info = source.info(there)
                 self.tensors[name] = TensorInfo(name, info.file, info.dtype, info.shape, info.offset)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.tensors)
-
-    def __len__(self) -> int:
-        return len(self.tensors)
-
-    def info(self, name: str) -> TensorInfo:
-        return self.tensors[name]
 
     def source_name(self, name: str) -> str:
         """The name tensor ``name`` has in the checkpoint it comes from."""

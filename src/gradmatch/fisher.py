@@ -566,6 +566,26 @@ def write_hessian(model: nn.Module, fisher: Mapping[str, torch.Tensor], folder: 
     (folder / "fisher.json").write_text(json.dumps(metadata, indent=2) + "\n")
 
 
+def check_statistics_arguments(model, data, out, *, overwrite: bool, batch_size: int, max_length: int,
+                               max_examples: int | None, device: str | None) -> Path:
+    """The checks `gradmatch fisher` and `gradmatch gram` make before reading anything: sizes at least 1, a known
+    device, an output folder that may be written and is none of the inputs. Returns the output folder."""
+    from gradmatch.fsutil import check_not_input, check_output_dir
+
+    for flag, value in (("--batch-size", batch_size), ("--max-length", max_length)):
+        if int(value) < 1:
+            raise UserError(f"{flag} must be at least 1 (got {value})")
+    if max_examples is not None and int(max_examples) < 1:
+        raise UserError(f"--max-examples must be at least 1 (got {max_examples})")
+    if device is not None:
+        from gradmatch.devices import parse_device
+
+        parse_device(device)
+    out = check_output_dir(out, overwrite)
+    check_not_input(out, {"the model": str(model), "the data": str(data)}, "--out")
+    return out
+
+
 #: What to do instead of a Fisher of a pretrained model without a likelihood of its own (no classification or LM head).
 _NO_HEAD = ("as the H_0 of a merge from this pretrained base, set `base_hessian: prior` in the merge config (an "
             "isotropic prior, docs/merge.md \"Merging from a pretrained base\"), or fine-tune it first")
@@ -585,21 +605,12 @@ def run_fisher(model: str, data: str, split: str, *, out: str | os.PathLike, est
     all-reduced, and rank 0 writes; the result equals one process's. Returns ``out``.
     """
     from gradmatch import __version__
-    from gradmatch.fsutil import atomic_dir, check_not_input, check_output_dir
+    from gradmatch.fsutil import atomic_dir
 
     if estimator not in ESTIMATORS:
         raise UserError(f"unknown Fisher estimator {estimator!r} (choose {' or '.join(ESTIMATORS)})")
-    for flag, value in (("--batch-size", batch_size), ("--max-length", max_length)):
-        if int(value) < 1:
-            raise UserError(f"{flag} must be at least 1 (got {value})")
-    if max_examples is not None and int(max_examples) < 1:
-        raise UserError(f"--max-examples must be at least 1 (got {max_examples})")
-    if device is not None:
-        from gradmatch.devices import parse_device
-
-        parse_device(device)
-    out = check_output_dir(out, overwrite)
-    check_not_input(out, {"the model": str(model), "the data": str(data)}, "--out")
+    out = check_statistics_arguments(model, data, out, overwrite=overwrite, batch_size=batch_size,
+                                     max_length=max_length, max_examples=max_examples, device=device)
 
     from gradmatch.data import load_split
     from gradmatch.checkpoints import folder_fingerprint

@@ -119,21 +119,12 @@ def run_gram(model: str, data: str, split: str, *, out: str | os.PathLike, batch
     from gradmatch import __version__
     from gradmatch.checkpoints import folder_fingerprint
     from gradmatch.data import load_split
-    from gradmatch.fisher import _batches, _distributed
-    from gradmatch.fsutil import atomic_dir, check_not_input, check_output_dir
+    from gradmatch.fisher import _batches, _distributed, check_statistics_arguments
+    from gradmatch.fsutil import atomic_dir
     from gradmatch.models import kind_of, load_config, load_model, model_max_length, resolve_model
 
-    for flag, value in (("--batch-size", batch_size), ("--max-length", max_length)):
-        if int(value) < 1:
-            raise UserError(f"{flag} must be at least 1 (got {value})")
-    if max_examples is not None and int(max_examples) < 1:
-        raise UserError(f"--max-examples must be at least 1 (got {max_examples})")
-    if device is not None:
-        from gradmatch.devices import parse_device
-
-        parse_device(device)
-    out = check_output_dir(out, overwrite)
-    check_not_input(out, {"the model": str(model), "the data": str(data)}, "--out")
+    out = check_statistics_arguments(model, data, out, overwrite=overwrite, batch_size=batch_size,
+                                     max_length=max_length, max_examples=max_examples, device=device)
     name = str(model)
     load_config(name)
     model_kind = kind_of(name, kind)
