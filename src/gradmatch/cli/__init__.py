@@ -246,11 +246,12 @@ def _run_report(args) -> int:
     from gradmatch.pipeline.report import markdown_table, report_run
 
     out, results = report_run(args.run_dir, args.out)
-    print(markdown_table(results))
+    if not args.quiet:
+        print(markdown_table(results))
     if results["missing"]:
         print(f"not finished yet: {', '.join(results['missing'])}")
-    print(f"report: {out / 'report.md'}; plots: {out / 'alpha_average.png'}, {out / 'alpha_per_task.png'}, "
-          f"{out / 'best_per_task.png'}")
+    plots = ", ".join(str(p) for p in sorted(out.glob("*.png")))
+    print(f"report: {out / 'report.md'}; plots: {plots}")
     return 0
 
 

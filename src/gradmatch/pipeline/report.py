@@ -365,7 +365,12 @@ def _plot_tradeoff(results: dict[str, Any], path: Path, dpi: int) -> None:
             x, y, e = point(row)
             ax.errorbar([x], [100 * y], yerr=[100 * e], marker="s", color="black", capsize=2)
             ax.annotate(row["label"], (x, 100 * y), textcoords="offset points", xytext=(5, -9), fontsize=8)
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # 100, 200, 500, 1000, ...: no crowding
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(f"perplexity on {fluency} (lower: more fluent)")
     ax.set_ylabel("unwanted generations (%)")
     ax.set_title(f"{results['experiment']}: removal trade-off (numbers: α)")
