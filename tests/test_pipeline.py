@@ -130,7 +130,7 @@ def test_dry_run_lists_jobs_and_runs_nothing(tmp_path, capsys):
 def test_dry_run_counts_jobs_by_kind_with_an_estimate(tmp_path, capsys):
     """The table's counts add up to the jobs to run (Snakemake's own table, which counts its target rule too,
     is not shown), and the estimate follows the documented rates: one train job of the tiny run by hand."""
-    from gradmatch.pipeline.preflight import RATES, _job_seconds
+    from gradmatch.pipeline.preflight import JOB_SECONDS, RATES, _job_seconds
 
     exp = write_experiment(tmp_path / "tiny.yaml")
     assert main(["run", str(exp), "--workdir", str(tmp_path / "run"), "--dry-run"]) == 0
@@ -143,8 +143,11 @@ def test_dry_run_counts_jobs_by_kind_with_an_estimate(tmp_path, capsys):
     assert table == {k: kinds.count(k) for k in set(kinds)}
     job = next(j for j in build_jobs(TINY) if j.name == "models/child-inverted")
     settings = job.params["training"]
-    rows = job.inputs["train"].params["parts"][0]["size"]  # 120 images (no length)
-    expected = rows * settings["num_train_epochs"] * (1e6 / 22.7e6) / RATES["train"]  # vit-digits counts as 1M
+    rows = job.inputs["train"].params["parts"][0]["size"]  # 120 images of 8×8 pixels: 16 patches + 1 token
+    from gradmatch.models import load_model
+
+    params = sum(p.numel() for p in load_model("vit-digits")[0].parameters())
+    expected = JOB_SECONDS + rows * settings["num_train_epochs"] * (17 / 128) * (params / 22.7e6) / RATES["train"]
     assert _job_seconds(job, {}, {}) == pytest.approx(expected)
 
 

@@ -27,6 +27,9 @@ from gradmatch.pipeline.graph import Job
 #: plus an x xᵀ per Linear input: measured for MiniLM at length 128, batch 16); generation 350 tokens/s
 #: MiniLM-equivalent (SmolLM2-135M wrote 200 continuations of 24 tokens in about 80 s in the removal run).
 RATES = {"train": 12.0, "infer": 60.0, "fisher": 3.0, "gram": 25.0, "generate": 350.0}
+#: Seconds a job costs beyond its compute (starting from the warm job server, reading its model and data), and a
+#: merge per α (merging, loading the merged model): the demo's 35 jobs of a small ViT took 53 s on two slots.
+JOB_SECONDS, ALPHA_SECONDS = 3.0, 1.0
 REFERENCE_PARAMETERS = 22.7e6
 REFERENCE_LENGTH = 128
 #: Sizes of the aliases (no need to open their weights, or to convert SmolLM2's GGUF file, to know them).
@@ -110,7 +113,7 @@ def estimate(jobs: list[Job], done: Callable[[Job], bool]) -> str:
             lines.append(f"  {kind:<10} {counts[kind]:>5}  {_duration(seconds[kind])}"
                          + (" + jobs without an estimate" if kind in unknown else ""))
     total = sum(seconds.values())
-    lines.append(f"  {'total':<10} {sum(counts.values()):>5}  {_duration(total)} of compute at 2 threads a job"
+    lines.append(f"  {'total':<10} {sum(counts.values()):>5}  {_duration(total)} of compute, one job at a time"
                  + (" (some jobs without an estimate)" if unknown else ""))
     lines.append(f"rough: from throughput measured on {MACHINE} for a {REFERENCE_PARAMETERS / 1e6:.1f}M-parameter "
                  f"model at length {REFERENCE_LENGTH} (training {RATES['train']:g} examples/s, inference "
@@ -131,17 +134,17 @@ def _duration(seconds: float) -> str:
 def _job_seconds(job: Job, rows_cache: dict, size_cache: dict) -> float | None:
     """Seconds of compute ``job`` needs by the rates above (None: unknown, e.g. a model from the hub)."""
     if job.kind in ("prepare", "pretrained", "report"):
-        return 0.0
+        return JOB_SECONDS
     model = _model_of(job)
     if model not in size_cache:
         size_cache[model] = _model_size(model)
     if size_cache[model] is None:
         return None
-    size, text = size_cache[model]
+    size, tokens = size_cache[model]
     scale = size / REFERENCE_PARAMETERS
 
-    def _length(length: int) -> float:  # images have no length: one example is one image
-        return int(length) / REFERENCE_LENGTH if text else 1.0
+    def _length(length: int) -> float:  # an image is as long as its patches (+ the class token)
+        return (tokens or int(length)) / REFERENCE_LENGTH
     if job.kind == "train":
         settings = job.params["training"]
         rows = _rows(job.inputs["train"], rows_cache)
@@ -153,14 +156,14 @@ def _job_seconds(job: Job, rows_cache: dict, size_cache: dict) -> float | None:
         if steps and steps > 0:
             examples = min(examples, steps * settings.get("per_device_train_batch_size", 8)
                            * settings.get("gradient_accumulation_steps", 1))
-        return examples * _length(settings.get("max_input_length", 384)) * scale / RATES["train"]
+        return JOB_SECONDS + examples * _length(settings.get("max_input_length", 384)) * scale / RATES["train"]
     if job.kind in ("fisher", "gram"):
         rows = _rows(job.inputs["data"], rows_cache)
         if rows is None:
             return None
         limit = job.params.get("max_examples")
         examples = min(rows, limit) if limit else rows
-        return examples * _length(job.params.get("max_length", 128)) * scale / RATES[job.kind]
+        return JOB_SECONDS + examples * _length(job.params.get("max_length", 128)) * scale / RATES[job.kind]
     if job.kind in ("evaluate", "merge"):
         test_rows = [_rows(j, rows_cache) for role, j in job.inputs.items() if role.startswith("test/")]
         if any(r is None for r in test_rows):
@@ -170,7 +173,9 @@ def _job_seconds(job: Job, rows_cache: dict, size_cache: dict) -> float | None:
         if generation:
             tokens = _prompt_count(generation) * generation.get("num_samples", 1) * generation.get("max_new_tokens", 32)
             one += tokens * scale / RATES["generate"]
-        return one * (len(job.params.get("alphas", [None])) if job.kind == "merge" else 1)
+        if job.kind == "merge":
+            return JOB_SECONDS + len(job.params.get("alphas", [None])) * (one + ALPHA_SECONDS)
+        return JOB_SECONDS + one
     return None
 
 
@@ -203,8 +208,9 @@ def _model_of(job: Job) -> str | None:
             return None
 
 
-def _model_size(model: str | None) -> tuple[float, bool] | None:
-    """A model's number of parameters and whether it reads text (None: unknown, e.g. a hub id offline)."""
+def _model_size(model: str | None) -> tuple[float, int | None] | None:
+    """A model's number of parameters and, for an image model, the tokens an image makes (text: None, the
+    configured length counts). None: unknown (e.g. a hub id offline)."""
     from gradmatch.checkpoints import Checkpoint
     from gradmatch.kinds import kind_of_config
     from gradmatch.models import BUILTIN_SPECS, load_config, resolve_model
@@ -212,15 +218,23 @@ def _model_size(model: str | None) -> tuple[float, bool] | None:
     if model is None:
         return None
     if model in ALIAS_PARAMETERS:
-        return ALIAS_PARAMETERS[model], True
-    if model in BUILTIN_SPECS:
-        return 1e6, False  # the demo's small ViT (0.2M parameters) counted as 1M: fixed costs dominate it
+        return ALIAS_PARAMETERS[model], None
     try:
+        config = load_config(model)
+        if kind_of_config(config).name == "image-classification":
+            size = int(getattr(config, "image_size", 224) or 224) // int(getattr(config, "patch_size", 16) or 16)
+            tokens = size * size + 1
+        else:
+            tokens = None
+        if model in BUILTIN_SPECS:  # random weights: the parameters of its architecture
+            from gradmatch.models import load_model
+
+            net, _ = load_model(model)
+            return float(sum(p.numel() for p in net.parameters())), tokens
         folder = Path(resolve_model(model))
         if not folder.is_dir():
             return None
-        text = kind_of_config(load_config(str(folder))).name != "image-classification"
-        return float(sum(info.numel for info in Checkpoint(folder).tensors.values())), text
+        return float(sum(info.numel for info in Checkpoint(folder).tensors.values())), tokens
     except UserError:
         return None
 
@@ -239,22 +253,23 @@ def _rows(job: Job, cache: dict) -> int | None:
 
 
 def _part_rows(part: dict[str, Any], data_dir: str | None) -> int | None:
-    from gradmatch.data import DIGITS_DOMAINS, data_root, resolve_preset
+    from gradmatch.data import DIGITS_DOMAINS, DIGITS_TEST_SIZE, DIGITS_TRAIN_SIZE, data_root, resolve_preset
 
     if part.get("size"):
         return int(part["size"])
     name, split = part["dataset"], part.get("split", "train")
-    if name in DIGITS_DOMAINS:
-        return 900  # about half of scikit-learn's 1,797 digits per domain and split
-    preset = resolve_preset(name)
-    root = data_root(data_dir)
-    folder = root / preset if preset and root is not None else Path(name).expanduser()
     base = split.split("[")[0].split("+")[0].strip()
-    path = folder / f"{base}.jsonl" if folder.is_dir() else folder
-    if not path.is_file() or path.suffix != ".jsonl":
-        return None
-    with open(path, "rb") as fh:
-        rows = sum(1 for line in fh if line.strip())
+    if name in DIGITS_DOMAINS:
+        rows = DIGITS_TRAIN_SIZE if base == "train" else DIGITS_TEST_SIZE
+    else:
+        preset = resolve_preset(name)
+        root = data_root(data_dir)
+        folder = root / preset if preset and root is not None else Path(name).expanduser()
+        path = folder / f"{base}.jsonl" if folder.is_dir() else folder
+        if not path.is_file() or path.suffix != ".jsonl":
+            return None
+        with open(path, "rb") as fh:
+            rows = sum(1 for line in fh if line.strip())
     if "[" in split:
         from datasets import ReadInstruction
 
