@@ -1,6 +1,6 @@
 """Merge benchmark: wall time and peak memory of `gradmatch merge` against a naive in-memory merge,
 reading the inputs once, and mergekit's task arithmetic, for T = 1, 2, 4, 8 MiniLM-sized children; with
-``--llm``, at LLM size (synthetic TinyLlama-shape bf16 checkpoints, issue 11; see the LLM section below).
+``--llm``, at LLM size (synthetic TinyLlama-shape bf16 checkpoints; see the LLM section below).
 
     python benchmarks/merge.py [--T 1 2 4 8] [--repeats 5] [--workdir DIR] [--cache cold|warm|both]
                                [--mergekit-venv PATH] [--write-docs]
@@ -8,7 +8,7 @@ reading the inputs once, and mergekit's task arithmetic, for T = 1, 2, 4, 8 Mini
 
 Every contender runs as its own process under ``/usr/bin/time -v``; wall time is measured around the
 process (start-up included) and peak memory is the maximum resident set size that ``time -v`` reports
-(it counts touched pages of memory-mapped files, SPEC §6). Contenders run interleaved — for each
+(it counts touched pages of memory-mapped files). Contenders run interleaved — for each
 repeat, for each T, every contender once, in an order rotated per repeat — so that load from other
 processes hits all of them alike. Time is reported as the best of the repeats (other load only ever
 adds time) with the median beside it, plus the CPU time (user + sys, less sensitive to other load);
@@ -482,7 +482,7 @@ def write_docs(section: str, heading: str = "## Merge") -> None:
     DOCS.write_text(text.rstrip() + "\n")
 
 
-# =========================================================================== LLM size (issue 11)
+# =========================================================================== LLM size
 #
 # Synthetic Llama-architecture checkpoints with TinyLlama-1.1B's shape (vocab 32000, hidden 2048, MLP 5632,
 # 32 heads, 4 key-value heads; bf16), generated under WORKDIR and never committed: 22 layers = 1.1B
@@ -848,7 +848,7 @@ def llm_section(args, samples, checks, sizes, contenders, caches, mk_venv, engin
                  (f"{mid}, {cache}", "`gm` peak RSS / `mergekit_lowmem` peak RSS", 0.2, ratio(mid, cache, "gm", "mergekit_lowmem", "rss")),
                  (f"{mid}, {cache}", "`ta` CPU / `mergekit` CPU (info)", None, ratio(mid, cache, "ta", "mergekit", "cpu")),
                  (f"{mid}, {cache}", "`gm` CPU / `floor_gm` CPU (info)", None, ratio(mid, cache, "gm", "floor_gm", "cpu"))]
-    lines += ["Targets (issue 11):", "", "| inputs | measure | limit | value | verdict |", "|---|---|---|---|---|"]
+    lines += ["Targets:", "", "| inputs | measure | limit | value | verdict |", "|---|---|---|---|---|"]
     for where, what, limit, value in rows:
         verdict = "—" if value is None else ("info" if limit is None else ("met" if value <= limit else "**missed**"))
         lines.append(f"| {where} | {what} | {'' if limit is None else f'≤ {limit:g}'} | {_fmt(value)} | {verdict} |")
@@ -896,7 +896,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="OMP/MKL threads of every contender (0: the libraries' default, one per core)")
     p.add_argument("--only", nargs="+", choices=list(CONTENDERS) + list(LLM_CONTENDERS), help="run only these contenders")
     p.add_argument("--llm", nargs="+", choices=list(LLAMA_LAYERS), default=None,
-                   help="LLM size instead of MiniLM: synthetic TinyLlama-shape bf16 checkpoints of these sizes (issue 11)")
+                   help="LLM size instead of MiniLM: synthetic TinyLlama-shape bf16 checkpoints of these sizes")
     p.add_argument("--clean", action="store_true", help="--llm: delete each size's generated inputs after its runs")
     p.add_argument("--no-check", action="store_true", help="skip comparing the merged outputs")
     p.add_argument("--write-docs", action="store_true", help="write the results to docs/benchmarks.md")
@@ -1001,7 +1001,7 @@ def main(argv=None) -> int:
         "Contenders: " + "; ".join(f"`{c}` = {CONTENDERS[c]}" for c in contenders) + ".",
         table,
         "",
-        "Targets (issue 2):",
+        "Targets (merge engine):",
         "",
         target_table,
         "",

@@ -1,7 +1,7 @@
 """The naive comparator of the merge benchmark: gradient matching as the original script does it.
 
 Everything is loaded fully into memory with ``from_pretrained`` — the parent, its Hessian, every child
-and every child's Hessian — the formula of SPEC §1 (one α for all tasks) is applied to whole state
+and every child's Hessian — the formula of docs/merge.md (one α for all tasks) is applied to whole state
 dicts, and the result is written with ``save_pretrained``. Memory therefore grows with the number of
 children; that is the point of comparison for the streaming engine. The flags are the original's::
 
