@@ -79,19 +79,40 @@ def test_hessians_without_a_fingerprint_pass_with_a_note(family, tmp_path):
     assert "has no weights_fingerprint" in result.stderr
 
 
-@pytest.mark.parametrize("key, value", [("hidden_act", "relu"), ("id2label", {"0": "positive", "1": "negative"})])
-def test_a_child_whose_config_changes_the_function_is_refused(family, tmp_path, key, value):
-    child = tmp_path / "odd-child"
-    shutil.copytree(family["children"][0], child)
-    config = json.loads((child / "config.json").read_text())
-    config[key] = value
-    (child / "config.json").write_text(json.dumps(config))
+@pytest.mark.parametrize("key, value, other", [("hidden_act", "relu", None),
+                                               ("id2label", {"0": "positive", "1": "negative"},
+                                                {"0": "negative", "1": "positive"})])
+def test_a_child_whose_config_changes_the_function_is_refused(family, tmp_path, key, value, other):
+    """Another activation than the parent's; labels in another order than the other child's (the parent names none)."""
+    children = []
+    for i, setting in enumerate([value, other]):
+        child = tmp_path / f"child{i}"
+        shutil.copytree(family["children"][i], child)
+        if setting is not None:
+            config = json.loads((child / "config.json").read_text())
+            config[key] = setting
+            (child / "config.json").write_text(json.dumps(config))
+        children.append(child)
     spec = {"method": "task_arithmetic", "base": str(family["parent"]),
-            "models": [{"model": str(child)}, {"model": str(family["children"][1])}]}
+            "models": [{"model": str(children[0])}, {"model": str(children[1])}]}
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(spec))
     refused = _cli("merge", tmp_path / "m.yaml", tmp_path / "out")
     assert refused.returncode == 2 and f"has {key}" in refused.stderr and "--allow-config-mismatch" in refused.stderr
     assert _cli("merge", tmp_path / "m.yaml", tmp_path / "out", "--allow-config-mismatch", "-q").returncode == 0
+
+
+def test_a_key_only_one_config_spells_out_is_not_compared(family, tmp_path):
+    """A child saved by another transformers version writes defaults its parent's config omits (MiniLM's config has
+    no add_cross_attention; a child trained from it says false): merged, not refused."""
+    child = tmp_path / "newer-child"
+    shutil.copytree(family["children"][0], child)
+    config = json.loads((child / "config.json").read_text())
+    config["a_key_the_parent_does_not_have"] = False
+    (child / "config.json").write_text(json.dumps(config))
+    spec = {"method": "task_arithmetic", "base": str(family["parent"]), "models": [{"model": str(child)}]}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(spec))
+    result = _cli("merge", tmp_path / "m.yaml", tmp_path / "out", "-q")
+    assert result.returncode == 0, result.stderr
 
 
 def test_the_merge_records_absolute_inputs_fingerprints_scale_sources_and_its_config(family, tmp_path):

@@ -159,10 +159,13 @@ _NEUTRAL_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", 
 def _check_same_function(reference: Checkpoint, child: Checkpoint, ignore: tuple[str, ...] = ()) -> None:
     """A child whose config would make the same weights compute something else (another activation, label order,
     number of heads, ...) than ``reference``'s is refused: its weights do not mean what the reference's mean.
-    ``ignore``: keys of a head the reference (a pretrained body) does not have."""
+    ``ignore``: keys of a head the reference (a pretrained body) does not have. A key only one of the two
+    configs holds is the other's default, which only transformers knows (versions write different sets of keys:
+    a child saved by transformers 5 spells out ``add_cross_attention: false``, which MiniLM's config omits), so
+    it is not compared."""
     if reference.config is None or child.config is None or reference is child:
         return
-    for key in sorted(set(reference.config) | set(child.config)):
+    for key in sorted(set(reference.config) & set(child.config)):
         if key in _NEUTRAL_CONFIG_KEYS or key in ignore or key.endswith(("dropout", "dropout_prob", "dropout_rate", "pdrop")):
             continue
         mine, theirs = reference.config.get(key), child.config.get(key)
@@ -243,10 +246,9 @@ def plan_merge(config: MergeConfig, *, check_inputs: bool = True, allow_config_m
     pretrained = _is_pretrained_base(base, children[0])
     for child in children:
         _check_same_architecture(children[0] if pretrained else base, child)
-        if not allow_config_mismatch:
-            _check_same_function(base, child, ignore=_HEAD_CONFIG_KEYS if pretrained else ())
-            if pretrained:
-                _check_same_function(children[0], child)
+        if not allow_config_mismatch:  # against the parent, and against each other (label order, where the
+            _check_same_function(base, child, ignore=_HEAD_CONFIG_KEYS if pretrained else ())  # parent has none)
+            _check_same_function(children[0], child)
     if pretrained:
         parent, output, head = _pretrained_base(base, children)
     else:
