@@ -183,3 +183,23 @@ def test_residual_of_a_prior_merge_uses_its_recorded_level(setup):
     assert measured.scales["base_hessian"] == "prior" and measured.residual["residual"] > 0
     assert measured.residual["residual"] == pytest.approx(by_hand.residual["residual"], rel=1e-5)
     assert measured.residual["prior_term"] == pytest.approx(by_hand.residual["prior_term"], rel=1e-5)
+
+
+def test_run_mismatch_takes_the_merges_of_the_seeds_asked_for(tmp_path, monkeypatch):
+    """--seed N keeps the merge jobs named seed-N/…; a seed the run does not have is one error."""
+    import gradmatch.mismatch as mm
+
+    specs = []
+    for seed in (0, 1):
+        out = tmp_path / f"merge-{seed}"
+        out.mkdir()
+        (out / "metrics.json").write_text(json.dumps({"alphas": []}))
+        specs.append({"name": f"seed-{seed}/merges/task_arithmetic", "out": str(out)})
+    seen = []
+    monkeypatch.setattr(mm, "_finished_merge_jobs", lambda run_dir: specs)
+    real_loads = json.loads
+    monkeypatch.setattr(mm.json, "loads", lambda text, **kw: seen.append(text) or real_loads(text, **kw))
+    assert mm.run_mismatch(tmp_path, seeds=[1], progress=False) == []
+    assert len(seen) == 1  # only seed 1's metrics were read
+    with pytest.raises(UserError, match="no finished merge of seed 5"):
+        mm.run_mismatch(tmp_path, seeds=[5], progress=False)

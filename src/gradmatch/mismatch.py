@@ -427,8 +427,9 @@ def _run_scales(run_dir: Path, spec: dict[str, Any]) -> tuple[str | None, float 
 
 
 def run_mismatch(run_dir: str | os.PathLike, *, max_examples: int | None = 100, max_length: int = 128,
-                 batch_size: int = 16, progress: bool = True) -> list[dict[str, Any]]:
-    """The plain mismatch and the residual of every merge (each method at each α, each seed) of a finished run.
+                 batch_size: int = 16, progress: bool = True, seeds: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """The plain mismatch and the residual of every merge (each method at each α, each seed, or only the ``seeds``
+    given) of a finished run.
 
     Each merge is rebuilt from the YAML its job kept (``configs/alpha-*.yaml``) into a temporary folder (or
     read from ``models/`` when kept), measured on the first ``max_examples`` examples of each child's test set
@@ -447,6 +448,11 @@ def run_mismatch(run_dir: str | os.PathLike, *, max_examples: int | None = 100, 
     rows: list[dict[str, Any]] = []
     cache: dict = {}
     jobs = _finished_merge_jobs(run_dir)
+    if seeds is not None:
+        wanted = {f"seed-{int(s)}/" for s in seeds}
+        jobs = [spec for spec in jobs if not spec["name"].startswith("seed-") or spec["name"].split("merges/")[0] in wanted]
+        if not jobs:
+            raise UserError(f"run {run_dir} has no finished merge of seed {', '.join(map(str, seeds))}")
     work = [(spec, entry) for spec in jobs
             for entry in json.loads((Path(spec["out"]) / "metrics.json").read_text(encoding="utf-8"))["alphas"]]
     bar = tqdm(work, desc="mismatch of each merge", unit="merge", disable=None if progress else True)

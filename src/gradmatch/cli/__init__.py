@@ -457,6 +457,8 @@ def _add_mismatch(sub) -> None:
     )
     p.add_argument("merged", nargs="?", help="a merged model folder (written by gradmatch merge)")
     p.add_argument("--run", metavar="RUN_DIR", help="measure every merge of this pipeline run instead")
+    p.add_argument("--seed", type=int, action="append", default=None,
+                   help="with --run: only the merges of this seed (repeat the flag for several; default: all)")
     p.add_argument("--children", help="comma-separated child folders (default: from merge.json)")
     p.add_argument("--alphas", help="comma-separated α_t (default: from merge.json)")
     p.add_argument("--parent", help="the parent θ_0 (default: merge.json's base)")
@@ -499,7 +501,7 @@ def _run_mismatch(args) -> int:
     if args.run:
         max_examples = 100 if args.max_examples is None else args.max_examples
         out = write_run_mismatch(args.run, args.out, overwrite=args.overwrite, max_examples=max_examples,
-                                 max_length=args.max_length, batch_size=args.batch_size)
+                                 max_length=args.max_length, batch_size=args.batch_size, seeds=args.seed)
         record = json.loads((out / "mismatch.json").read_text(encoding="utf-8"))
         print(f"{'merge':<28} {'alpha':>6} {'plain':>10} {'residual':>10} {'test error':>10}")
         for r in record["merges"]:
