@@ -36,8 +36,8 @@ def _row(label: str, kind: str, tasks: list[str], metrics: dict[str, dict], metr
     values = {t: float(metrics[t][metric]) for t in tasks if t in metrics and metric in metrics[t]}
     average = sum(values.values()) / len(values) if values and len(values) == len(tasks) else None
     row = {"label": label, "kind": kind, "method": method, "alpha": alpha, "values": values, "average": average}
-    if generation:
-        row["generation"] = generation
+    if generation:  # the scoring classifier is the report's `classifier` (its folder is this machine's path)
+        row["generation"] = {k: v for k, v in generation.items() if k != "classifier"}
     if statistics:
         row["statistics"] = {k: v.get("fraction") for k, v in statistics.items() if isinstance(v, dict)}
     return row
