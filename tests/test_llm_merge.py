@@ -4,6 +4,7 @@ a float64 reference, sharded inputs and outputs, the model card, links in model 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -214,7 +215,7 @@ def test_the_merge_never_writes_more_than_a_block_at_once(llama, tmp_path, monke
         return original(self, name, tensor, first_row)
 
     monkeypatch.setattr(c.SafetensorsWriter, "write", spy)
-    monkeypatch.setattr("gradmatch.merge.DEFAULT_BLOCK_ELEMENTS", 256)
+    monkeypatch.setattr(importlib.import_module("gradmatch.merge"), "DEFAULT_BLOCK_ELEMENTS", 256)
     gradmatch.merge(gm(llama), tmp_path / "out", progress=False)
     embed = LLAMA["vocab_size"] * LLAMA["hidden_size"]
     assert max(n for _, n in sizes) <= 256
@@ -243,6 +244,24 @@ def test_prefetching_reader_gives_the_same_bytes(llama, tmp_path):
         ref = load_dir(gradmatch.merge(gm(llama), tmp_path / f"f32-{pinned}", block_rows=3, progress=False,
                                        out_dtype="float32"))
         assert all(torch.equal(got[k].reshape(ref[k].shape), ref[k]) for k in plan.merged)
+
+
+def test_blocks_are_larger_on_a_gpu(llama, monkeypatch):
+    """On a GPU a block holds about GPU_BLOCK_ELEMENTS entries per input, on the CPU DEFAULT_BLOCK_ELEMENTS
+    (planning only: no GPU is needed)."""
+    from gradmatch.merge import _Executor, load_merge_config, plan_merge
+
+    engine = importlib.import_module("gradmatch.merge")  # the module (the name `gradmatch.merge` is also the function)
+    monkeypatch.setattr(engine, "DEFAULT_BLOCK_ELEMENTS", 64)
+    monkeypatch.setattr(engine, "GPU_BLOCK_ELEMENTS", 256)
+    plan = plan_merge(load_merge_config(gm(llama)))
+    name = "model.embed_tokens.weight"
+    hidden = LLAMA["hidden_size"]
+    for device, elements in (("cpu", 64), ("cuda", 256)):
+        ex = _Executor(plan, dict(plan.config.parameters), torch.device(device), torch.float32, None)
+        blocks = ex.row_blocks(name)
+        assert all(b.stop - b.start == max(1, elements // hidden) for b in blocks[:-1])
+        assert blocks[-1].stop == LLAMA["vocab_size"]
 
 
 def test_prefetching_reader_with_whole_tensor_methods(llama, tmp_path):
