@@ -279,14 +279,36 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+# Where GNU time is missing (a bare GPU machine): the same two report lines from a Python parent that waits for the
+# command and reads its children's peak RSS and CPU time from getrusage.
+_TIME_PY = """
+import resource, subprocess, sys
+out, argv = sys.argv[1], sys.argv[2:]
+rc = subprocess.call(argv)
+r = resource.getrusage(resource.RUSAGE_CHILDREN)
+with open(out, "w") as fh:
+    fh.write(f"User time (seconds): {r.ru_utime}\\nSystem time (seconds): {r.ru_stime}\\n"
+             f"Maximum resident set size (kbytes): {r.ru_maxrss}\\n")
+sys.exit(rc)
+"""
+
+
+def timed(argv: list[str], report: str) -> list[str]:
+    """``argv`` under GNU ``time -v`` writing to ``report`` (or the getrusage stand-in where it is missing)."""
+    if Path("/usr/bin/time").exists():
+        return ["/usr/bin/time", "-v", "-o", report, *argv]
+    return [sys.executable, "-c", _TIME_PY, report, *argv]
+
+
 def run_once(argv: list[str], out: Path, log: Path, inputs: list[Path], cache: str, env: dict | None = None) -> dict:
-    """Run ``argv`` as one process under /usr/bin/time -v; return wall seconds and peak RSS."""
+    """Run ``argv`` as one process under /usr/bin/time -v; return wall seconds, peak RSS (and peak GPU memory
+    where the process logs it)."""
     _remove(out)
     (evict if cache == "cold" else warm)(inputs)
     os.sync()  # no earlier run's output still being written back during this one
     frac = cached_fraction(inputs)
     with tempfile.NamedTemporaryFile("r", suffix=".time") as tf, open(log, "w") as lf:
-        cmd = ["/usr/bin/time", "-v", "-o", tf.name, *argv]
+        cmd = timed(argv, tf.name)
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, stdout=subprocess.DEVNULL if argv[0] == "cat" else lf, stderr=lf, env=env)
         wall = time.perf_counter() - t0
@@ -296,6 +318,9 @@ def run_once(argv: list[str], out: Path, log: Path, inputs: list[Path], cache: s
     cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", report))
     result = {"ok": proc.returncode == 0, "rc": proc.returncode, "wall": wall, "cpu": cpu, "rss_mb": rss_mb,
               "cached_before": frac}
+    gpu = re.findall(r"peak GPU memory: (\d+) MB", log.read_text(errors="replace")) if log.exists() else []
+    if gpu:
+        result["gpu_mb"] = float(gpu[-1])
     if proc.returncode != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-3:]
         result["error"] = " | ".join(tail)
@@ -493,6 +518,8 @@ LLAMA_INPUTS_VERSION = 1
 LLM_CONTENDERS = {
     "gm": "gradmatch merge, gradient_matching (2T+2 inputs)",
     "ta": "gradmatch merge, task_arithmetic (T+1 inputs)",
+    "gm_cuda": "`gm` with `--device cuda` (computes on the GPU; the next block read on a thread into pinned buffers)",
+    "ta_cuda": "`ta` with `--device cuda`",
     "mergekit": "mergekit-yaml task_arithmetic, default options",
     "mergekit_lowmem": "mergekit-yaml task_arithmetic, --out-shard-size 500M --low-cpu-memory",
     "floor_gm": "read and convert to float32 every input of `gm` once, write the output's bytes (python + torch)",
@@ -650,6 +677,9 @@ def llm_commands(t: int, paths: dict, cfgs: dict, out: Path, mk_venv: Path | Non
     return {
         "gm": [*gradmatch_command(), "merge", str(cfgs["gm"]), str(out), "--quiet", *gm_threads],
         "ta": [*gradmatch_command(), "merge", str(cfgs["ta"]), str(out), "--quiet", *gm_threads],
+        # not --quiet: the merge logs its peak GPU memory (progress bars are off through TQDM_DISABLE)
+        "gm_cuda": [*gradmatch_command(), "merge", str(cfgs["gm"]), str(out), "--device", "cuda", "--verbose", *gm_threads],
+        "ta_cuda": [*gradmatch_command(), "merge", str(cfgs["ta"]), str(out), "--device", "cuda", "--verbose", *gm_threads],
         "mergekit": [str(mk), str(cfgs["mergekit"]), str(out), "--quiet"] if mk else None,
         "mergekit_lowmem": ([str(mk), str(cfgs["mergekit"]), str(out), "--quiet", "--out-shard-size", "500M",
                              "--low-cpu-memory"] if mk else None),
@@ -660,7 +690,7 @@ def llm_commands(t: int, paths: dict, cfgs: dict, out: Path, mk_venv: Path | Non
 
 
 def llm_inputs_of(contender: str, paths: dict) -> list[Path]:
-    return llm_weight_files(paths, "gm" if contender in ("gm", "floor_gm", "read_cat") else "ta")
+    return llm_weight_files(paths, "gm" if contender in ("gm", "gm_cuda", "floor_gm", "read_cat") else "ta")
 
 
 def loadavg() -> tuple[float, float, float]:
@@ -701,14 +731,28 @@ def check_gm_sample(out: Path, paths: dict, names: list[str]) -> float:
     return worst
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def gpu_name() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
 def llm_main(args) -> int:
     import math
 
     t = args.T[0] if len(args.T) == 1 else 4
     work = args.workdir.resolve()
     mk_venv = args.mergekit_venv if (args.mergekit_venv / "bin" / "mergekit-yaml").exists() else None
-    contenders = [c for c in LLM_CONTENDERS if (not args.only or c in args.only) and (not c.startswith("mergekit") or mk_venv)]
-    env = dict(os.environ)
+    cuda = _cuda_available()
+    contenders = [c for c in LLM_CONTENDERS if (not args.only or c in args.only) and (not c.startswith("mergekit") or mk_venv)
+                  and (not c.endswith("_cuda") or cuda)]
+    env = dict(os.environ, TQDM_DISABLE="1")
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     engine_before = engine_version()
@@ -752,10 +796,14 @@ def llm_main(args) -> int:
                     print(f"[{model} rep {rep + 1} {cache:4s} {c:15s}] {status}  load {before[0]:.2f}",
                           file=sys.stderr, flush=True)
                 if rep == 0 and cache == caches[0] and not args.no_check:
-                    gm_out, ta_out, mk_out = runs / f"{cache}-gm", runs / f"{cache}-ta", runs / f"{cache}-mergekit"
-                    if gm_out.exists():
-                        names = ["model.norm.weight", "model.layers.0.self_attn.k_proj.weight", "model.layers.0.mlp.down_proj.weight"]
-                        checks[(model, "gm vs float64 formula, largest error in bf16 ulps of max(|exact|, |θ_0|) (0.5 = correctly rounded)")] = check_gm_sample(gm_out, paths, names)
+                    ta_out, mk_out = runs / f"{cache}-ta", runs / f"{cache}-mergekit"
+                    names = ["model.norm.weight", "model.layers.0.self_attn.k_proj.weight", "model.layers.0.mlp.down_proj.weight"]
+                    for c in ("gm", "gm_cuda"):
+                        if (runs / f"{cache}-{c}").exists():
+                            checks[(model, f"{c} vs float64 formula, largest error in bf16 ulps of max(|exact|, |θ_0|) (0.5 = correctly rounded)")] = check_gm_sample(runs / f"{cache}-{c}", paths, names)
+                    for c in ("gm", "ta"):
+                        if (runs / f"{cache}-{c}").exists() and (runs / f"{cache}-{c}_cuda").exists():
+                            checks[(model, f"{c}_cuda vs {c}, max rel. error")] = compare_outputs(runs / f"{cache}-{c}_cuda", runs / f"{cache}-{c}")
                     if ta_out.exists() and mk_out.exists():
                         checks[(model, "ta vs mergekit (bf16 compute), max rel. error")] = compare_outputs(ta_out, mk_out)
                 for c in contenders:
@@ -771,8 +819,9 @@ def llm_main(args) -> int:
                                                        "checks": {f"{m}: {k}": v for (m, k), v in checks.items()}},
                                                       indent=1, default=str))
     if args.write_docs:
-        write_docs(section, heading="## Merge at LLM size")
-        print(f"\nwrote the ## Merge at LLM size section of {DOCS}", file=sys.stderr)
+        heading = section.splitlines()[0]
+        write_docs(section, heading=heading)
+        print(f"\nwrote the {heading} section of {DOCS}", file=sys.stderr)
     return 0
 
 
@@ -795,18 +844,23 @@ def llm_section(args, samples, checks, sizes, contenders, caches, mk_venv, engin
             return None
         return {"wall": min(r["wall"] for r in runs), "median": statistics.median(r["wall"] for r in runs),
                 "cpu": statistics.median(r["cpu"] for r in runs), "rss": max(r["rss_mb"] for r in runs),
+                "gpu": max((r["gpu_mb"] for r in runs if "gpu_mb" in r), default=None),
                 "load": (min(r["load_before"][0] for r in runs), max(r["load_before"][0] for r in runs))}
 
-    lines = ["## Merge at LLM size", "",
+    on_gpu = any(c.endswith("_cuda") for c in contenders)
+    only = f" --only {' '.join(args.only)}" if args.only else ""
+    lines = ["## Merge at LLM size" + (" on a GPU" if on_gpu else ""), "",
              f"Command: `python benchmarks/merge.py --llm {' '.join(args.llm)} --T {t} --repeats {args.repeats} "
-             f"--cache {args.cache} --threads {args.threads}` (script: `benchmarks/merge.py`, see `benchmarks/README.md`).",
+             f"--cache {args.cache} --threads {args.threads}{only}` (script: `benchmarks/merge.py`, see `benchmarks/README.md`).",
              f"Date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.",
-             f"Machine: {machine()}" + (f"; mergekit {mergekit_version(mk_venv)} in its own venv." if mk_venv else "; mergekit not installed."),
+             f"Machine: {machine()}" + (f"; GPU: {gpu_name()}" if on_gpu else "")
+             + (f"; mergekit {mergekit_version(mk_venv)} in its own venv." if mk_venv else "; mergekit not installed."),
              f"Engine: {engine_note}.", "",
              f"Inputs: synthetic Llama-architecture checkpoints of TinyLlama-1.1B's shape (vocab 32000, hidden 2048, MLP 5632, "
              f"32 heads, 4 key-value heads), bf16, in 1 GB shards with an index, generated by the benchmark; T = {t} children "
              f"(parent + N(0, 0.001²)), a Hessian per model (non-negative, bf16). N_0 = N_t = {SCALE:g}, δ = {DELTA:g}, α_t = 1. "
-             f"Each run is a separate process (start-up included) under `/usr/bin/time -v`; {args.repeats} interleaved runs "
+             f"Each run is a separate process (start-up included) under `/usr/bin/time -v` (or getrusage where it is "
+             f"missing); {args.repeats} interleaved runs "
              f"per cell: wall time best (median) [median CPU s], peak RSS = largest. Threads: "
              + (f"{args.threads} (`--threads {args.threads}`, OMP_NUM_THREADS={args.threads})." if args.threads else "library defaults.")
              + " *cold*: inputs evicted from the page cache before each run; *warm*: inputs read before each run "
@@ -821,7 +875,8 @@ def llm_section(args, samples, checks, sizes, contenders, caches, mk_venv, engin
             cells = []
             for cache in caches:
                 x = stat(model, cache, c)
-                cells.append("—" if x is None else f"{x['wall']:.2f} ({x['median']:.2f}) [{x['cpu']:.2f}] / {x['rss']:.0f} MB, "
+                gpu = f" (GPU {x['gpu']:.0f} MB)" if x and x.get("gpu") else ""
+                cells.append("—" if x is None else f"{x['wall']:.2f} ({x['median']:.2f}) [{x['cpu']:.2f}] / {x['rss']:.0f} MB{gpu}, "
                                                    f"load {x['load'][0]:.1f}–{x['load'][1]:.1f}")
             lines.append(f"| `{c}` | " + " | ".join(cells) + " |")
         lines.append("")
@@ -848,11 +903,18 @@ def llm_section(args, samples, checks, sizes, contenders, caches, mk_venv, engin
                  (f"{mid}, {cache}", "`gm` peak RSS / `mergekit_lowmem` peak RSS", 0.2, ratio(mid, cache, "gm", "mergekit_lowmem", "rss")),
                  (f"{mid}, {cache}", "`ta` CPU / `mergekit` CPU (info)", None, ratio(mid, cache, "ta", "mergekit", "cpu")),
                  (f"{mid}, {cache}", "`gm` CPU / `floor_gm` CPU (info)", None, ratio(mid, cache, "gm", "floor_gm", "cpu"))]
-    lines += ["Targets:", "", "| inputs | measure | limit | value | verdict |", "|---|---|---|---|---|"]
-    for where, what, limit, value in rows:
-        verdict = "—" if value is None else ("info" if limit is None else ("met" if value <= limit else "**missed**"))
-        lines.append(f"| {where} | {what} | {'' if limit is None else f'≤ {limit:g}'} | {_fmt(value)} | {verdict} |")
-    lines.append("")
+    for model in args.llm:
+        for cache in caches:
+            rows += [(f"{model}, {cache}", "`gm_cuda` time / `floor_gm` time (info)", None, ratio(model, cache, "gm_cuda", "floor_gm", "wall")),
+                     (f"{model}, {cache}", "`gm_cuda` time / `gm` time (info)", None, ratio(model, cache, "gm_cuda", "gm", "wall")),
+                     (f"{model}, {cache}", "`ta_cuda` time / `floor_ta` time (info)", None, ratio(model, cache, "ta_cuda", "floor_ta", "wall"))]
+    rows = [r for r in rows if r[3] is not None]  # only what this run measured
+    if rows:
+        lines += ["Targets and ratios:", "", "| inputs | measure | limit | value | verdict |", "|---|---|---|---|---|"]
+        for where, what, limit, value in rows:
+            verdict = "info" if limit is None else ("met" if value <= limit else "**missed**")
+            lines.append(f"| {where} | {what} | {'' if limit is None else f'≤ {limit:g}'} | {_fmt(value)} | {verdict} |")
+        lines.append("")
     if checks:
         lines += ["Output checks:", ""] + [f"- {m}: {k}: {v:.3g}" for (m, k), v in checks.items()] + [""]
     lines += llm_projection(samples, sizes, stat, t)
@@ -906,8 +968,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     cli_argv = list(argv) if argv is not None else sys.argv[1:]
     args = parse_args(cli_argv)
-    if not Path("/usr/bin/time").exists():
-        raise SystemExit("needs GNU time at /usr/bin/time (apt-get install -y time)")
     if args.llm:
         return llm_main(args)
     ts = sorted(set(args.T))
