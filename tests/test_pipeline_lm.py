@@ -106,6 +106,8 @@ def test_a_tiny_removal_experiment_runs_end_to_end(lm_world, tmp_path):
     assert rows["child-negative"]["values"]["negative"] < rows["parent"]["values"]["negative"]
     assert "guarded_entries" in rows["gradient_matching α=-1"]["statistics"]
     assert report["classifier"]["label"] == "attribute-classifier" and "accuracy" in report["classifier"]
+    # paired at each α, never "each at its best α": by fluency that is the α that removes least
+    assert {p["what"] for p in report["paired"]} == {"α = -1", "α = -0.5"}
     text = (workdir / "report" / "report.md").read_text()
     assert "Removal: unwanted attribute against fluency" in text and "![unwanted rate against perplexity]" in text
     assert (workdir / "report" / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -113,9 +113,11 @@ def collect(params: dict[str, Any], inputs: dict[str, str]) -> dict[str, Any]:
             if all(key in c for c in classifiers):
                 classifier[key], classifier[f"{key}_sd"] = _mean_sd([c[key] for c in classifiers])
     best = best_settings(rows, higher)
+    # a removal run's "best" α by fluency is the one that removes least: its pairing would say nothing
+    removal = any(r.get("generation") for r in rows)
     return {"experiment": params.get("experiment", "experiment"), "tasks": tasks, "metric": metric,
             "higher_is_better": higher, "fluency_task": params.get("fluency_task"), "seeds": seeds, "rows": rows,
-            "missing": missing, "classifier": classifier, "best": best, "paired": paired_differences(runs, best)}
+            "missing": missing, "classifier": classifier, "best": best, "paired": paired_differences(runs, {} if removal else best)}
 
 
 def _t_quantile(n: int) -> float:
@@ -351,27 +353,41 @@ def _plot_tradeoff(results: dict[str, Any], path: Path, dpi: int) -> None:
         x = row["values"].get(fluency)
         return (x, g["unwanted_rate"], g["unwanted_rate_se"]) if "unwanted_rate" in g and x is not None else None
 
-    for method, rows in _merge_curves(results).items():
-        pts = [(r, point(r)) for r in rows if point(r)]
+    curves = {method: [(r, point(r)) for r in rows if point(r)] for method, rows in _merge_curves(results).items()}
+    models = [(row, point(row)) for row in results["rows"] if row["kind"] == "model" and point(row)]
+    xs_all = [p[0] for pts in curves.values() for _, p in pts] + [p[0] for _, p in models]
+    # a wrecked merge (perplexity 1e5 and beyond) would squash every other point into the left edge: the axis
+    # ends at 50x the lowest perplexity and points beyond it sit on that edge as triangles, labelled with their value
+    cap = 50 * min(xs_all) if xs_all and max(xs_all) > 50 * min(xs_all) else None
+
+    def shown(x):
+        return x if cap is None or x <= cap else cap
+
+    for method, pts in curves.items():
         if not pts:
             continue
         xs, ys, es = zip(*(p for _, p in pts))
-        line = ax.errorbar(xs, [100 * y for y in ys], yerr=[100 * e for e in es], marker="o", capsize=2, label=method)
+        line = ax.errorbar([shown(x) for x in xs], [100 * y for y in ys], yerr=[100 * e for e in es], marker="o",
+                           capsize=2, label=method)
         for (row, (x, y, _)) in pts:
-            ax.annotate(f"{row['alpha']:g}", (x, 100 * y), textcoords="offset points", xytext=(4, 3), fontsize=7,
+            beyond = cap is not None and x > cap
+            if beyond:
+                ax.plot([cap], [100 * y], marker=">", markersize=8, color=line[0].get_color())
+            ax.annotate(f"{row['alpha']:g}" + (f" (ppl {x:.2g})" if beyond else ""), (shown(x), 100 * y),
+                        textcoords="offset points", xytext=(-60 if beyond else 4, 3), fontsize=7,
                         color=line[0].get_color())
-    for row in results["rows"]:
-        if row["kind"] == "model" and point(row):
-            x, y, e = point(row)
-            ax.errorbar([x], [100 * y], yerr=[100 * e], marker="s", color="black", capsize=2)
-            ax.annotate(row["label"], (x, 100 * y), textcoords="offset points", xytext=(5, -9), fontsize=8)
+    for row, (x, y, e) in models:
+        ax.errorbar([shown(x)], [100 * y], yerr=[100 * e], marker="s", color="black", capsize=2)
+        ax.annotate(row["label"], (shown(x), 100 * y), textcoords="offset points", xytext=(5, -9), fontsize=8)
     from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # 100, 200, 500, 1000, ...: no crowding
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel(f"perplexity on {fluency} (lower: more fluent)")
+    if cap is not None:
+        ax.set_xlim(right=cap * 1.15)
+    ax.set_xlabel(f"perplexity on {fluency} (lower: more fluent)" + (f"; ▶ beyond {cap:.3g}" if cap else ""))
     ax.set_ylabel("unwanted generations (%)")
     ax.set_title(f"{results['experiment']}: removal trade-off (numbers: α)")
     ax.grid(alpha=0.3, which="both")
