@@ -571,9 +571,15 @@ def test_failure_mid_merge_with_overwrite_keeps_the_old_output(tmp_path, capsys)
     assert not list(tmp_path.glob(".gradmatch-*"))
 
 
-def test_output_inside_an_input_is_refused(fam, tmp_path, capsys):
-    with pytest.raises(UserError, match="would replace the input base model"):
+def test_an_output_that_is_contains_or_lies_inside_an_input_is_refused(fam, tmp_path, capsys):
+    with pytest.raises(UserError, match="contains the input base model .*would delete the input base model"):
         gradmatch.merge(gm_config(fam), fam["root"], overwrite=True, progress=False)
+    with pytest.raises(UserError, match="is the input base model .*would replace the input base model"):
+        gradmatch.merge(gm_config(fam), fam["parent"], overwrite=True, progress=False)
+    before = sorted(p.name for p in Path(fam["children"][0]).iterdir())
+    with pytest.raises(UserError, match="lies inside the input .*would change the input"):
+        gradmatch.merge(gm_config(fam), Path(fam["children"][0]) / "merged", progress=False)
+    assert sorted(p.name for p in Path(fam["children"][0]).iterdir()) == before
 
 
 def test_yaml_and_flags_together_are_refused(fam, tmp_path, capsys):

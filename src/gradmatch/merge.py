@@ -460,11 +460,10 @@ def _plan_grams(config: MergeConfig, parent: Checkpoint, merged: list[str]) -> l
 
 
 def _check_output_not_input(out: Path, plan: MergePlan) -> None:
-    target = out.absolute().resolve()
-    for ckpt in plan.inputs:
-        folder = ckpt.folder.absolute().resolve()
-        if folder == target or target in folder.parents:
-            raise UserError(f"output {out} would replace the input {ckpt.role} {ckpt.folder}")
+    """Refuse an output that is, contains or lies inside an input folder (one line naming both)."""
+    from gradmatch.fsutil import check_not_input
+
+    check_not_input(out, {f"the input {ckpt.role}": ckpt.folder for ckpt in plan.inputs}, "output")
 
 
 # --------------------------------------------------------------------------- execution
