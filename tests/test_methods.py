@@ -372,3 +372,15 @@ def test_removal_with_a_nearly_vanishing_denominator():
     ratio = (got.double() - p.double()) / tau
     assert torch.allclose(ratio, torch.full_like(ratio, -10.0), rtol=1e-4)  # θ_0 − R·τ: removal, bounded
     assert stats["guarded_entries"] == p.numel()
+
+
+def test_the_guard_bound_is_between_1_and_1000():
+    """R beyond 1000 is refused (1e308 overflowed float32 in the guard; R = 100 already wrecked a 135M LM)."""
+    import pydantic
+
+    from gradmatch.methods.gradient_matching import GradientMatchingParameters
+
+    assert GradientMatchingParameters(max_update_ratio=1000).max_update_ratio == 1000
+    for bad in (0.5, 1001, 1e30, 1e308, float("inf"), float("nan")):
+        with pytest.raises(pydantic.ValidationError):
+            GradientMatchingParameters(max_update_ratio=bad)

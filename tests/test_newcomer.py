@@ -175,3 +175,26 @@ def test_errors_do_not_repeat_the_program_name():
     assert result.returncode == 2
     assert result.stderr.startswith("gradmatch: error: merge: argument --precision") and "gradmatch: error: gradmatch" \
         not in result.stderr
+
+
+def test_pad_token_id_matters_only_to_classifiers():
+    """gradmatch train gives a causal LM without a pad token one (its config then says pad_token_id 0 where the
+    parent's says null): a language model's logits do not depend on it, so its child is merged; a decoder
+    classifier pools at the last non-pad token, so there a different pad_token_id is refused."""
+    from types import SimpleNamespace
+
+    from gradmatch.errors import UserError
+    from gradmatch.merge import _check_same_function
+
+    def ckpt(arch, pad, role):
+        return SimpleNamespace(config={"architectures": [arch], "model_type": "gpt2", "pad_token_id": pad,
+                                       "n_embd": 16}, role=role, folder=f"/{role}")
+
+    _check_same_function(ckpt("GPT2LMHeadModel", None, "base"), ckpt("GPT2LMHeadModel", 0, "child"))
+    with pytest.raises(UserError, match="has pad_token_id 0"):
+        _check_same_function(ckpt("GPT2ForSequenceClassification", None, "base"),
+                             ckpt("GPT2ForSequenceClassification", 0, "child"))
+    with pytest.raises(UserError, match="has n_embd 32"):  # the other keys are still compared
+        other = ckpt("GPT2LMHeadModel", 0, "child")
+        other.config["n_embd"] = 32
+        _check_same_function(ckpt("GPT2LMHeadModel", None, "base"), other)

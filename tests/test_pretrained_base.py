@@ -200,6 +200,28 @@ def test_heads_without_a_common_initialisation_are_averaged_with_a_line(family, 
     assert torch.allclose(merged[key], expected, atol=1e-6)
 
 
+def test_removal_is_refused_where_the_head_could_only_be_averaged(family, tmp_path):
+    """An average would give the removed child's head weight +1/T: refused in one line, nothing written. With a
+    common recorded initialisation (children a and b) the head has a θ_0 and removal works."""
+    config = tmp_path / "m.yaml"
+    config.write_text(yaml.safe_dump({"method": "task_arithmetic", "base": str(family["base"]),
+                                      "models": [{"model": str(family["children"]["a"]), "weight": 1.0},
+                                                 {"model": str(family["children"]["c"]), "weight": -1.0}]}))
+    result = _cli("merge", config, tmp_path / "merged")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "negative weight (removal)" in result.stderr and "could only be averaged" in result.stderr
+    assert not (tmp_path / "merged").exists()
+    config.write_text(yaml.safe_dump({"method": "task_arithmetic", "base": str(family["base"]),
+                                      "models": [{"model": str(family["children"]["a"]), "weight": 1.0},
+                                                 {"model": str(family["children"]["b"]), "weight": -1.0}]}))
+    result = _cli("merge", config, tmp_path / "merged", "-q")
+    assert result.returncode == 0, result.stderr
+    merged, kids = _weights(tmp_path / "merged"), [_weights(family["children"][n]) for n in "ab"]
+    init = load_file(family["children"]["a"] / "head_init" / "model.safetensors")
+    for key in HEAD:  # θ_0 + τ_a − τ_b relative to the common initialisation
+        assert torch.allclose(merged[key], init[key] + (kids[0][key] - init[key]) - (kids[1][key] - init[key]), atol=1e-6)
+
+
 def test_fisher_of_a_headless_base_is_refused_with_the_alternatives(family, tmp_path):
     result = _cli("fisher", "--model", family["base"], "--data", family["data"], "--split", "train", "--out", tmp_path / "f")
     lines = result.stderr.strip().splitlines()

@@ -168,9 +168,13 @@ def _check_same_function(reference: Checkpoint, child: Checkpoint, ignore: tuple
     it is not compared."""
     if reference.config is None or child.config is None or reference is child:
         return
+    classifier = any(str(a).endswith("ForSequenceClassification")
+                     for c in (reference.config, child.config) for a in (c.get("architectures") or []))
     for key in sorted(set(reference.config) & set(child.config)):
         if key in _NEUTRAL_CONFIG_KEYS or key in ignore or key.endswith(("dropout", "dropout_prob", "dropout_rate", "pdrop")):
             continue
+        if key == "pad_token_id" and not classifier:  # a language model's logits do not depend on it (gradmatch
+            continue  # train sets one for a causal LM that has none); a decoder classifier pools at the last non-pad
         mine, theirs = reference.config.get(key), child.config.get(key)
         if mine != theirs and not (key == "id2label" and _generic_labels(mine) and _generic_labels(theirs)):
             raise UserError(f"{child.role} {child.folder} has {key} {theirs!r} in its config.json but {reference.role} "
@@ -253,7 +257,7 @@ def plan_merge(config: MergeConfig, *, check_inputs: bool = True, allow_config_m
             _check_same_function(base, child, ignore=_HEAD_CONFIG_KEYS if pretrained else ())  # parent has none)
             _check_same_function(children[0], child)
     if pretrained:
-        parent, output, head = _pretrained_base(base, children)
+        parent, output, head = _pretrained_base(base, children, [i for i, w in enumerate(config.weights()) if w < 0])
     else:
         parent = output = base
         head = {}
@@ -342,14 +346,16 @@ def _is_pretrained_base(base: Checkpoint, child: Checkpoint) -> bool:
     return bool(archs and child_archs and archs != child_archs)
 
 
-def _pretrained_base(base: Checkpoint, children: list[Checkpoint]) -> tuple[TensorView, TensorView, dict[str, Any]]:
+def _pretrained_base(base: Checkpoint, children: list[Checkpoint],
+                     removed: list[int] = ()) -> tuple[TensorView, TensorView, dict[str, Any]]:
     """The parent θ_0 and the output's tensors when the base is the children's pretrained body.
 
     The body is matched by name (:func:`gradmatch.checkpoints.match_names`: the same names or one prefix
     apart). The children's tensors the base lacks (their head) are merged by the method relative to their
     common initialisation when every child recorded the same one (``head_init/``, written by ``gradmatch
-    train``); otherwise they are averaged, with a line saying so. Base tensors the children lack (a masked-LM
-    or LM head) are not used. Returns (parent, output, a record of the rule for merge.json)."""
+    train``); otherwise they are averaged, with a line saying so — refused when a child is removed (``removed``:
+    the indices of negative weights), since an average would add its head. Base tensors the children lack (a
+    masked-LM or LM head) are not used. Returns (parent, output, a record of the rule for merge.json)."""
     first = children[0]
     for child in children[1:]:
         differ = sorted(set(child.tensors) ^ set(first.tensors))
@@ -378,6 +384,12 @@ def _pretrained_base(base: Checkpoint, children: list[Checkpoint]) -> tuple[Tens
             record["head_rule"] = f"merged by the method relative to the common initialisation in {HEAD_INIT}/"
             log.info("the children's head (%s) is merged relative to their common initialisation (%s/)",
                      ", ".join(heads), HEAD_INIT)
+        elif removed:  # an average takes every child's head with weight 1/T, the removed one's too
+            raise UserError(f"models[{removed[0]}] has a negative weight (removal), but the base model {base.folder} has "
+                            f"no {heads[0]} and the children share no recorded initialisation of it ({HEAD_INIT}/: "
+                            f"{why}), so it could only be averaged, which would add the removed child's instead of "
+                            "removing it: use a base with that tensor, or children trained from this base by gradmatch "
+                            "train with one seed")
         else:
             record["head_rule"] = f"averaged: {why}"
             log.warning("the base model has no %s: the merge takes the children's plain average of it, because %s",

@@ -19,8 +19,9 @@ class GradientMatchingParameters(Parameters):
 
     delta_0: float = Field(1e-12, ge=0, allow_inf_nan=False, description="prior precision δ added to N_0·F_0")
     max_update_ratio: float = Field(
-        10.0, ge=1, allow_inf_nan=False,
-        description="the removal guard's bound R: with some α_t < 0, |θ − θ_0| ≤ R·Σ_t |α_t τ_t| in every entry")
+        10.0, ge=1, le=1000, allow_inf_nan=False,
+        description="the removal guard's bound R: with some α_t < 0, |θ − θ_0| ≤ R·Σ_t |α_t τ_t| in every entry "
+                    "(at most 1000: R = 100 already wrecked a 135M LM in the removal experiment)")
 
 
 def gradient_matching(
