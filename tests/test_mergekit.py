@@ -358,6 +358,16 @@ REFUSALS = {
                     "models": [{"model": "child1", "parameters": {"weight": 1}}]}, ["merge_method", "not both"]),
     "bad dtype": ({"merge_method": "linear", "dtype": "int8", "models": [{"model": "child1", "parameters": {"weight": 1}}]},
                   ["dtype", "'int8'"]),
+    "method as a list": ({"merge_method": ["ties"], "base_model": "parent", "models": [{"model": "child1"}]},
+                         ["merge_method", "must be the name of a merge method, not list"]),
+    "method as a mapping": ({"merge_method": {"a": 1}, "base_model": "parent", "models": [{"model": "child1"}]},
+                            ["merge_method", "not dict"]),
+    "Hessian for ties": ({"merge_method": "ties", "base_model": "parent", "base_hessian": "parent",
+                          "models": [{"model": "child1", "parameters": {"weight": 1}}]},
+                         ["base_hessian", "mergekit's ties uses no Hessian"]),
+    "own method without base": ({"merge_method": "gradient_matching",
+                                 "models": [{"model": "child1"}, {"model": "child2"}]},
+                                ["base_model", "gradient_matching needs base_model"]),
 }
 
 

@@ -70,6 +70,8 @@ def from_mergekit(data: Mapping[str, Any], source: str = "merge config") -> dict
     """gradmatch's merge config (the YAML form) for a mergekit document; a UserError names what cannot be run."""
     doc = _Doc(data, source)
     method = data["merge_method"]
+    if not isinstance(method, str):
+        raise doc.fail("merge_method", f"must be the name of a merge method, not {type(method).__name__} {method!r}")
     if "method" in data:
         raise doc.fail("method", "give merge_method (mergekit's form) or method (gradmatch's), not both")
     from gradmatch.methods import method_names
@@ -111,6 +113,11 @@ def from_mergekit(data: Mapping[str, Any], source: str = "merge config") -> dict
     global_params = data.get("parameters") or {}
     if not isinstance(global_params, Mapping):
         raise doc.fail("parameters", "must be a mapping")
+    if method in SHARED:  # mergekit's methods read no Hessian: one given would be silently unused
+        for key in ("base_hessian", "base_hessian_scale"):
+            if data.get(key) is not None:
+                raise doc.fail(key, f"mergekit's {method} uses no Hessian (gradmatch's own methods, e.g. "
+                                    "merge_method: gradient_matching, do)")
     config = _shared(doc, method, entries, dict(global_params)) if method in SHARED else \
         _own(doc, method, entries, dict(global_params))
     out_dtype = data.get("out_dtype") or data.get("dtype")  # mergekit writes in dtype unless out_dtype says otherwise
@@ -209,6 +216,8 @@ def _own(doc: _Doc, method: str, entries: list[dict], global_params: dict) -> di
     per-model `hessian:`, `parameters: {weight, hessian_scale}`; the base model's Hessian on its own entry
     in `models` or as top-level `base_hessian`. gradmatch's semantics."""
     base = doc.data.get("base_model")
+    if base is None:  # the first model would become the parent and stay a child
+        raise doc.fail("base_model", f"{method} needs base_model: the parent the models were fine-tuned from")
     config: dict[str, Any] = {"method": method}
     if doc.data.get("base_hessian") is not None:
         config["base_hessian"] = doc.data["base_hessian"]
@@ -234,7 +243,7 @@ def _own(doc: _Doc, method: str, entries: list[dict], global_params: dict) -> di
         children.append(child)
     if not children:
         raise doc.fail("models", f"{method} needs at least one model besides base_model")
-    config["base"] = base if base is not None else children[0]["model"]
+    config["base"] = base
     config["models"] = children
     config["parameters"] = global_params
     return config
