@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,8 +166,12 @@ def describe_jobs(jobs: list[Job], workdir: Path) -> str:
 
 def run_jobs(jobs: list[Job], workdir: str | os.PathLike, *, cores: int | None = None, executor: str = "local",
              dry_run: bool = False, jobs_limit: int | None = None, slurm: SlurmOptions | None = None,
-             extra_args: list[str] | None = None, echo=print, job_server: bool | None = None) -> RunResult:
+             extra_args: list[str] | None = None, echo=print, job_server: bool | None = None,
+             _notes: list[str] | None = None) -> RunResult:
     """Run (or with ``dry_run`` list) ``jobs`` in ``workdir`` with Snakemake; finished jobs are skipped.
+
+    Every data set and model the jobs still to run read is checked first, before anything is written; a dry run
+    of a run folder that does not exist yet leaves none behind (Snakemake plans in a scratch folder).
 
     With the local executor, jobs start from a warm job server (:mod:`gradmatch.pipeline.jobserver`)
     unless ``job_server=False`` or ``GRADMATCH_JOB_SERVER=off``.
@@ -177,12 +182,19 @@ def run_jobs(jobs: list[Job], workdir: str | os.PathLike, *, cores: int | None =
     jobs = toposort(jobs)
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f"run folder {workdir} exists and is not a folder")
+    # every data set and model the jobs to run read, before anything is written
+    notes = _notes if _notes is not None else preflight.check_inputs(jobs, lambda job: job_done(job, workdir))
+    if dry_run and not workdir.exists():  # a new run's dry run leaves no run folder: Snakemake plans in a scratch one
+        with tempfile.TemporaryDirectory(prefix="gradmatch-dry-run-") as scratch:
+            result = run_jobs(jobs, scratch, cores=cores, executor=executor, dry_run=True, jobs_limit=jobs_limit,
+                              slurm=slurm, extra_args=extra_args, job_server=False, _notes=notes,
+                              echo=lambda text: echo(text.replace(str(Path(scratch).resolve()), str(workdir))))
+        return RunResult(workdir, result.jobs, result.already_done, result.failed, result.returncode)
     workdir.mkdir(parents=True, exist_ok=True)
     with _run_lock(workdir):
         plan_path = write_plan(jobs, workdir)
         done = [j for j in jobs if job_done(j, workdir)]
         finished = set(done)
-        notes = preflight.check_inputs(jobs, finished.__contains__)
         echo(f"{len(jobs)} jobs in {workdir} ({len(done)} already done, {len(jobs) - len(done)} to run)"
              + (":" if dry_run else ""))
         if dry_run:
