@@ -23,10 +23,11 @@ from gradmatch.pipeline.graph import Job
 #: Throughput of a MiniLM-size model (22.7M parameters) at sequence length 128 on this project's machine (2-core
 #: AMD EPYC, torch 2.13 CPU, 2 threads): training (batch 16) 12 examples/s and inference 60 examples/s (measured
 #: for the project's brief); the exact Fisher 3 examples/s (docs/benchmarks.md "Fisher": 3.3 on one thread;
-#: 2.5 MiniLM-equivalent in the removal run's SmolLM2 Fisher jobs); Gram matrices 25 examples/s (a forward pass
-#: plus an x xᵀ per Linear input: measured for MiniLM at length 128, batch 16); generation 350 tokens/s
+#: 2.5 MiniLM-equivalent in the removal run's SmolLM2 Fisher jobs); Gram matrices 21 examples/s (a forward pass
+#: plus an x xᵀ per Linear input: the sentiment run's MiniLM Gram jobs, length 128, batch 16, 200 examples in 9.9 s
+#: with another job beside them); generation 350 tokens/s
 #: MiniLM-equivalent (SmolLM2-135M wrote 200 continuations of 24 tokens in about 80 s in the removal run).
-RATES = {"train": 12.0, "infer": 60.0, "fisher": 3.0, "gram": 25.0, "generate": 350.0}
+RATES = {"train": 12.0, "infer": 60.0, "fisher": 3.0, "gram": 21.0, "generate": 350.0}
 #: Seconds a job costs beyond its compute (starting from the warm job server, reading its model and data), and a
 #: merge per α (merging, loading the merged model): the demo's 35 jobs of a small ViT took 53 s on two slots.
 JOB_SECONDS, ALPHA_SECONDS = 3.0, 1.0
