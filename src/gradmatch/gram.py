@@ -5,6 +5,7 @@ weight in the model's checkpoint, with ``gram.json`` (data-parallel under torchr
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -21,6 +22,55 @@ GRAM_RECORD = "gram.json"
 #: What the stored matrices are: one normalisation for every layer (RegMean's code averages over tokens).
 NORMALISATION = "mean over the non-padding input positions (tokens) of x xᵀ"
 _FUSED = "RegMean's Gram matrices are per layer and cannot be paired with it"
+#: How far G may be from Gᵀ, relative to its largest entry, when the merge reads it: `gradmatch gram` rounds a
+#: float64 sum to float32 (at most one part in 1.7e7 per entry); the margin leaves room for Grams summed in
+#: float32 by other code, while a tampered or corrupted Gram is far above.
+SYMMETRY_TOLERANCE = 1e-5
+
+
+def embedding_weights(model: nn.Module) -> set[int]:
+    """The ids of the embedding matrices of ``model`` (every nn.Embedding's and the input embeddings'), which a
+    Linear with tied weights (an ``lm_head``) shares."""
+    ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        embeddings = None
+    weight = getattr(embeddings, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        ids.add(id(weight))
+    return ids
+
+
+def conv1d_layers(model: nn.Module) -> list[str]:
+    """The names of the transformers ``Conv1D`` modules of ``model`` (GPT-2's attention and MLP: a Linear
+    whose weight is stored in × out)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return []
+    return [name for name, m in model.named_modules() if isinstance(m, Conv1D)]
+
+
+def refuse_conv1d(model: nn.Module, label: str) -> None:
+    """One line, before any work, for a model whose layers are transformers ``Conv1D``: `gradmatch gram` records
+    nn.Linear inputs only, so RegMean would silently average every one of those layers."""
+    layers = conv1d_layers(model)
+    if layers:
+        raise UserError(f"gradmatch gram computes Grams of nn.Linear layers; {label}'s attention and MLP layers are "
+                        f"transformers Conv1D (GPT-2 family, e.g. {layers[0]}): RegMean is not available for it")
+
+
+def _refuse_conv1d_architecture(config, model_kind, label: str) -> None:
+    """:func:`refuse_conv1d` on the architecture alone (built on the meta device: no weights, no memory), so that
+    the refusal comes before the data and the weights load. An architecture that cannot be built so is checked
+    once its weights are loaded instead (:class:`GramAccumulator`)."""
+    try:
+        with torch.device("meta"):
+            skeleton = model_kind.auto_class().from_config(config)
+    except Exception:  # noqa: BLE001 - only an early check: the loaded model is checked again
+        return
+    refuse_conv1d(skeleton, label)
 
 
 class GramAccumulator:
@@ -28,12 +78,18 @@ class GramAccumulator:
 
     A layer's input of shape (batch, length, in) whose (batch, length) matches the batch's
     ``attention_mask`` counts its non-padding positions only; any other input counts every row (a
-    classification head sees one vector per example).
+    classification head sees one vector per example). A Linear whose weight is an embedding matrix (a
+    tied ``lm_head``) gets no Gram: its tensor is the embedding, which RegMean averages like every tensor
+    that is not a Linear weight (the checkpoint stores it under the embedding's name only). A model with
+    transformers ``Conv1D`` layers (GPT-2 family) is refused (``label`` names it in the message).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, label: str = "the model"):
         self.model = model
-        self.modules = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+        refuse_conv1d(model, label)
+        tied = embedding_weights(model)
+        self.modules = {name: m for name, m in model.named_modules()
+                        if isinstance(m, nn.Linear) and id(m.weight) not in tied}
         if not self.modules:
             raise UserError("the model has no Linear layers: RegMean has nothing to merge")
         self.sums: dict[str, torch.Tensor] = {}
@@ -121,13 +177,16 @@ def run_gram(model: str, data: str, split: str, *, out: str | os.PathLike, batch
     from gradmatch.data import load_split
     from gradmatch.fisher import _batches, _distributed, check_statistics_arguments
     from gradmatch.fsutil import atomic_dir
-    from gradmatch.models import kind_of, load_config, load_model, model_max_length, resolve_model
+    from gradmatch.models import BUILTIN_SPECS, kind_of, load_config, load_model, model_max_length, resolve_model
 
     out = check_statistics_arguments(model, data, out, overwrite=overwrite, batch_size=batch_size,
                                      max_length=max_length, max_examples=max_examples, device=device)
     name = str(model)
-    load_config(name)
+    config = load_config(name)
     model_kind = kind_of(name, kind)
+    if name not in BUILTIN_SPECS:  # a kind that does not fit the checkpoint's head, refused as fisher does
+        model_kind.check_head(name, config, "the Gram")
+    _refuse_conv1d_architecture(config, model_kind, f"model {name}")
     dataset = load_split(data, split, config_name=config_name, data_dir=data_dir, filters=filters)
     model_kind.check_data(dataset, f"{data} ({split})", name)
     if max_examples is not None and len(dataset) > int(max_examples):
@@ -142,7 +201,7 @@ def run_gram(model: str, data: str, split: str, *, out: str | os.PathLike, batch
             device = f"cuda:{torch.cuda.current_device()}" if use_cuda else "cpu"
         net.to(device)
         indices = list(range(rank, len(encoded), world))
-        acc = GramAccumulator(net)
+        acc = GramAccumulator(net, f"model {name}")
         from tqdm.auto import tqdm
 
         with acc, tqdm(total=len(indices), unit="ex", desc="gram", disable=not (progress and rank == 0)) as bar:
@@ -216,6 +275,31 @@ class GramFile:
 
         with safe_open(str(self.path), framework="pt") as fh:  # the header was validated when the file was opened
             tensor = fh.get_tensor(name).clone()
-        if tensor.numel() and not bool(torch.isfinite(tensor).all()):
-            raise UserError(f"the Gram matrix of {name} in {self.path} holds NaN or Inf values")
+        self._check(name, tensor)
         return tensor
+
+    def _check(self, name: str, tensor: torch.Tensor) -> None:
+        """Finite, with a non-negative diagonal and symmetric (to :data:`SYMMETRY_TOLERANCE` of its largest entry,
+        or a few roundings of a coarser stored dtype), as every Σ x xᵀ is; one line naming the file and the layer
+        otherwise. One pass over the matrix, in blocks of rows (no n × n temporary)."""
+        n = tensor.shape[0]
+        if not n:
+            return
+        lo, hi, asymmetry, finite = math.inf, -math.inf, 0.0, True
+        step = max(1, (1 << 22) // n)
+        for start in range(0, n, step):
+            block = tensor[start:start + step]
+            low, high = (float(v) for v in torch.aminmax(block))  # NaN propagates
+            finite = finite and math.isfinite(low) and math.isfinite(high)
+            lo, hi = min(lo, low), max(hi, high)
+            asymmetry = max(asymmetry, float((block - tensor[:, start:start + step].t()).abs().max()))
+        if not finite:
+            raise UserError(f"the Gram matrix of {name} in {self.path} holds NaN or Inf values")
+        where = f"{self.role} {self.path}: the Gram of {name}"
+        diagonal = float(torch.diagonal(tensor).min())
+        if diagonal < 0:
+            raise UserError(f"{where} has negative diagonal entries (down to {diagonal:.3g}): not a Gram matrix Σ x xᵀ")
+        largest = max(abs(lo), abs(hi))
+        if asymmetry > max(SYMMETRY_TOLERANCE, 8 * torch.finfo(tensor.dtype).eps) * largest:
+            raise UserError(f"{where} is not symmetric (largest asymmetry {asymmetry:.3g}, {asymmetry / largest:.2g} "
+                            f"of its largest entry {largest:.3g}): not a Gram matrix Σ x xᵀ")

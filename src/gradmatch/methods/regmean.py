@@ -36,7 +36,9 @@ def regmean(
     best reproduces every child's outputs on its own inputs, with G̃_t = r·G_t + (1 − r)·diag(G_t) and
     G_t the Gram matrix of the layer's inputs on task t. Rows are independent, so a block of rows is
     merged at a time; the factorisation of Σ w_t G̃_t is kept in ``cache`` for the tensor's other blocks.
-    Every other tensor (``grams`` None: biases, norms, embeddings) is the weighted average Σ w_t θ_t / Σ w_t.
+    Every other tensor (``grams`` None: biases, norms, embeddings, a Linear weight tied to the embeddings) is the
+    weighted average Σ w_t θ_t / Σ w_t. The merge hands over Grams it has checked (finite, symmetric, with a
+    non-negative diagonal: :meth:`gradmatch.gram.GramFile.read`).
     """
     import torch
 
