@@ -74,6 +74,19 @@ def test_bad_input_is_one_line_exit_2_nothing_written(setup, case):
     assert not [p for p in root.iterdir() if p.name.startswith(".gradmatch-")]
 
 
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_a_seed_numpy_cannot_take_is_refused_before_any_work(setup, tmp_path, capsys, seed):
+    from gradmatch.cli import main
+
+    _, model, data, _ = setup
+    out = tmp_path / "out"
+    assert main(["fisher", "--model", str(model), "--data", str(data), "--split", "train", "--seed", seed,
+                 "--out", str(out), "--quiet"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"gradmatch: error: --seed must be an integer from 0 to 2**32 - 1 (4294967295), got {seed}"], lines
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".gradmatch-")]
+
+
 def test_two_processes_give_the_one_process_result(setup, tmp_path):
     from safetensors.torch import load_file
 

@@ -45,6 +45,21 @@ def test_schema_rejects_bad_experiments(change, words):
         load_experiment(tiny(**change))
 
 
+@pytest.mark.parametrize("change, where", [
+    ({"seeds": [-1]}, "seeds.0"), ({"seeds": [0, 2**64]}, "seeds.1"), ({"seed": -3}, "seed"),
+    ({"seed": 2**32}, "seed"), ({"training": {"seed": -1}}, "training: seed"),
+])
+def test_seeds_numpy_cannot_take_are_refused_when_the_experiment_is_read(tmp_path, capsys, change, where):
+    bad = write_experiment(tmp_path / "bad.yaml", tiny(**change))
+    workdir = tmp_path / "run"
+    assert main(["run", str(bad), "--workdir", str(workdir), "--dry-run"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gradmatch: error: "), lines
+    assert f"{where}: must be an integer from 0 to 2**32 - 1 (4294967295)" in lines[0], lines[0]
+    assert not workdir.exists()
+    assert load_experiment(tiny(seeds=[0, 2**32 - 1])).run_seeds == [0, 2**32 - 1]
+
+
 def test_cli_bad_experiment_one_line_exit_2_nothing_written(tmp_path, capsys):
     bad = write_experiment(tmp_path / "bad.yaml", tiny(merges=[{"method": "gradient_matching", "alphas": "x"}]))
     workdir = tmp_path / "run"
@@ -336,7 +351,10 @@ def test_graph_can_be_extended_from_python(tmp_path):
     lines = []
     result = run_jobs(jobs + [extra], tmp_path / "run", dry_run=True, echo=lines.append)
     assert result.returncode == 0
-    assert f"{TINY_JOB_COUNT + 1} jobs" in lines[0] and "eval/parent-long" in lines[1]
+    assert f"{TINY_JOB_COUNT + 1} jobs in {(tmp_path / 'run').resolve()}" in lines[0] and "eval/parent-long" in lines[1]
+    assert not (tmp_path / "run").exists()  # a new run's dry run leaves no folder
+    (tmp_path / "run").mkdir()  # an existing run folder: the dry run refreshes its plan
+    assert run_jobs(jobs + [extra], tmp_path / "run", dry_run=True, echo=lines.append).returncode == 0
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
     assert plan["jobs"][-1]["name"] in ("eval/parent-long", "report")
     assert {j["name"] for j in plan["jobs"]} >= {"eval/parent-long", "models/parent"}

@@ -141,6 +141,33 @@ def test_config_key_checks():
     assert cfg.ignored_keys == ["max_output_length", "save_strategy"] and cfg.lr_scheduler == "cosine"
 
 
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**64])
+def test_a_seed_numpy_cannot_take_is_refused_in_one_line(seed, tiny_bert, polarity_folder, tmp_path, capsys,
+                                                         monkeypatch):
+    """0 <= seed < 2**32 (numpy's and transformers.set_seed's range), checked when the config is read."""
+    import yaml
+
+    from gradmatch.cli import main
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was loaded before the seed was checked")
+
+    monkeypatch.setattr("gradmatch.data.load_split", no_data)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(_tiny_config(tiny_bert, polarity_folder, tmp_path / "out", seed=seed)))
+    assert main(["train", str(path), "--quiet"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"gradmatch: error: {path}: seed: must be an integer from 0 to 2**32 - 1 (4294967295), "
+                     f"got {seed}"], lines
+    assert not (tmp_path / "out").exists()
+    base = {"model_name_or_path": "m", "dataset_name": "imdb", "output_dir": "o"}
+    assert load_train_config(dict(base, seed=2**32 - 1)).seed == 2**32 - 1 and load_train_config(dict(base, seed=0)).seed == 0
+    with pytest.raises(UserError, match=r"seed: must be an integer from 0 to 2\*\*32 - 1"):
+        load_evaluate_config(dict(base, seed=seed))
+    with pytest.raises(UserError, match=r"generation.seed: must be an integer from 0 to 2\*\*32 - 1"):
+        load_evaluate_config(dict(base, generation={"prompts": ["a"], "seed": seed}))
+
+
 def _rebase(name: str, **paths) -> dict:
     """The original's config file with only its path keys changed."""
     config = json.loads((FIXTURES / name).read_text())

@@ -567,11 +567,15 @@ def write_hessian(model: nn.Module, fisher: Mapping[str, torch.Tensor], folder: 
 
 
 def check_statistics_arguments(model, data, out, *, overwrite: bool, batch_size: int, max_length: int,
-                               max_examples: int | None, device: str | None) -> Path:
-    """The checks `gradmatch fisher` and `gradmatch gram` make before reading anything: sizes at least 1, a known
-    device, an output folder that may be written and is none of the inputs. Returns the output folder."""
+                               max_examples: int | None, device: str | None, seed: int | None = None) -> Path:
+    """The checks `gradmatch fisher` and `gradmatch gram` make before reading anything: sizes at least 1, a seed
+    numpy takes (0 <= seed < 2**32), a known device, an output folder that may be written and is none of the
+    inputs. Returns the output folder."""
+    from gradmatch.config import check_seed
     from gradmatch.fsutil import check_not_input, check_output_dir
 
+    if seed is not None:
+        check_seed(seed, "--seed")
     for flag, value in (("--batch-size", batch_size), ("--max-length", max_length)):
         if int(value) < 1:
             raise UserError(f"{flag} must be at least 1 (got {value})")
@@ -610,7 +614,7 @@ def run_fisher(model: str, data: str, split: str, *, out: str | os.PathLike, est
     if estimator not in ESTIMATORS:
         raise UserError(f"unknown Fisher estimator {estimator!r} (choose {' or '.join(ESTIMATORS)})")
     out = check_statistics_arguments(model, data, out, overwrite=overwrite, batch_size=batch_size,
-                                     max_length=max_length, max_examples=max_examples, device=device)
+                                     max_length=max_length, max_examples=max_examples, device=device, seed=seed)
 
     from gradmatch.data import load_split
     from gradmatch.checkpoints import folder_fingerprint

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import AfterValidator
 
 from gradmatch.errors import UserError
 
@@ -16,6 +18,34 @@ from gradmatch.errors import UserError
 MAX_CONFIG_BYTES = 4 << 20
 #: YAML aliases may repeat a subtree; the expanded document may hold at most this many nodes.
 MAX_CONFIG_NODES = 200_000
+#: Seeds are numpy's (and transformers.set_seed's): 0 <= seed < SEED_LIMIT.
+SEED_LIMIT = 2**32
+
+
+def seed_problem(value: Any) -> str | None:
+    """Why ``value`` cannot be a seed (None when it can): an integer from 0 to 2**32 - 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_LIMIT:
+        return f"must be an integer from 0 to 2**32 - 1 ({SEED_LIMIT - 1}), got {value!r}"
+    return None
+
+
+def check_seed(value: Any, key: str = "seed") -> int:
+    """``value`` as a seed, or a one-line UserError naming ``key`` (e.g. ``--seed``) and the range."""
+    problem = seed_problem(value)
+    if problem:
+        raise UserError(f"{key} {problem}")
+    return int(value)
+
+
+def _seed(value: int) -> int:
+    problem = seed_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+#: A seed field of a config: an int with 0 <= seed < 2**32 (numpy and transformers.set_seed refuse others).
+Seed = Annotated[int, AfterValidator(_seed)]
 
 
 def _duplicate_key_error(kind: str, path: Path, key: Any, line: int | None = None) -> UserError:

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from gradmatch.config import read_config_file, validate
+from gradmatch.config import Seed, read_config_file, validate
 from gradmatch.config.fisher import Estimator
 from gradmatch.config.merge import MAX_FACTOR, parameter_error
 from gradmatch.config.run import GenerationSettings
@@ -247,8 +247,8 @@ class ExperimentConfig(_Strict):
     """An experiment: parent task, child tasks, training/Fisher settings, merges to compare, resources."""
 
     name: str = "experiment"
-    seed: int = 0
-    seeds: list[int] | None = Field(default=None, min_length=1, description="run everything once per seed; the "
+    seed: Seed = 0
+    seeds: list[Seed] | None = Field(default=None, min_length=1, description="run everything once per seed; the "
                                     "report gives mean ± sd over seeds and paired differences (instead of seed)")
     model: str = Field(description="the parent's starting point: a model folder, hub id, alias or built-in spec")
     kind: str | None = Field(default=None, description="kind of every model of the run (default: from the model)")
@@ -345,7 +345,7 @@ class ExperimentConfig(_Strict):
         try:
             for key, overrides in where:
                 try:
-                    load_train_config({**self.training, **overrides, "seed": self.seed, **placeholders})
+                    load_train_config({"seed": self.seed, **self.training, **overrides, **placeholders})
                 except UserError as exc:
                     raise ValueError(f"{key}: {str(exc).replace('train config: ', '', 1)}") from None
         finally:

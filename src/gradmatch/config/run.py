@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from gradmatch.config import read_config_file, validate
+from gradmatch.config import Seed, read_config_file, validate
 from gradmatch.config.fisher import Estimator
 from gradmatch.errors import UserError
 
@@ -75,7 +75,7 @@ class _TeBase(BaseModel):
     dataset_config_name: str | None = None
     max_input_length: int = Field(default=384, gt=0)
     per_device_eval_batch_size: int = Field(default=8, gt=0)
-    seed: int = 42
+    seed: Seed = 42
     cache_dir: str | None = None
     kind: str | None = Field(default=None, description="kind of model (text-classification, image-classification, "
                              "causal-lm); default: read from the model's config")
@@ -168,7 +168,7 @@ class GenerationSettings(BaseModel):
     do_sample: bool = Field(default=True, description="sample (seeded) or greedy")
     top_p: float = Field(default=1.0, gt=0, le=1)
     temperature: float = Field(default=1.0, gt=0, le=100)
-    seed: int = 0
+    seed: Seed = 0
     batch_size: int = Field(default=16, gt=0, description="prompts generated at once (results depend on it when sampling)")
     classifier: str | None = Field(default=None, description="a sequence-classifier folder that scores the continuations")
     unwanted_label: int | str = Field(default=0, description="the classifier's label counted as unwanted (id or name)")
