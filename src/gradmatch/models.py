@@ -265,6 +265,26 @@ def load_model(
     return kind.prepare_model(model, processor), processor
 
 
+def load_processor(name_or_path: str | os.PathLike, *, kind=None):
+    """The tokenizer or image processor :func:`load_model` would return with the model, without loading the
+    weights (for checks that need the tokens of some text before the model loads)."""
+    from gradmatch.kinds import kind_of_config
+
+    name = str(name_or_path)
+    config = load_config(name)
+    kind = kind or kind_of_config(config)
+    if is_lora_adapter(name):
+        own = Path(name).expanduser()
+        if (own / "tokenizer_config.json").is_file() or (own / "preprocessor_config.json").is_file():
+            return kind.load_processor(str(own), config, name, from_scratch=False)
+        return load_processor(_adapter_base(name), kind=kind)
+    if name in BUILTIN_SPECS:
+        return kind.load_processor(None, config, name, from_scratch=True)
+    if _is_config_file(name):
+        return kind.load_processor(str(Path(name).expanduser().parent), config, name, from_scratch=True)
+    return kind.load_processor(resolve_model(name), config, name, from_scratch=False)
+
+
 def checkpoint_names(model, names: list[str], fused: str = "its tensors cannot be recorded one by one") -> dict[str, str]:
     """The names ``names`` (parameters as the model holds them) take in its checkpoint. transformers 5 renames
     some modules when it loads a checkpoint (ViT's ``encoder.layer.0.attention.attention.query`` is

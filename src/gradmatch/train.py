@@ -102,12 +102,14 @@ def train(config, *, data_dir: str | os.PathLike | None = None, overwrite: bool 
     check_not_input(out, {"the model": cfg.model_name_or_path, "the data": cfg.dataset_name}, "output_dir")
 
     kind = kind_of(cfg.model_name_or_path, cfg.kind)
+    config = load_config(cfg.model_name_or_path)
+    kind.check_trainable(cfg.model_name_or_path, config)  # a model of another kind: refused before the data loads
     where = f"{cfg.dataset_name} ({cfg.dataset_train_split})"
     train_data = load_split(cfg.dataset_name, cfg.dataset_train_split, config_name=cfg.dataset_config_name,
                             data_dir=data_dir, cache_dir=cfg.cache_dir, filters=cfg.dataset_filter_dict)
     kind.check_data(train_data, where, cfg.model_name_or_path)
     train_labels = list(train_data["label"]) if kind.needs_labels else None
-    num_labels = kind.num_labels(load_config(cfg.model_name_or_path), train_labels, cfg.num_labels)
+    num_labels = kind.num_labels(config, train_labels, cfg.num_labels)
     if num_labels is not None:
         kind.check_labels(train_data, where, num_labels)
     val_data = None

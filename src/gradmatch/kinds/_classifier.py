@@ -79,6 +79,17 @@ class ClassifierKind(Kind):
             raise UserError(f"model {name} has no classification head (its architecture is {', '.join(archs)}): "
                             f"{purpose} of a {self.name} model needs a trained classifier; {alternatives}")
 
+    def check_trainable(self, name: str, config) -> None:
+        from gradmatch.kinds import kind_of_config
+
+        own = kind_of_config(config)
+        if own.generates and not self.generates:  # its tokenizer, head and data are a text generator's
+            archs = list(getattr(config, "architectures", None) or []) or [str(getattr(config, "model_type", "?"))]
+            article = "an" if self.name[0] in "aeiou" else "a"
+            raise UserError(f"model {name} is a {own.name} model ({', '.join(archs)}), not {article} {self.name} model: "
+                            f"training it as one needs a classifier or an encoder checkpoint; train it as a "
+                            f"{own.name} model (drop kind, or set kind: {own.name})")
+
     def num_labels(self, config, labels, given):
         if given is not None:
             return int(given)

@@ -73,6 +73,15 @@ class Kind:
         """Refuse a checkpoint whose head cannot serve ``purpose`` (``evaluate``, ``fisher``) for this kind, saying
         what to do instead (``alternatives``)."""
 
+    def check_trainable(self, name: str, config) -> None:
+        """Refuse to fine-tune checkpoint ``name`` as this kind when it is a model of another kind (a causal LM as a
+        classifier, a classifier or a bidirectional encoder as a causal LM). Unlike :meth:`check_head`, a
+        checkpoint without this kind's head passes when training can give it one (BertModel → classifier)."""
+
+    def check_generation(self, name: str, config, processor, prompts, max_new_tokens: int) -> None:
+        """Refuse, before any model work, a generation this model cannot run (``prompts`` are the texts)."""
+        raise UserError(f"a {self.name} model does not generate text (generation needs a causal language model)")
+
     def num_labels(self, config, labels: list[int] | None, given: int | None) -> int | None:
         """The size of the head for training on ``labels`` (None: the kind has no label head)."""
         return None

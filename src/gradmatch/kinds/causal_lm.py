@@ -28,6 +28,42 @@ def ensure_pad_token(tokenizer, name: str):
     return tokenizer
 
 
+#: Config keys of rotary position embeddings (RoPE: Llama, Qwen, Mistral, GPT-J, GPT-NeoX, Phi ...): positions are
+#: computed, not looked up in a table, so a sequence may run past max_position_embeddings.
+_ROTARY_KEYS = ("rope_parameters", "rope_theta", "rope_scaling", "rotary_dim", "rotary_pct", "partial_rotary_factor")
+
+
+def position_limit(config) -> tuple[int, str] | None:
+    """(the most tokens a sequence may have, the config key that says so) for a model whose positions are a learned
+    table (GPT-2's ``n_positions``, OPT's or GPT-Neo's ``max_position_embeddings``): a longer sequence indexes past
+    the table. None when positions are rotary or ALiBi, or the config gives no number."""
+    if any(getattr(config, key, None) is not None for key in _ROTARY_KEYS) or getattr(config, "alibi", False):
+        return None
+    fields = config.to_dict() if hasattr(config, "to_dict") else {}
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = fields.get(key, getattr(config, key, None))
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, key
+    return None
+
+
+def check_positions(name: str, config, lengths: Sequence[int], max_new_tokens: int) -> None:
+    """Refuse a generation whose longest prompt (``lengths``: tokens per prompt) plus ``max_new_tokens`` runs past
+    the model's position table."""
+    found = position_limit(config)
+    if found is None or not lengths:
+        return
+    limit, key = found
+    longest = max(lengths)
+    if longest + int(max_new_tokens) > limit:
+        which = lengths.index(longest) + 1
+        advice = (f"lower generation.max_new_tokens to at most {limit - longest} or shorten the prompts"
+                  if longest < limit else f"shorten the prompts to at most {max(1, limit - int(max_new_tokens))} tokens")
+        raise UserError(f"generation: prompt {which} of {len(lengths)} has {longest} tokens, and with max_new_tokens "
+                        f"{max_new_tokens} that makes {longest + int(max_new_tokens)} positions, more than the {limit} "
+                        f"of model {name} ({key} {limit}): {advice}")
+
+
 def distinct_n(sequences: Sequence[Sequence[int]], n: int) -> float:
     """Distinct-n (Li et al., 2016): unique n-grams over all n-grams of all sequences (0 when there are none)."""
     grams = [tuple(seq[i:i + n]) for seq in sequences for i in range(len(seq) - n + 1)]
@@ -84,6 +120,37 @@ class CausalLM(Kind):
         if archs and not any(a.endswith(LM_SUFFIXES) for a in archs):
             raise UserError(f"model {name} has no language-modelling head (its architecture is {', '.join(archs)})"
                             + (f": {alternatives}" if alternatives else ""))
+
+    def check_trainable(self, name, config):
+        """A classifier, or a bidirectional encoder (BERT, RoBERTa: a ...LMHeadModel of theirs would see the tokens
+        it is trained to predict), is refused; a decoder body without an LM head (LlamaModel) gets a new one."""
+        from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                            MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+        archs = list(getattr(config, "architectures", None) or [])
+        if any(a.endswith(HEAD_SUFFIXES) for a in archs):
+            raise UserError(f"model {name} is a classifier ({', '.join(archs)}), not a causal language model: "
+                            f"training a {self.name} model needs a language model (an architecture ending in "
+                            f"ForCausalLM or LMHeadModel); train it as a classifier (drop kind)")
+        if self.claims(config):
+            return
+        model_type = getattr(config, "model_type", None)
+        if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (
+                model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES or getattr(config, "is_decoder", False)):
+            return
+        what = ", ".join(archs) or str(model_type)
+        raise UserError(f"model {name} ({what}) is not a causal language model: training a {self.name} model needs "
+                        f"a decoder with a language-modelling head (an architecture ending in ForCausalLM or "
+                        f"LMHeadModel)" + (f"; {model_type} is a bidirectional encoder"
+                                           if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else ""))
+
+    def check_generation(self, name, config, processor, prompts, max_new_tokens):
+        """The longest prompt (tokenised as :meth:`generate` does) plus ``max_new_tokens`` fits the model's
+        position table (GPT-2's ``n_positions``; rotary models such as Llama have no such bound)."""
+        if position_limit(config) is None:
+            return
+        lengths = [len(ids) for ids in processor(list(prompts), verbose=False)["input_ids"]]
+        check_positions(name, config, lengths, max_new_tokens)
 
     def lora_settings(self):
         from peft import TaskType
@@ -220,6 +287,10 @@ class CausalLM(Kind):
         import torch
         from tqdm.auto import tqdm
 
+        if position_limit(model.config) is not None:  # an IndexError deep in the model otherwise
+            lengths = [len(ids) for ids in tokenizer(list(prompts), verbose=False)["input_ids"]]
+            check_positions(getattr(model.config, "name_or_path", None) or "(in memory)", model.config, lengths,
+                            max_new_tokens)
         model.eval()
         side = tokenizer.padding_side
         tokenizer.padding_side = "left"
