@@ -110,3 +110,14 @@ def make_tiny_lm(path: Path, family: str = "gpt2", seed: int = 0, tie: bool = Tr
                                              bos_token_id=0, eos_token_id=0, tie_word_embeddings=tie))
     model.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (exact comparisons of batched and looped sums; no oversubscription)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
