@@ -72,6 +72,11 @@ else:
 """
 
 
+def _default_signals() -> None:
+    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 class Writer:
     """A WRITER subprocess, started and waited for until it is inside its write."""
 
@@ -80,8 +85,11 @@ class Writer:
         for name in ("ready", "go"):
             (sync / name).unlink(missing_ok=True)
         self.sync = sync
+        # the default disposition of the signals under test, whatever this process inherited (a CI runner started
+        # with nohup or in the background ignores SIGHUP and SIGINT, and ignored signals pass to children)
         self.proc = subprocess.Popen([sys.executable, "-c", code, kind, str(out), str(sync), "1" if overwrite else "0"],
-                                     env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     preexec_fn=_default_signals)
         deadline = time.time() + 60
         while not (sync / "ready").exists():
             assert self.proc.poll() is None and time.time() < deadline, self.proc.communicate()
