@@ -52,7 +52,7 @@ def test_gradient_matching_is_the_exact_minimiser_and_its_residual_vanishes(seed
     assert out["residual"] <= 1e-9 * scale
     assert out["optimality_gap"] <= 1e-9 * scale  # the children are at their optima
     assert out["preconditioned"] <= 1e-9 * float((merged - theta_0).abs().max())
-    # the paper's plain mismatch is not zero for it (it grows with α): that is the open question of docs/results.md
+    # the paper's plain mismatch is not zero for it (it grows with α): why its merges stay good anyway (docs/results.md)
     assert out["plain_mismatch"] > 1e-3 and out["prior_term"] == pytest.approx(out["scaled_mismatch"], rel=1e-9)
 
 
