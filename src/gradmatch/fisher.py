@@ -542,6 +542,29 @@ def _distributed(use_cuda: bool) -> tuple[int, int, bool]:
     return dist.get_rank(), dist.get_world_size(), started
 
 
+@contextlib.contextmanager
+def distributed_run(device: str | None):
+    """Under torchrun, join the process group (starting it if nobody has) and yield (rank, world size, this
+    process's device: its GPU where the device is unset or plain ``cuda``); alone, (0, 1, device or the default).
+    When the block succeeds every rank meets at a barrier (rank 0 has written the output); a group this started
+    is destroyed however the block ends."""
+    use_cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+    rank, world, started = _distributed(use_cuda)
+    try:
+        if device is None or (world > 1 and device == "cuda"):
+            device = f"cuda:{torch.cuda.current_device()}" if use_cuda else "cpu"
+        yield rank, world, device
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
 def _batches(encoded, collate, indices: list[int], batch_size: int):
     columns = [c for c in encoded.column_names if c not in ("text", "image")]
     for start in range(0, len(indices), batch_size):
@@ -634,12 +657,8 @@ def run_fisher(model: str, data: str, split: str, *, out: str | os.PathLike, est
         dataset = dataset.select(range(int(max_examples)))
     net, processor = load_model(name, kind=model_kind)
     length = model_max_length(net, max_length)
-    use_cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
-    rank, world, started = _distributed(use_cuda)
-    try:
+    with distributed_run(device) as (rank, world, device):
         encoded = model_kind.encode(dataset, processor, length)
-        if device is None or (world > 1 and device == "cuda"):  # under torchrun: this process's GPU
-            device = f"cuda:{torch.cuda.current_device()}" if use_cuda else "cpu"
         fingerprint = model_fingerprint(net) if rank == 0 else None
         source = Path(resolve_model(name)) if name not in BUILTIN_SPECS else None
         weights = folder_fingerprint(source) if rank == 0 and source is not None and source.is_dir() else None
@@ -670,13 +689,4 @@ def run_fisher(model: str, data: str, split: str, *, out: str | os.PathLike, est
             }
             with atomic_dir(out, overwrite) as tmp:
                 write_hessian(net, fisher, tmp / "hessian", metadata)
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-    finally:
-        if started:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
     return Path(out)

@@ -175,7 +175,7 @@ def run_gram(model: str, data: str, split: str, *, out: str | os.PathLike, batch
     from gradmatch import __version__
     from gradmatch.checkpoints import folder_fingerprint
     from gradmatch.data import load_split
-    from gradmatch.fisher import _batches, _distributed, check_statistics_arguments
+    from gradmatch.fisher import _batches, check_statistics_arguments, distributed_run
     from gradmatch.fsutil import atomic_dir
     from gradmatch.models import BUILTIN_SPECS, kind_of, load_config, load_model, model_max_length, resolve_model
 
@@ -193,12 +193,8 @@ def run_gram(model: str, data: str, split: str, *, out: str | os.PathLike, batch
         dataset = dataset.select(range(int(max_examples)))
     net, processor = load_model(name, kind=model_kind)
     length = model_max_length(net, max_length)
-    use_cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
-    rank, world, started = _distributed(use_cuda)
-    try:
+    with distributed_run(device) as (rank, world, device):
         encoded = model_kind.encode(dataset, processor, length)
-        if device is None or (world > 1 and device == "cuda"):
-            device = f"cuda:{torch.cuda.current_device()}" if use_cuda else "cpu"
         net.to(device)
         indices = list(range(rank, len(encoded), world))
         acc = GramAccumulator(net, f"model {name}")
@@ -233,15 +229,6 @@ def run_gram(model: str, data: str, split: str, *, out: str | os.PathLike, batch
                 save_file({k: v.cpu().contiguous() for k, v in grams.items()}, str(tmp / GRAM_FILE),
                           metadata={"format": "pt"})
                 (tmp / GRAM_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-    finally:
-        if started:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
     return Path(out)
 
 
