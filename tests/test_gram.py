@@ -4,13 +4,13 @@ with one line before any work, and a Gram that is not a Σ x xᵀ (not symmetric
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
 from conftest import LM_CORPUS, make_tiny_bert, make_tiny_lm, write_jsonl
+from test_regmean import assert_regmean_formula
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -58,14 +58,6 @@ def _one_error_line(capsys) -> str:
     return lines[0]
 
 
-def _regmean_reference(Ws, Gs, weights, r):
-    """(Σ_t w_t W_t G̃_t)(Σ_t w_t G̃_t)⁻¹ in float64 numpy, G̃ = r G + (1 − r) diag(G)."""
-    reduced = [r * G + (1 - r) * np.diag(np.diag(G)) for G in Gs]
-    A = sum(w * G for w, G in zip(weights, reduced))
-    B = sum(w * W @ G for w, W, G in zip(weights, Ws, reduced))
-    return B @ np.linalg.inv(A)
-
-
 def test_llama_grams_and_regmean_merge_equal_the_float64_formula(llamas, tmp_path):
     """Every Linear of the decoder has a Gram; the untied lm_head too, the tied one not (the checkpoint stores it
     once, as model.embed_tokens.weight, which the merge averages). Before the fix the tied lm_head had a Gram keyed
@@ -86,15 +78,7 @@ def test_llama_grams_and_regmean_merge_equal_the_float64_formula(llamas, tmp_pat
     merged = load_file(out / "model.safetensors")
     children = [load_file(c / "model.safetensors") for c in llamas["children"]]
     assert ("lm_head.weight" in merged) != llamas["tie"]
-    for name, value in merged.items():
-        if not value.is_floating_point():
-            continue
-        if name in grams[0]:
-            expected = _regmean_reference([c[name].double().numpy() for c in children],
-                                          [g[name].double().numpy() for g in grams], weights, r)
-        else:  # no Gram (norms, the embeddings, a tied lm_head): the weighted average
-            expected = (sum(w * c[name].double() for w, c in zip(weights, children)) / sum(weights)).numpy()
-        np.testing.assert_allclose(value.double().numpy(), expected, rtol=1e-4, atol=1e-5, err_msg=name)
+    assert_regmean_formula(merged, children, grams, weights, r)  # no Gram (a tied lm_head): the weighted average
 
 
 def test_gram_refuses_a_conv1d_model_before_any_work(corpus, tmp_path, capsys, monkeypatch):

@@ -97,6 +97,20 @@ def _regmean_reference(Ws, Gs, weights, r):
     return B @ np.linalg.inv(A)
 
 
+def assert_regmean_formula(merged, children, grams, weights, r) -> None:
+    """Every floating tensor of ``merged``: the float64 formula where it has a Gram, else the weighted average
+    (norms, biases, embeddings, a tied lm_head)."""
+    for name, value in merged.items():
+        if not value.is_floating_point():
+            continue
+        if name in grams[0]:
+            expected = _regmean_reference([c[name].double().numpy() for c in children],
+                                          [g[name].double().numpy() for g in grams], weights, r)
+        else:
+            expected = (sum(w * c[name].double() for w, c in zip(weights, children)) / sum(weights)).numpy()
+        np.testing.assert_allclose(value.double().numpy(), expected, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
 @pytest.mark.parametrize("r", [0.9, 0.3])
 def test_regmean_merge_equals_the_float64_formula(world, tmp_path, r):
     from gradmatch.merge import merge
@@ -109,15 +123,7 @@ def test_regmean_merge_equals_the_float64_formula(world, tmp_path, r):
     merged = load_file(out / "model.safetensors")
     children = [load_file(c / "model.safetensors") for c in world["children"]]
     grams = [load_file(g / "gram.safetensors") for g in world["grams"]]
-    for name, value in merged.items():
-        if not value.is_floating_point():
-            continue
-        if name in grams[0]:
-            expected = _regmean_reference([c[name].double().numpy() for c in children],
-                                          [g[name].double().numpy() for g in grams], weights, r)
-        else:  # not a Linear weight: the weighted average
-            expected = (sum(w * c[name].double() for w, c in zip(weights, children)) / sum(weights)).numpy()
-        np.testing.assert_allclose(value.double().numpy(), expected, rtol=1e-4, atol=1e-5, err_msg=name)
+    assert_regmean_formula(merged, children, grams, weights, r)
     assert json.loads((out / "merge.json").read_text())["models"][0]["gram"] == str(world["grams"][0])
 
 
