@@ -166,8 +166,7 @@ def describe_jobs(jobs: list[Job], workdir: Path) -> str:
 
 def run_jobs(jobs: list[Job], workdir: str | os.PathLike, *, cores: int | None = None, executor: str = "local",
              dry_run: bool = False, jobs_limit: int | None = None, slurm: SlurmOptions | None = None,
-             extra_args: list[str] | None = None, echo=print, job_server: bool | None = None,
-             _notes: list[str] | None = None) -> RunResult:
+             extra_args: list[str] | None = None, echo=print, job_server: bool | None = None) -> RunResult:
     """Run (or with ``dry_run`` list) ``jobs`` in ``workdir`` with Snakemake; finished jobs are skipped.
 
     Every data set and model the jobs still to run read is checked first, before anything is written; a dry run
@@ -183,13 +182,21 @@ def run_jobs(jobs: list[Job], workdir: str | os.PathLike, *, cores: int | None =
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f"run folder {workdir} exists and is not a folder")
     # every data set and model the jobs to run read, before anything is written
-    notes = _notes if _notes is not None else preflight.check_inputs(jobs, lambda job: job_done(job, workdir))
+    notes = preflight.check_inputs(jobs, lambda job: job_done(job, workdir))
+    run = dict(cores=cores, executor=executor, dry_run=dry_run, jobs_limit=jobs_limit, slurm=slurm,
+               extra_args=extra_args, job_server=job_server, notes=notes)
     if dry_run and not workdir.exists():  # a new run's dry run leaves no run folder: Snakemake plans in a scratch one
         with tempfile.TemporaryDirectory(prefix="gradmatch-dry-run-") as scratch:
-            result = run_jobs(jobs, scratch, cores=cores, executor=executor, dry_run=True, jobs_limit=jobs_limit,
-                              slurm=slurm, extra_args=extra_args, job_server=False, _notes=notes,
-                              echo=lambda text: echo(text.replace(str(Path(scratch).resolve()), str(workdir))))
+            scratch = Path(scratch).resolve()
+            result = _run_in(jobs, scratch, echo=lambda text: echo(text.replace(str(scratch), str(workdir))), **run)
         return RunResult(workdir, result.jobs, result.already_done, result.failed, result.returncode)
+    return _run_in(jobs, workdir, echo=echo, **run)
+
+
+def _run_in(jobs: list[Job], workdir: Path, *, cores: int | None, executor: str, dry_run: bool,
+            jobs_limit: int | None, slurm: SlurmOptions | None, extra_args: list[str] | None, echo,
+            job_server: bool, notes: list[str]) -> RunResult:
+    """:func:`run_jobs` in ``workdir`` (made if missing) once the inputs are checked (``notes``: their remarks)."""
     workdir.mkdir(parents=True, exist_ok=True)
     with _run_lock(workdir):
         plan_path = write_plan(jobs, workdir)
