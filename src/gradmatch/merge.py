@@ -503,9 +503,12 @@ class _Executor:
     """Computes one output tensor at a time from a validated plan; sums the method's statistics per tensor."""
 
     def __init__(self, plan: MergePlan, params: dict[str, Any], device: torch.device, compute: torch.dtype,
-                 block_rows: int | None):
+                 block_rows: int | None, threads: int | None = 1):
         self.plan, self.device, self.compute, self.block_rows = plan, device, compute, block_rows
         self.method = plan.method
+        # the method's fused kernel where it computes what the reference would (a CPU, float32); else the reference
+        self.fused = plan.method.fused if device.type == "cpu" and compute == torch.float32 else None
+        self.threads = threads or torch.get_num_threads()
         self.params = params
         self.call_params = self.method.call_parameters(params)
         self.stats: dict[str, dict[str, int]] = {}  # statistic -> tensor name -> count
@@ -514,13 +517,19 @@ class _Executor:
         self.reader: BlockReader | None = None  # reads the next block's inputs ahead (see start_reader)
         self._ahead: BlockInputs | None = None  # the current block's inputs, read ahead
 
-    def _load(self, ckpt: Checkpoint, name: str, rows: slice | None, hessian: bool) -> torch.Tensor:
+    def _load(self, ckpt: Checkpoint, name: str, rows: slice | None, hessian: bool, stored: bool) -> torch.Tensor:
+        """Block ``rows`` of tensor ``name`` of ``ckpt``: on the device in the compute dtype, or as stored
+        (``stored``: for a fused kernel, which also checks the Hessians itself)."""
         tensor = None
+        dtype = None if stored else self.compute
         if self._ahead is not None:
-            tensor = self.reader.to_device(self._ahead, ckpt, self.device, self.compute)
+            tensor = self.reader.to_device(self._ahead, ckpt, self.device, dtype)
         if tensor is None:
-            tensor = ckpt.read(name, rows).to(self.device, self.compute)
+            tensor = ckpt.read(name, rows)
+            tensor = tensor if stored else tensor.to(self.device, self.compute)
         self._loaded.append((ckpt, tensor))
+        if stored:
+            return tensor
         if hessian and tensor.numel() and float(torch.aminmax(tensor).min) < 0:  # NaN: caught as non-finite
             raise UserError(f"{_where(name, rows)} of {ckpt.info(name).file} has negative values (down to "
                             f"{float(tensor.min()):.3g}), which a Hessian (a Fisher: mean of squared gradients) cannot have")
@@ -532,22 +541,23 @@ class _Executor:
             if not _finite(tensor):
                 raise UserError(f"{_where(name, rows)} of {ckpt.info(name).file} holds NaN or Inf values")
 
-    def _inputs(self, name: str, rows: slice | None) -> dict[str, Any]:
-        """The engine inputs the method takes (see gradmatch.methods.base.ENGINE_INPUTS), for one block."""
+    def _inputs(self, name: str, rows: slice | None, stored: bool = False) -> dict[str, Any]:
+        """The engine inputs the method takes (see gradmatch.methods.base.ENGINE_INPUTS), for one block
+        (``stored``: the tensors in their stored dtypes, on the CPU)."""
         p, wanted = self.plan, self.method.inputs
         kwargs: dict[str, Any] = {
-            "parent": self._load(p.parent, name, rows, False),
-            "children": [self._load(c, name, rows, False) for c in p.children],
+            "parent": self._load(p.parent, name, rows, False, stored),
+            "children": [self._load(c, name, rows, False, stored) for c in p.children],
         }
         if "alphas" in wanted:
             kwargs["alphas"] = p.alphas
         if "weights" in wanted:
             kwargs["weights"] = p.alphas
         if "fishers" in wanted:
-            kwargs["fishers"] = [self._load(h, name, rows, True) for h in p.hessians]
+            kwargs["fishers"] = [self._load(h, name, rows, True, stored) for h in p.hessians]
             kwargs["scales"] = p.scales
         if "parent_fisher" in wanted:
-            kwargs["parent_fisher"] = self._load(p.parent_hessian, name, rows, True)
+            kwargs["parent_fisher"] = self._load(p.parent_hessian, name, rows, True, stored)
             kwargs["parent_scale"] = p.parent_scale
         if "generator" in wanted:
             kwargs["generator"] = torch.Generator().manual_seed(_tensor_seed(self.params["seed"], name))
@@ -579,13 +589,43 @@ class _Executor:
         if not _finite(result):
             self._blame_non_finite(name, rows)
             raise UserError(f"{self.method.name}: {where}: the merged values overflow to NaN or Inf")
-        for key, value in stats.items():
-            per_tensor = self.stats.setdefault(key, {})
-            per_tensor[name] = per_tensor.get(name, 0) + int(value)
+        self._count(name, stats)
         self._loaded = []
         return result
 
+    def _fused(self, name: str, rows: slice | None, out_dtype: torch.dtype) -> torch.Tensor | None:
+        """The merged block from the method's fused kernel, or None where the reference must compute it
+        (inputs or output in dtypes the kernels do not take, or a value the kernel leaves to the reference)."""
+        from gradmatch import kernels
+
+        if not kernels.writable(out_dtype):
+            return None
+        self._loaded = []
+        kwargs = self._inputs(name, rows, stored=True)
+        if not all(kernels.readable(tensor.dtype) for _, tensor in self._loaded):
+            return None
+        info = self.plan.parent.info(name)
+        shape = info.shape if rows is None else (rows.stop - rows.start, *info.shape[1:])
+        out = torch.empty(shape, dtype=out_dtype)
+        stats: dict[str, int] = {}
+        if "stats" in self.method.inputs:
+            kwargs["stats"] = stats
+        if not self.method.fused(out=out, **kwargs, **self.call_params, threads=self.threads):
+            return None
+        self._loaded = []
+        self._count(name, stats)
+        return out
+
+    def _count(self, name: str, stats: dict[str, int]) -> None:
+        for key, value in stats.items():
+            per_tensor = self.stats.setdefault(key, {})
+            per_tensor[name] = per_tensor.get(name, 0) + int(value)
+
     def _cast(self, name: str, rows: slice | None, out_dtype: torch.dtype) -> torch.Tensor:
+        if self.fused is not None:
+            result = self._fused(name, rows, out_dtype)
+            if result is not None:
+                return result
         result = self._compute(name, rows).to("cpu", out_dtype)
         if not _finite(result):  # finite in the compute dtype, but beyond the output dtype's range
             raise UserError(f"{self.method.name}: {_where(name, rows)}: the merged values overflow "
@@ -625,8 +665,9 @@ class _Executor:
         block_bytes = max((_block_bytes(ckpt, name, rows) for name, rows in blocks for ckpt in inputs), default=0)
         streaming = self.method.elementwise or self.method.rowwise
         pinned = pinned and block_bytes <= _MAX_PINNED_BLOCK  # whole tensors (TIES, DARE): no pinned pool of them
+        convert = self.compute if self.device.type == "cpu" and self.fused is None else None  # a kernel reads as stored
         self.reader = BlockReader(inputs, blocks, ahead=2 if streaming else 1, pinned=pinned, block_bytes=block_bytes,
-                                  convert=self.compute if self.device.type == "cpu" else None)
+                                  convert=convert)
 
     def close(self) -> None:
         if self.reader is not None:
@@ -752,7 +793,7 @@ def merge(
     plan = plan_merge(cfg, check_inputs=check_inputs, allow_config_mismatch=allow_config_mismatch)
     _check_output_not_input(out, plan)
     params = dict(cfg.parameters)
-    executor = _Executor(plan, params, dev, _PRECISIONS[precision], block_rows)
+    executor = _Executor(plan, params, dev, _PRECISIONS[precision], block_rows, threads)
 
     saved_threads = torch.get_num_threads()
     if threads is not None:

@@ -119,12 +119,14 @@ class BlockReader:
             raise RuntimeError(f"the block reader is out of step: expected {block}, got {item and item.block}")
         return item
 
-    def to_device(self, item: BlockInputs, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
-        """``ckpt``'s tensor of ``item`` on ``device`` in ``dtype``, or None when it was not read ahead.
-        From a reused buffer the result is always a copy, and the buffer goes back to its pool."""
+    def to_device(self, item: BlockInputs, ckpt: Checkpoint, device: torch.device,
+                  dtype: torch.dtype | None) -> torch.Tensor | None:
+        """``ckpt``'s tensor of ``item`` on ``device`` in ``dtype`` (None: as read), or None when it was not
+        read ahead. From a reused buffer the result is always a copy, and the buffer goes back to its pool."""
         tensor = item.tensors.pop(id(ckpt), None)
         if tensor is None:
             return None
+        dtype = dtype or tensor.dtype
         buffer = item.buffers.pop(id(ckpt), None)
         if buffer is None:
             result = tensor.to(device, dtype)

@@ -64,6 +64,11 @@ class MergeMethod:
     model's ``training_metadata.json``; an error when absent) or ``one`` (the Hessian as stored).
     ``propagates_nan``: every input enters every output entry arithmetically (0·NaN = NaN), so a NaN
     or Inf anywhere shows in the result: the engine checks only the result, and looks for the culprit then.
+    ``fused``: the same formula as one pass over the inputs as stored (a kernel of ``gradmatch.kernels``),
+    for the engine to use on a CPU in float32. It takes ``out`` (the output block, in the output dtype),
+    the function's arguments with the inputs in their stored dtypes, and ``threads``; it returns False
+    when the block needs the reference ``function`` (a value it would refuse or flag: the reference then
+    names the problem). Only for elementwise methods that propagate NaN.
     """
 
     function: Callable[..., torch.Tensor]
@@ -72,6 +77,7 @@ class MergeMethod:
     rowwise: bool = False
     hessian_scale: Literal["training_size", "one"] = "one"
     propagates_nan: bool = False
+    fused: Callable[..., bool] | None = None
     summary: str = ""
     name: str = ""  # set by the registry from the file name
 
@@ -121,6 +127,14 @@ class MergeMethod:
             raise TypeError(f"merge method {self.name} takes a generator, so its parameters need a `seed`")
         if "alphas" in self.inputs and "weights" in self.inputs:
             raise TypeError(f"merge method {self.name}: take alphas or weights, not both")
+        if self.fused is not None:
+            if not (self.elementwise and self.propagates_nan):
+                raise TypeError(f"merge method {self.name}: only an elementwise method that propagates NaN "
+                                "can have a fused kernel (the engine checks only its results)")
+            fused = set(inspect.signature(self.fused).parameters)
+            if fused != set(signature.parameters) | {"out", "threads"}:
+                raise TypeError(f"merge method {self.name}: its fused kernel must take the function's arguments "
+                                "and `out` and `threads`, and nothing else")
 
     def call_parameters(self, parameters: dict) -> dict:
         """The parameters the function takes (a schema field such as ``seed`` may serve the engine only)."""

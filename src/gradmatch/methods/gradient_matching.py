@@ -78,5 +78,16 @@ def gradient_matching(
     return parent + numerator / denominator
 
 
+def fused(out: torch.Tensor, parent: torch.Tensor, children: Sequence[torch.Tensor], *, parent_fisher: torch.Tensor,
+          fishers: Sequence[torch.Tensor], alphas: Sequence[float], parent_scale: float, scales: Sequence[float],
+          stats: dict, delta_0: float = 1e-12, max_update_ratio: float = 10.0, threads: int = 1) -> bool:
+    """:func:`gradient_matching` into ``out`` in one pass over the inputs as stored (gradmatch.kernels)."""
+    from gradmatch import kernels
+
+    return kernels.gradient_matching(out, parent, children, parent_fisher, fishers, alphas=alphas,
+                                     parent_scale=parent_scale, scales=scales, delta_0=delta_0,
+                                     max_update_ratio=max_update_ratio, stats=stats, threads=threads)
+
+
 METHOD = MergeMethod(gradient_matching, GradientMatchingParameters, elementwise=True, hessian_scale="training_size",
-                    propagates_nan=True)
+                    propagates_nan=True, fused=fused)

@@ -41,4 +41,13 @@ def task_arithmetic(parent: torch.Tensor, children: Sequence[torch.Tensor], *, a
     return merged
 
 
-METHOD = MergeMethod(task_arithmetic, TaskArithmeticParameters, elementwise=True, propagates_nan=True)
+def fused(out: torch.Tensor, parent: torch.Tensor, children: Sequence[torch.Tensor], *, alphas: Sequence[float],
+          scale: float = 1.0, normalize: bool = False, threads: int = 1) -> bool:
+    """:func:`task_arithmetic` into ``out`` in one pass over the inputs as stored (gradmatch.kernels)."""
+    from gradmatch import kernels
+
+    Z = normalizer(alphas, normalize)
+    return kernels.task_arithmetic(out, parent, children, weights=[scale * a / Z for a in alphas], threads=threads)
+
+
+METHOD = MergeMethod(task_arithmetic, TaskArithmeticParameters, elementwise=True, propagates_nan=True, fused=fused)
