@@ -17,6 +17,8 @@ user-wide cache directory where this one cannot be written).
 
 from __future__ import annotations
 
+import functools
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -27,7 +29,7 @@ from numba.extending import intrinsic, overload
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["gradient_matching", "readable", "task_arithmetic", "writable"]
+__all__ = ["bits", "bits_dtype", "gradient_matching", "task_arithmetic", "writable"]
 
 #: Entries per chunk: each chunk's scratch (a few float32 arrays) stays in the L1 cache.
 CHUNK = 1024
@@ -228,17 +230,19 @@ def _task_arithmetic(out, parent, children, weights):  # pragma: no cover - comp
     return result
 
 
-# --- the torch side ----------------------------------------------------------------------------------
+# --- arrays in, arrays out ---------------------------------------------------------------------------
 
-def _bit_views() -> dict:
+def bits_dtype(dtype: torch.dtype) -> np.dtype | None:
+    """The numpy dtype of the flat arrays that carry values stored in torch ``dtype`` to the kernels (bf16 as
+    its int16 bits, fp16 as its uint16 bits); None for a dtype the kernels do not read."""
+    return _bits_dtypes().get(dtype)
+
+
+@functools.cache
+def _bits_dtypes() -> dict:
     import torch
-    return {torch.bfloat16: torch.int16, torch.float16: torch.uint16, torch.float32: torch.float32,
-            torch.float64: torch.float64}
-
-
-def readable(dtype: torch.dtype) -> bool:
-    """The kernels read inputs stored in this dtype."""
-    return dtype in _bit_views()
+    return {torch.bfloat16: np.dtype(np.int16), torch.float16: np.dtype(np.uint16),
+            torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
 
 
 def writable(dtype: torch.dtype) -> bool:
@@ -247,21 +251,36 @@ def writable(dtype: torch.dtype) -> bool:
     return dtype in (torch.bfloat16, torch.float16, torch.float32)
 
 
-def _view(tensor: torch.Tensor) -> np.ndarray:
-    """A contiguous CPU tensor's entries as the flat numpy array a kernel reads or writes in place (bf16 as
-    its int16 bits, fp16 as its uint16 bits)."""
+def bits(tensor: torch.Tensor) -> np.ndarray:
+    """A contiguous CPU tensor's entries as the flat array a kernel reads or writes in place."""
+    import torch
     if not tensor.is_contiguous():
         raise ValueError("the kernels take contiguous tensors")
-    return tensor.reshape(-1).view(_bit_views()[tensor.dtype]).numpy()
+    as_int = {torch.bfloat16: torch.int16, torch.float16: torch.uint16}.get(tensor.dtype, tensor.dtype)
+    return tensor.reshape(-1).view(as_int).numpy()
 
 
-def _group(tensors) -> tuple:
-    """A tuple of arrays of one type, which a kernel indexes by child: the views, or float32 copies where
-    the dtypes differ (children saved in different dtypes)."""
-    import torch
-    if len({t.dtype for t in tensors}) > 1:
-        tensors = [t.to(torch.float32) for t in tensors]
-    return tuple(_view(t.contiguous()) for t in tensors)
+def _float32(array: np.ndarray) -> np.ndarray:
+    """The values of a bits array as float32 (a copy)."""
+    if array.dtype == np.int16:  # bf16: the high half of a float32
+        return (array.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    if array.dtype == np.uint16:
+        return array.view(np.float16).astype(np.float32)
+    return array.astype(np.float32)
+
+
+def _group(arrays) -> tuple:
+    """A tuple of arrays of one type, which a kernel indexes by child: float32 copies where the dtypes differ
+    (children stored in different dtypes)."""
+    if len({a.dtype for a in arrays}) > 1:
+        return tuple(_float32(a) for a in arrays)
+    return tuple(arrays)
+
+
+@functools.lru_cache(maxsize=64)
+def _constants(*values: tuple[float, ...]) -> tuple[np.ndarray, ...]:
+    """Per-child constants as float32 arrays, made once per merge rather than once per block."""
+    return tuple(np.asarray(v, np.float32) for v in values)
 
 
 def _run(kernel, out: np.ndarray, per_entry: tuple, rest: tuple, threads: int) -> np.ndarray:
@@ -282,32 +301,27 @@ def _run(kernel, out: np.ndarray, per_entry: tuple, rest: tuple, threads: int) -
     return sum(_pool(parts).map(part, range(parts)))
 
 
-_pools: dict[int, object] = {}
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A pool of ``workers`` threads, made once (the merge calls the kernels for every block)."""
+    return ThreadPoolExecutor(workers, thread_name_prefix="gradmatch-kernel")
 
 
-def _pool(workers: int):
-    """A thread pool of ``workers`` threads, made once and kept (the merge calls it for every block)."""
-    from concurrent.futures import ThreadPoolExecutor
-    if workers not in _pools:
-        _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="gradmatch-kernel")
-    return _pools[workers]
-
-
-def gradient_matching(out: torch.Tensor, parent: torch.Tensor, children, parent_fisher: torch.Tensor, fishers, *,
+def gradient_matching(out: np.ndarray, parent: np.ndarray, children, parent_fisher: np.ndarray, fishers, *,
                       alphas, parent_scale: float, scales, delta_0: float, max_update_ratio: float, stats: dict,
                       threads: int = 1) -> bool:
     """gradmatch.methods.gradient_matching's formula (with its guard where some α_t < 0) into ``out``.
 
-    False when the block needs the reference formula, which names the problem: a negative Hessian
-    entry, a denominator that is not positive (without the guard) or a result that is not finite in
-    ``out``'s dtype. With the guard, the entries it bounded are added to ``stats["guarded_entries"]``.
+    Every argument array is flat, of one length, in the bits form of :func:`bits_dtype`. False when the
+    block needs the reference formula, which names the problem: a negative Hessian entry, a denominator
+    that is not positive (without the guard) or a result that is not finite in ``out``'s dtype. With the
+    guard, the entries it bounded are added to ``stats["guarded_entries"]``.
     """
     guard = any(a < 0 for a in alphas)
-    rest = (np.asarray(alphas, np.float32), np.asarray(scales, np.float32),
-            np.asarray([a * s for a, s in zip(alphas, scales)], np.float32), np.float32(parent_scale),
-            np.float32(delta_0), guard, np.asarray([abs(a) * max_update_ratio for a in alphas], np.float32))
-    counts = _run(_gradient_matching, _view(out), (_view(parent.contiguous()), _group(children),
-                  _view(parent_fisher.contiguous()), _group(fishers)), rest, threads)
+    constants = _constants(tuple(alphas), tuple(scales), tuple(a * s for a, s in zip(alphas, scales)),
+                           tuple(abs(a) * max_update_ratio for a in alphas))
+    rest = (*constants[:3], np.float32(parent_scale), np.float32(delta_0), guard, constants[3])
+    counts = _run(_gradient_matching, out, (parent, _group(children), parent_fisher, _group(fishers)), rest, threads)
     if counts[NEGATIVE_HESSIAN] or counts[NONFINITE] or (counts[NONPOSITIVE_DENOMINATOR] and not guard):
         return False
     if guard:
@@ -315,9 +329,8 @@ def gradient_matching(out: torch.Tensor, parent: torch.Tensor, children, parent_
     return True
 
 
-def task_arithmetic(out: torch.Tensor, parent: torch.Tensor, children, *, weights, threads: int = 1) -> bool:
+def task_arithmetic(out: np.ndarray, parent: np.ndarray, children, *, weights, threads: int = 1) -> bool:
     """θ_0 + Σ_t w_t (θ_t − θ_0) into ``out`` (w_t = λ α_t / Z in gradmatch.methods.task_arithmetic);
-    False where a result is not finite in ``out``'s dtype (the reference names the input)."""
-    counts = _run(_task_arithmetic, _view(out), (_view(parent.contiguous()), _group(children)),
-                  (np.asarray(weights, np.float32),), threads)
+    False where a result is not finite in ``out``'s dtype (the reference then names the input)."""
+    counts = _run(_task_arithmetic, out, (parent, _group(children)), _constants(tuple(weights)), threads)
     return not counts[NONFINITE]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from gradmatch.checkpoints import (HEAD_INIT, Checkpoint, ConstantTensors, SafetensorsWriter, TensorSpec, TensorView,
@@ -22,7 +23,7 @@ from gradmatch.config.merge import OUT_DTYPES, PRIOR, MergeConfig, load_merge_co
 from gradmatch.devices import parse_device
 from gradmatch.errors import UserError
 from gradmatch.fsutil import atomic_dir, check_output_dir
-from gradmatch.methods import MergeMethod, MethodError, get_method
+from gradmatch.methods import MergeMethod, MethodError, get_method, method_names
 from gradmatch.prefetch import BlockInputs, BlockReader
 
 __all__ = ["merge", "load_merge_config", "plan_merge", "MergePlan", "DEFAULT_BLOCK_ELEMENTS"]
@@ -34,6 +35,10 @@ log = logging.getLogger(__name__)
 #: 6.6 s (gradient matching) against 3.3 s and 7.8 s with 2^16 (fixed costs per block) and 2.5-3.9 s and
 #: 7.6 s with 2^18 (blocks no longer fit the caches), best of 3-4 interleaved runs on the shared 2-core machine.
 DEFAULT_BLOCK_ELEMENTS = 1 << 17
+#: ``kernel="auto"`` uses a method's fused kernel (gradmatch.kernels) when the merge reads at least this many bytes:
+#: loading numba and the compiled kernel costs about 0.5 s and 110 MB per process, which a MiniLM merge (0.9 GB at
+#: T = 4, float32 inputs, 1.8 s) does not win back; at 0.5B parameters in bf16 (9.7 GB) the kernel halves the time.
+KERNEL_MIN_BYTES = 2 << 30
 #: The same on a GPU: per-block costs there are kernel launches and host-device synchronisations (the
 #: finiteness checks), so blocks are 32x larger: 8 MB of bf16 per input (the pinned pool: 4 blocks per input).
 GPU_BLOCK_ELEMENTS = 1 << 22
@@ -503,11 +508,10 @@ class _Executor:
     """Computes one output tensor at a time from a validated plan; sums the method's statistics per tensor."""
 
     def __init__(self, plan: MergePlan, params: dict[str, Any], device: torch.device, compute: torch.dtype,
-                 block_rows: int | None, threads: int | None = 1):
+                 block_rows: int | None, threads: int | None = 1, kernel: str = "reference"):
         self.plan, self.device, self.compute, self.block_rows = plan, device, compute, block_rows
         self.method = plan.method
-        # the method's fused kernel where it computes what the reference would (a CPU, float32); else the reference
-        self.fused = plan.method.fused if device.type == "cpu" and compute == torch.float32 else None
+        self.fused = plan.method.fused if kernel == "fused" else None  # None: the reference formula computes
         self.threads = threads or torch.get_num_threads()
         self.params = params
         self.call_params = self.method.call_parameters(params)
@@ -516,20 +520,38 @@ class _Executor:
         self._cache: dict[str, Any] = {}
         self.reader: BlockReader | None = None  # reads the next block's inputs ahead (see start_reader)
         self._ahead: BlockInputs | None = None  # the current block's inputs, read ahead
+        self._buffers: dict[Any, np.ndarray] = {}  # the fused path's reused block buffers, per input and output
 
-    def _load(self, ckpt: Checkpoint, name: str, rows: slice | None, hessian: bool, stored: bool) -> torch.Tensor:
-        """Block ``rows`` of tensor ``name`` of ``ckpt``: on the device in the compute dtype, or as stored
-        (``stored``: for a fused kernel, which also checks the Hessians itself)."""
-        tensor = None
-        dtype = None if stored else self.compute
+    def _buffer(self, key: Any, nbytes: int) -> np.ndarray:
+        """A flat byte array of at least ``nbytes``, reused for ``key``'s next blocks (a fresh one per block costs
+        page faults): the fused path reads each input into its own and writes the output from one."""
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.shape[0] < nbytes:
+            buffer = self._buffers[key] = np.empty(nbytes, np.uint8)
+        return buffer
+
+    def _stored(self, ckpt: Checkpoint, name: str, rows: slice | None) -> np.ndarray | None:
+        """Block ``rows`` of tensor ``name`` of ``ckpt`` as stored, as the flat array of its bits a kernel
+        reads (gradmatch.kernels.bits_dtype); None for a dtype the kernels do not read."""
+        from gradmatch import kernels
+
+        bits = kernels.bits_dtype(ckpt.info(name).dtype)
+        if bits is None:
+            return None
         if self._ahead is not None:
-            tensor = self.reader.to_device(self._ahead, ckpt, self.device, dtype)
+            tensor = self.reader.to_device(self._ahead, ckpt, self.device, None)
+            if tensor is not None:
+                return kernels.bits(tensor)
+        buffer = self._buffer(id(ckpt), _block_bytes(ckpt, name, rows))
+        return buffer[: ckpt.read_into(name, rows, buffer)].view(bits)
+
+    def _load(self, ckpt: Checkpoint, name: str, rows: slice | None, hessian: bool) -> torch.Tensor:
+        tensor = None
+        if self._ahead is not None:
+            tensor = self.reader.to_device(self._ahead, ckpt, self.device, self.compute)
         if tensor is None:
-            tensor = ckpt.read(name, rows)
-            tensor = tensor if stored else tensor.to(self.device, self.compute)
+            tensor = ckpt.read(name, rows).to(self.device, self.compute)
         self._loaded.append((ckpt, tensor))
-        if stored:
-            return tensor
         if hessian and tensor.numel() and float(torch.aminmax(tensor).min) < 0:  # NaN: caught as non-finite
             raise UserError(f"{_where(name, rows)} of {ckpt.info(name).file} has negative values (down to "
                             f"{float(tensor.min()):.3g}), which a Hessian (a Fisher: mean of squared gradients) cannot have")
@@ -543,21 +565,22 @@ class _Executor:
 
     def _inputs(self, name: str, rows: slice | None, stored: bool = False) -> dict[str, Any]:
         """The engine inputs the method takes (see gradmatch.methods.base.ENGINE_INPUTS), for one block
-        (``stored``: the tensors in their stored dtypes, on the CPU)."""
+        (``stored``: the tensors as flat arrays of their stored bits, for a fused kernel; a missing one None)."""
         p, wanted = self.plan, self.method.inputs
-        kwargs: dict[str, Any] = {
-            "parent": self._load(p.parent, name, rows, False, stored),
-            "children": [self._load(c, name, rows, False, stored) for c in p.children],
-        }
+
+        def load(ckpt: Checkpoint, hessian: bool):
+            return self._stored(ckpt, name, rows) if stored else self._load(ckpt, name, rows, hessian)
+
+        kwargs: dict[str, Any] = {"parent": load(p.parent, False), "children": [load(c, False) for c in p.children]}
         if "alphas" in wanted:
             kwargs["alphas"] = p.alphas
         if "weights" in wanted:
             kwargs["weights"] = p.alphas
         if "fishers" in wanted:
-            kwargs["fishers"] = [self._load(h, name, rows, True, stored) for h in p.hessians]
+            kwargs["fishers"] = [load(h, True) for h in p.hessians]
             kwargs["scales"] = p.scales
         if "parent_fisher" in wanted:
-            kwargs["parent_fisher"] = self._load(p.parent_hessian, name, rows, True, stored)
+            kwargs["parent_fisher"] = load(p.parent_hessian, True)
             kwargs["parent_scale"] = p.parent_scale
         if "generator" in wanted:
             kwargs["generator"] = torch.Generator().manual_seed(_tensor_seed(self.params["seed"], name))
@@ -600,21 +623,20 @@ class _Executor:
 
         if not kernels.writable(out_dtype):
             return None
-        self._loaded = []
         kwargs = self._inputs(name, rows, stored=True)
-        if not all(kernels.readable(tensor.dtype) for _, tensor in self._loaded):
+        if any(x is None for v in kwargs.values() for x in (v if isinstance(v, list) else [v])):
             return None
         info = self.plan.parent.info(name)
         shape = info.shape if rows is None else (rows.stop - rows.start, *info.shape[1:])
-        out = torch.empty(shape, dtype=out_dtype)
+        nbytes = math.prod(shape) * out_dtype.itemsize
+        out = self._buffer("out", nbytes)[:nbytes].view(kernels.bits_dtype(out_dtype))
         stats: dict[str, int] = {}
         if "stats" in self.method.inputs:
             kwargs["stats"] = stats
         if not self.method.fused(out=out, **kwargs, **self.call_params, threads=self.threads):
             return None
-        self._loaded = []
         self._count(name, stats)
-        return out
+        return torch.from_numpy(out).view(out_dtype).view(shape)  # valid until the next block
 
     def _count(self, name: str, stats: dict[str, int]) -> None:
         for key, value in stats.items():
@@ -657,10 +679,7 @@ class _Executor:
     def start_reader(self, pinned: bool) -> None:
         """Read each block's inputs on a thread while the block before it is computed (pinned: into
         page-locked buffers, for asynchronous copies to a GPU)."""
-        p = self.plan
-        inputs = [p.parent, *p.children]
-        inputs += [h for h in p.hessians if h is not None] if self.method.uses_child_hessians else []
-        inputs += [p.parent_hessian] if self.method.uses_parent_hessian and p.parent_hessian is not None else []
+        inputs = _method_inputs(self.plan)
         blocks = self.blocks()
         block_bytes = max((_block_bytes(ckpt, name, rows) for name, rows in blocks for ckpt in inputs), default=0)
         streaming = self.method.elementwise or self.method.rowwise
@@ -719,7 +738,7 @@ def _inputs_record(plan: MergePlan) -> dict[str, Any]:
 
 
 def _provenance(plan: MergePlan, params: dict[str, Any], precision: str, out_dtype: str | None,
-                statistics: dict[str, Any]) -> dict[str, Any]:
+                statistics: dict[str, Any], kernel: str) -> dict[str, Any]:
     from gradmatch import __version__
 
     c = plan.config
@@ -735,6 +754,7 @@ def _provenance(plan: MergePlan, params: dict[str, Any], precision: str, out_dty
                     "weight": plan.alphas[i], "hessian_scale": plan.scales[i] if plan.scales else None}
                    for i, e in enumerate(c.models)],
         "precision": precision,
+        "kernel": kernel,
         "out_dtype": out_dtype,
         "merged_entries": sum(plan.parent.info(name).numel for name in plan.merged),
         "prior_level": plan.prior,
@@ -761,6 +781,7 @@ def merge(
     prefetch: bool | None = None,
     check_inputs: bool = True,
     allow_config_mismatch: bool = False,
+    kernel: str = "auto",
 ) -> Path:
     """Merge the children of ``config`` into a Hugging Face folder ``out``; return ``out``.
 
@@ -775,7 +796,10 @@ def merge(
     (README.md, replacing the parent's). ``prefetch``: read the next block's inputs on a thread while the
     current one is computed (None: only on a GPU, where it also uses pinned host buffers). ``check_inputs``:
     refuse a Hessian or Gram whose record names another model; ``allow_config_mismatch``: merge children
-    whose config would make their weights compute something else than the parent's.
+    whose config would make their weights compute something else than the parent's. ``kernel``: ``fused``
+    computes with the method's fused kernel (one pass over the inputs as stored; a CPU, float32),
+    ``reference`` with its torch formula, ``auto`` (default) fused where the method has a kernel and the
+    merge reads at least KERNEL_MIN_BYTES (below, loading the kernel costs more than it saves).
     """
     cfg = load_merge_config(config)
     out = check_output_dir(out, overwrite)
@@ -790,17 +814,20 @@ def merge(
         raise UserError(f"block rows must be positive, got {block_rows}")
     shard_bytes = parse_size(max_shard_size)
     dev = parse_device(device)
+    if kernel not in _KERNELS:
+        raise UserError(f"kernel must be one of {', '.join(_KERNELS)}, not {kernel!r}")
     plan = plan_merge(cfg, check_inputs=check_inputs, allow_config_mismatch=allow_config_mismatch)
     _check_output_not_input(out, plan)
     params = dict(cfg.parameters)
-    executor = _Executor(plan, params, dev, _PRECISIONS[precision], block_rows, threads)
+    executor = _Executor(plan, params, dev, _PRECISIONS[precision], block_rows, threads,
+                         _choose_kernel(kernel, plan, dev, precision))
 
     saved_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     _keep_freed_memory()
     reproduce = _reproduction(config, cfg, out_dtype_option=out_dtype if out_dtype != cfg.out_dtype else None,
-                              precision=precision, max_shard_size=max_shard_size)
+                              precision=precision, max_shard_size=max_shard_size, kernel=kernel)
     if prefetch is None:
         prefetch = dev.type == "cuda"
     if dev.type == "cuda":
@@ -829,6 +856,39 @@ def merge(
                     sum(1 for n in guarded.values() if n), params.get("max_update_ratio", float("nan")),
                     Path(out) / "merge.json")
     return out
+
+
+_KERNELS = ("auto", "fused", "reference")
+
+
+def _choose_kernel(kernel: str, plan: MergePlan, device: torch.device, precision: str) -> str:
+    """``fused`` or ``reference``: what computes this merge (see :func:`merge`'s ``kernel``)."""
+    method = plan.method
+    if kernel == "fused":
+        if method.fused is None:
+            with_kernel = ", ".join(m for m in method_names() if get_method(m).fused is not None)
+            raise UserError(f"{method.name} has no fused kernel (these methods have one: {with_kernel}); "
+                            "use --kernel reference or auto")
+        if device.type != "cpu" or precision != "float32":
+            raise UserError(f"the fused kernels compute in float32 on a CPU, not in {precision} on {device}: "
+                            "use --kernel reference or auto")
+    if kernel != "auto":
+        return kernel
+    if method.fused is None or device.type != "cpu" or precision != "float32":
+        return "reference"
+    read = sum(ckpt.info(name).numel * ckpt.info(name).dtype.itemsize
+               for ckpt in _method_inputs(plan) for name in plan.merged if name in ckpt.tensors)
+    return "fused" if read >= KERNEL_MIN_BYTES else "reference"
+
+
+def _method_inputs(plan: MergePlan) -> list:
+    """The checkpoints the method reads for every merged tensor."""
+    inputs = [plan.parent, *plan.children]
+    if plan.method.uses_child_hessians:
+        inputs += [h for h in plan.hessians if h is not None]
+    if plan.method.uses_parent_hessian and plan.parent_hessian is not None:
+        inputs.append(plan.parent_hessian)
+    return inputs
 
 
 #: glibc's mallopt parameters: blocks below this size come from the heap and freed memory is kept for reuse.
@@ -889,7 +949,8 @@ def _write(plan: MergePlan, executor: _Executor, out: Path, *, overwrite: bool, 
         finally:
             writer.close()
             bar.close()
-        record = _provenance(plan, params, precision, out_dtype, _statistics(plan, executor))
+        record = _provenance(plan, params, precision, out_dtype, _statistics(plan, executor),
+                             "fused" if executor.fused is not None else "reference")
         command, config_name, config_text = reproduce
         record["command"] = command
         (tmp / "merge.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -927,7 +988,7 @@ def _copied_blocks(parent: Checkpoint, name: str):
 
 
 def _reproduction(config: Any, cfg: MergeConfig, *, out_dtype_option: str | None, precision: str,
-                  max_shard_size: str | int) -> tuple[str, str, str]:
+                  max_shard_size: str | int, kernel: str = "auto") -> tuple[str, str, str]:
     """The command, config file name and config text that reproduce this merge (for the model card):
     the config file as the user wrote it (a mergekit YAML stays one), or our YAML form of a dict."""
     import yaml
@@ -945,6 +1006,8 @@ def _reproduction(config: Any, cfg: MergeConfig, *, out_dtype_option: str | None
         options.append(f"--precision {precision}")
     if str(max_shard_size) != "5GB":
         options.append(f"--max-shard-size {max_shard_size}")
+    if kernel != "auto":
+        options.append(f"--kernel {kernel}")
     return " ".join(["gradmatch merge", name, "OUT", *options]), name, text  # OUT: any new folder
 
 

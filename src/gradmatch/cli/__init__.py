@@ -144,7 +144,12 @@ def _add_merge(sub) -> None:
                      message="--clamp-denominator was replaced by the removal guard: set parameters: "
                      "{max_update_ratio: R} in the merge YAML (see docs/merge.md, Removal)")
     run.add_argument("--threads", type=int, default=1,
-                     help="CPU threads for torch (merging is memory-bound; more can be slower on shared machines)")
+                     help="CPU threads for torch and the fused kernels (merging is memory-bound; more can be slower on "
+                          "shared machines)")
+    run.add_argument("--kernel", choices=["auto", "fused", "reference"], default="auto",
+                     help="fused: one compiled pass over the inputs as stored (gradient_matching, task_arithmetic; "
+                          "CPU, float32); reference: the torch formula; auto (default): fused for merges that read "
+                          "2 GB or more")
     run.add_argument("--no-check-hessians", dest="check_inputs", action="store_false",
                      help="accept Hessians and Grams whose record names another model (fisher.json / gram.json)")
     run.add_argument("--allow-config-mismatch", action="store_true",

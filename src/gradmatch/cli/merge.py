@@ -107,7 +107,8 @@ def merge_from_args(args) -> Path:
         return merge(config, out, overwrite=args.overwrite, device=args.device, precision=args.precision,
                      out_dtype=args.out_dtype, max_shard_size=args.max_shard_size, block_rows=args.block_rows,
                      progress=not args.quiet, threads=args.threads, card=not args.no_card,
-                     check_inputs=args.check_inputs, allow_config_mismatch=args.allow_config_mismatch)
+                     check_inputs=args.check_inputs, allow_config_mismatch=args.allow_config_mismatch,
+                     kernel=args.kernel)
     except UserError as exc:
         if args.config is None and "denominator" in str(exc) and args.delta_0 is None:
             raise UserError(f"{exc}. With the original flags δ defaults to 0 and every N to 1, as in the original "

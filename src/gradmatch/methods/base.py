@@ -65,8 +65,9 @@ class MergeMethod:
     ``propagates_nan``: every input enters every output entry arithmetically (0·NaN = NaN), so a NaN
     or Inf anywhere shows in the result: the engine checks only the result, and looks for the culprit then.
     ``fused``: the same formula as one pass over the inputs as stored (a kernel of ``gradmatch.kernels``),
-    for the engine to use on a CPU in float32. It takes ``out`` (the output block, in the output dtype),
-    the function's arguments with the inputs in their stored dtypes, and ``threads``; it returns False
+    for the engine to use on a CPU in float32. It takes ``out`` (the output block), the function's
+    arguments with the tensors as flat numpy arrays of their stored bits (``gradmatch.kernels.bits``:
+    bf16 as int16, fp16 as uint16), and ``threads``; it fills ``out`` and returns True, or False
     when the block needs the reference ``function`` (a value it would refuse or flag: the reference then
     names the problem). Only for elementwise methods that propagate NaN.
     """

@@ -10,6 +10,7 @@ from pydantic import Field
 from gradmatch.methods.base import MergeMethod, MethodError, Parameters, first_index
 
 if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
     import torch
 
 
@@ -78,10 +79,11 @@ def gradient_matching(
     return parent + numerator / denominator
 
 
-def fused(out: torch.Tensor, parent: torch.Tensor, children: Sequence[torch.Tensor], *, parent_fisher: torch.Tensor,
-          fishers: Sequence[torch.Tensor], alphas: Sequence[float], parent_scale: float, scales: Sequence[float],
+def fused(out: np.ndarray, parent: np.ndarray, children: Sequence[np.ndarray], *, parent_fisher: np.ndarray,
+          fishers: Sequence[np.ndarray], alphas: Sequence[float], parent_scale: float, scales: Sequence[float],
           stats: dict, delta_0: float = 1e-12, max_update_ratio: float = 10.0, threads: int = 1) -> bool:
-    """:func:`gradient_matching` into ``out`` in one pass over the inputs as stored (gradmatch.kernels)."""
+    """:func:`gradient_matching` into ``out`` in one pass over the inputs as stored (flat arrays of their
+    bits: gradmatch.kernels)."""
     from gradmatch import kernels
 
     return kernels.gradient_matching(out, parent, children, parent_fisher, fishers, alphas=alphas,

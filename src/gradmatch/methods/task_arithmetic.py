@@ -10,6 +10,7 @@ from pydantic import Field
 from gradmatch.methods.base import MergeMethod, Parameters
 
 if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
     import torch
 
 #: mergekit's rule: a weight sum this close to zero is not divided by.
@@ -41,9 +42,10 @@ def task_arithmetic(parent: torch.Tensor, children: Sequence[torch.Tensor], *, a
     return merged
 
 
-def fused(out: torch.Tensor, parent: torch.Tensor, children: Sequence[torch.Tensor], *, alphas: Sequence[float],
+def fused(out: np.ndarray, parent: np.ndarray, children: Sequence[np.ndarray], *, alphas: Sequence[float],
           scale: float = 1.0, normalize: bool = False, threads: int = 1) -> bool:
-    """:func:`task_arithmetic` into ``out`` in one pass over the inputs as stored (gradmatch.kernels)."""
+    """:func:`task_arithmetic` into ``out`` in one pass over the inputs as stored (flat arrays of their
+    bits: gradmatch.kernels)."""
     from gradmatch import kernels
 
     Z = normalizer(alphas, normalize)
