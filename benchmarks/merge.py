@@ -518,6 +518,8 @@ LLAMA_INPUTS_VERSION = 1
 LLM_CONTENDERS = {
     "gm": "gradmatch merge, gradient_matching (2T+2 inputs)",
     "ta": "gradmatch merge, task_arithmetic (T+1 inputs)",
+    "gm_reference": "`gm` with `--kernel reference` (the method's torch formula instead of the fused kernel)",
+    "ta_reference": "`ta` with `--kernel reference`",
     "gm_cuda": "`gm` with `--device cuda` (computes on the GPU; the next block read on a thread into pinned buffers)",
     "ta_cuda": "`ta` with `--device cuda`",
     "mergekit": "mergekit-yaml task_arithmetic, default options",
@@ -677,6 +679,10 @@ def llm_commands(t: int, paths: dict, cfgs: dict, out: Path, mk_venv: Path | Non
     return {
         "gm": [*gradmatch_command(), "merge", str(cfgs["gm"]), str(out), "--quiet", *gm_threads],
         "ta": [*gradmatch_command(), "merge", str(cfgs["ta"]), str(out), "--quiet", *gm_threads],
+        "gm_reference": [*gradmatch_command(), "merge", str(cfgs["gm"]), str(out), "--quiet", "--kernel", "reference",
+                         *gm_threads],
+        "ta_reference": [*gradmatch_command(), "merge", str(cfgs["ta"]), str(out), "--quiet", "--kernel", "reference",
+                         *gm_threads],
         # not --quiet: the merge logs its peak GPU memory (progress bars are off through TQDM_DISABLE)
         "gm_cuda": [*gradmatch_command(), "merge", str(cfgs["gm"]), str(out), "--device", "cuda", "--verbose", *gm_threads],
         "ta_cuda": [*gradmatch_command(), "merge", str(cfgs["ta"]), str(out), "--device", "cuda", "--verbose", *gm_threads],
@@ -690,7 +696,7 @@ def llm_commands(t: int, paths: dict, cfgs: dict, out: Path, mk_venv: Path | Non
 
 
 def llm_inputs_of(contender: str, paths: dict) -> list[Path]:
-    return llm_weight_files(paths, "gm" if contender in ("gm", "gm_cuda", "floor_gm", "read_cat") else "ta")
+    return llm_weight_files(paths, "gm" if contender in ("gm", "gm_cuda", "gm_reference", "floor_gm", "read_cat") else "ta")
 
 
 def loadavg() -> tuple[float, float, float]:
@@ -798,12 +804,14 @@ def llm_main(args) -> int:
                 if rep == 0 and cache == caches[0] and not args.no_check:
                     ta_out, mk_out = runs / f"{cache}-ta", runs / f"{cache}-mergekit"
                     names = ["model.norm.weight", "model.layers.0.self_attn.k_proj.weight", "model.layers.0.mlp.down_proj.weight"]
-                    for c in ("gm", "gm_cuda"):
+                    for c in ("gm", "gm_cuda", "gm_reference"):
                         if (runs / f"{cache}-{c}").exists():
                             checks[(model, f"{c} vs float64 formula, largest error in bf16 ulps of max(|exact|, |θ_0|) (0.5 = correctly rounded)")] = check_gm_sample(runs / f"{cache}-{c}", paths, names)
                     for c in ("gm", "ta"):
-                        if (runs / f"{cache}-{c}").exists() and (runs / f"{cache}-{c}_cuda").exists():
-                            checks[(model, f"{c}_cuda vs {c}, max rel. error")] = compare_outputs(runs / f"{cache}-{c}_cuda", runs / f"{cache}-{c}")
+                        for other in ("cuda", "reference"):
+                            if (runs / f"{cache}-{c}").exists() and (runs / f"{cache}-{c}_{other}").exists():
+                                checks[(model, f"{c}_{other} vs {c}, max rel. error")] = compare_outputs(
+                                    runs / f"{cache}-{c}_{other}", runs / f"{cache}-{c}")
                     if ta_out.exists() and mk_out.exists():
                         checks[(model, "ta vs mergekit (bf16 compute), max rel. error")] = compare_outputs(ta_out, mk_out)
                 for c in contenders:
@@ -905,7 +913,9 @@ def llm_section(args, samples, checks, sizes, contenders, caches, mk_venv, engin
                  (f"{mid}, {cache}", "`gm` CPU / `floor_gm` CPU (info)", None, ratio(mid, cache, "gm", "floor_gm", "cpu"))]
     for model in args.llm:
         for cache in caches:
-            rows += [(f"{model}, {cache}", "`gm_cuda` time / `floor_gm` time (info)", None, ratio(model, cache, "gm_cuda", "floor_gm", "wall")),
+            rows += [(f"{model}, {cache}", "`gm` time / `gm_reference` time (info)", None, ratio(model, cache, "gm", "gm_reference", "wall")),
+                     (f"{model}, {cache}", "`ta` time / `ta_reference` time (info)", None, ratio(model, cache, "ta", "ta_reference", "wall")),
+                     (f"{model}, {cache}", "`gm_cuda` time / `floor_gm` time (info)", None, ratio(model, cache, "gm_cuda", "floor_gm", "wall")),
                      (f"{model}, {cache}", "`gm_cuda` time / `gm` time (info)", None, ratio(model, cache, "gm_cuda", "gm", "wall")),
                      (f"{model}, {cache}", "`ta_cuda` time / `floor_ta` time (info)", None, ratio(model, cache, "ta_cuda", "floor_ta", "wall"))]
     rows = [r for r in rows if r[3] is not None]  # only what this run measured
