@@ -283,3 +283,11 @@ def test_bits_views_share_memory():
     assert t[0, 0].item() == 0.0
     with pytest.raises(ValueError, match="contiguous"):
         kernels.bits(t.t())
+
+
+def test_kernels_compile_without_a_place_to_cache_them():
+    """Where numba can write no cache (here: code with no file), the kernel is compiled in the process."""
+    namespace: dict = {}
+    exec("def twice(a):\n    return 2 * a\n", namespace)  # noqa: S102 - a function without a source file
+    compiled = kernels._compiled(namespace["twice"])
+    assert compiled(np.arange(3.0)).tolist() == [0.0, 2.0, 4.0]

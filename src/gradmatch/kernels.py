@@ -116,7 +116,17 @@ def _store(out, i, x):
 
 # --- the formulas ------------------------------------------------------------------------------------
 
-@njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)
+def _compiled(function):
+    """``function`` compiled by numba (GIL released; IEEE division: x/0 is ±inf or NaN, not an exception),
+    cached on disk where numba finds a writable place for it, else compiled anew in each process."""
+    options = {"nogil": True, "error_model": "numpy", "boundscheck": False}
+    try:
+        return njit(cache=True, **options)(function)
+    except RuntimeError:  # no cache locator: an installation and a home that cannot be written
+        return njit(**options)(function)
+
+
+@_compiled
 def _gradient_matching(out, parent, children, parent_fisher, fishers, alphas, scales, alpha_scales,
                        parent_scale, delta_0, guard, radius_scales):  # pragma: no cover - compiled
     n = out.shape[0]
@@ -200,7 +210,7 @@ def _gradient_matching(out, parent, children, parent_fisher, fishers, alphas, sc
     return result
 
 
-@njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)
+@_compiled
 def _task_arithmetic(out, parent, children, weights):  # pragma: no cover - compiled
     n = out.shape[0]
     T = len(children)
