@@ -814,8 +814,7 @@ def merge(
         raise UserError(f"block rows must be positive, got {block_rows}")
     shard_bytes = parse_size(max_shard_size)
     dev = parse_device(device)
-    if kernel not in _KERNELS:
-        raise UserError(f"kernel must be one of {', '.join(_KERNELS)}, not {kernel!r}")
+    _check_kernel(kernel, get_method(cfg.method), dev, precision)  # before planning, which may print notes
     plan = plan_merge(cfg, check_inputs=check_inputs, allow_config_mismatch=allow_config_mismatch)
     _check_output_not_input(out, plan)
     params = dict(cfg.parameters)
@@ -861,17 +860,24 @@ def merge(
 _KERNELS = ("auto", "fused", "reference")
 
 
+def _check_kernel(kernel: str, method: MergeMethod, device: torch.device, precision: str) -> None:
+    """Refuse a ``kernel`` option that cannot compute this merge."""
+    if kernel not in _KERNELS:
+        raise UserError(f"kernel must be one of {', '.join(_KERNELS)}, not {kernel!r}")
+    if kernel != "fused":
+        return
+    if method.fused is None:
+        with_kernel = ", ".join(m for m in method_names() if get_method(m).fused is not None)
+        raise UserError(f"{method.name} has no fused kernel (these methods have one: {with_kernel}); "
+                        "use --kernel reference or auto")
+    if device.type != "cpu" or precision != "float32":
+        raise UserError(f"the fused kernels compute in float32 on a CPU, not in {precision} on {device}: "
+                        "use --kernel reference or auto")
+
+
 def _choose_kernel(kernel: str, plan: MergePlan, device: torch.device, precision: str) -> str:
-    """``fused`` or ``reference``: what computes this merge (see :func:`merge`'s ``kernel``)."""
+    """``fused`` or ``reference``: what computes this (checked) merge (see :func:`merge`'s ``kernel``)."""
     method = plan.method
-    if kernel == "fused":
-        if method.fused is None:
-            with_kernel = ", ".join(m for m in method_names() if get_method(m).fused is not None)
-            raise UserError(f"{method.name} has no fused kernel (these methods have one: {with_kernel}); "
-                            "use --kernel reference or auto")
-        if device.type != "cpu" or precision != "float32":
-            raise UserError(f"the fused kernels compute in float32 on a CPU, not in {precision} on {device}: "
-                            "use --kernel reference or auto")
     if kernel != "auto":
         return kernel
     if method.fused is None or device.type != "cpu" or precision != "float32":
