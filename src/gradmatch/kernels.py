@@ -9,10 +9,11 @@ each input where it was read (bf16, fp16, float32 or float64, as stored) and wri
 
 A kernel does not judge: it counts what the reference formula would refuse or flag (a negative Hessian
 entry, a denominator that is not positive, a result that is not finite in the output dtype) and
-returns the counts; the engine then computes that block with the reference, which names the problem
-(or, for a removal, the guard counts its entries itself). Compiled on first use (about a second per
-method and number of children) and cached on disk beside this file (numba's ``cache=True``; a
-user-wide cache directory where this one cannot be written).
+returns the counts; the engine computes a flagged block again with the reference, which names the
+problem. With a removal (some α_t < 0) a non-positive denominator is no error but the guard's case: the
+kernel applies the guard and counts the entries it bounded. Compiled on first use (one to two seconds
+per method and number of children) and cached on disk beside this file (numba's ``cache=True``; a
+user-wide cache directory where this one cannot be written; compiled in each process where neither can).
 """
 
 from __future__ import annotations
