@@ -271,11 +271,8 @@ class Checkpoint(TensorSource):
                 tensor = self._bin_tensor[1]
             block = tensor if rows is None else tensor[rows]
             return block.clone() if out is None else target.copy_(block)
-        offset = info.offset
-        if rows is not None:
-            offset += rows.indices(info.shape[0])[0] * math.prod(info.shape[1:]) * info.dtype.itemsize
         tensor = torch.empty(shape, dtype=info.dtype) if out is None else target
-        _read_exactly(self._fd(info.file), info.file, offset, tensor)
+        self.read_into(name, rows, tensor.reshape(-1).view(torch.uint8).numpy())
         return tensor
 
     def read_into(self, name: str, rows: slice | None, buffer: np.ndarray) -> int:
@@ -321,19 +318,14 @@ class Checkpoint(TensorSource):
             pass
 
 
-def _read_exactly(fd: int, path: Path, offset: int, tensor: torch.Tensor) -> None:
-    """Fill ``tensor`` with the bytes of file ``fd`` (``path``) from ``offset`` (safetensors data is little-endian,
+def _read_bytes(fd: int, path: Path, offset: int, buffer: memoryview) -> None:
+    """Fill ``buffer`` with the bytes of file ``fd`` (``path``) from ``offset`` (safetensors data is little-endian,
     C order).
 
-    Plain positional reads into the tensor's memory, at offsets validated by :func:`read_safetensors_header`:
+    Plain positional reads into the buffer, at offsets validated by :func:`read_safetensors_header`:
     unlike a memory map (safe_open), nothing stays mapped, so resident memory holds only the tensors
     asked for, and there are no per-page faults (which made a MiniLM merge 4-6x slower here).
     """
-    _read_bytes(fd, path, offset, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
-
-
-def _read_bytes(fd: int, path: Path, offset: int, buffer: memoryview) -> None:
-    """Fill ``buffer`` with the bytes of file ``fd`` (``path``) from ``offset``."""
     try:
         while buffer:
             got = os.preadv(fd, [buffer], offset)
