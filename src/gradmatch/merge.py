@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 #: 7.6 s with 2^18 (blocks no longer fit the caches), best of 3-4 interleaved runs on the shared 2-core machine.
 DEFAULT_BLOCK_ELEMENTS = 1 << 17
 #: ``kernel="auto"`` uses a method's fused kernel (gradmatch.kernels) when the merge reads at least this many bytes:
-#: loading numba and the compiled kernel costs about 0.5 s and 110 MB per process, which a MiniLM merge (0.9 GB at
+#: loading numba and the compiled kernel costs about 0.5 s and 105 MB per process, which a MiniLM merge (0.9 GB at
 #: T = 4, float32 inputs, 1.8 s) does not win back; at 0.5B parameters in bf16 (9.7 GB) the kernel halves the time.
 KERNEL_MIN_BYTES = 2 << 30
 #: The same on a GPU: per-block costs there are kernel launches and host-device synchronisations (the

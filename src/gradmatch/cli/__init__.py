@@ -149,7 +149,7 @@ def _add_merge(sub) -> None:
     run.add_argument("--kernel", choices=["auto", "fused", "reference"], default="auto",
                      help="fused: one compiled pass over the inputs as stored (gradient_matching, task_arithmetic; "
                           "CPU, float32); reference: the torch formula; auto (default): fused for merges that read "
-                          "2 GB or more")
+                          "2 GiB or more")
     run.add_argument("--no-check-hessians", dest="check_inputs", action="store_false",
                      help="accept Hessians and Grams whose record names another model (fisher.json / gram.json)")
     run.add_argument("--allow-config-mismatch", action="store_true",
