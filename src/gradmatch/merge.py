@@ -530,14 +530,12 @@ class _Executor:
             buffer = self._buffers[key] = np.empty(nbytes, np.uint8)
         return buffer
 
-    def _stored(self, ckpt: Checkpoint, name: str, rows: slice | None) -> np.ndarray | None:
+    def _stored(self, ckpt: Checkpoint, name: str, rows: slice | None) -> np.ndarray:
         """Block ``rows`` of tensor ``name`` of ``ckpt`` as stored, as the flat array of its bits a kernel
-        reads (gradmatch.kernels.bits_dtype); None for a dtype the kernels do not read."""
+        reads (gradmatch.kernels.bits_dtype)."""
         from gradmatch import kernels
 
         bits = kernels.bits_dtype(ckpt.info(name).dtype)
-        if bits is None:
-            return None
         if self._ahead is not None:
             tensor = self.reader.to_device(self._ahead, ckpt, self.device, None)
             if tensor is not None:
@@ -565,7 +563,7 @@ class _Executor:
 
     def _inputs(self, name: str, rows: slice | None, stored: bool = False) -> dict[str, Any]:
         """The engine inputs the method takes (see gradmatch.methods.base.ENGINE_INPUTS), for one block
-        (``stored``: the tensors as flat arrays of their stored bits, for a fused kernel; a missing one None)."""
+        (``stored``: the tensors as flat arrays of their stored bits, for a fused kernel)."""
         p, wanted = self.plan, self.method.inputs
 
         def load(ckpt: Checkpoint, hessian: bool):
@@ -621,11 +619,10 @@ class _Executor:
         (inputs or output in dtypes the kernels do not take, or a value the kernel leaves to the reference)."""
         from gradmatch import kernels
 
-        if not kernels.writable(out_dtype):
+        if not kernels.writable(out_dtype) or any(kernels.bits_dtype(ckpt.info(name).dtype) is None
+                                                  for ckpt in _method_inputs(self.plan)):
             return None
         kwargs = self._inputs(name, rows, stored=True)
-        if any(x is None for v in kwargs.values() for x in (v if isinstance(v, list) else [v])):
-            return None
         info = self.plan.parent.info(name)
         shape = info.shape if rows is None else (rows.stop - rows.start, *info.shape[1:])
         nbytes = math.prod(shape) * out_dtype.itemsize
