@@ -64,6 +64,21 @@ class LoraSettings(BaseModel):
     )
 
 
+class IvonSettings(BaseModel):
+    """IVON (Shen et al., ICML 2024; the ivon-opt package): its hyperparameters (learning_rate, beta1, beta2 and
+    weight_decay come from the train config's own keys)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ess: float | None = Field(default=None, gt=0, description="effective sample size (default: the number of "
+                              "training examples)")
+    hess_init: float = Field(default=1e-3, gt=0, description="the Hessian estimate's starting value")
+    beta2: float | None = Field(default=None, gt=0, lt=1, description="the Hessian's EMA rate (default: the "
+                                "train config's beta2 when set, else 0.999)")
+    mc_samples: int = Field(default=1, gt=0, description="parameter samples per training step")
+    clip_radius: float = Field(default=float("inf"), gt=0, description="clip the update's elementwise size")
+
+
 class _TeBase(BaseModel):
     """Keys shared by train and evaluate configs (the original's names and meanings)."""
 
@@ -117,7 +132,12 @@ class TrainConfig(_TeBase):
     warmup_steps: int = Field(default=0, ge=0)
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
     min_lr: float = Field(default=0.0, ge=0)
-    optimizer_name: str = "AdamW"
+    optimizer_name: str = Field(default="AdamW", description="AdamW, or IVON (the ivon-opt package; settings in "
+                                "the ivon block)")
+    save_hessian: Literal["adam", "ivon"] | None = Field(
+        default=None, description="write the optimizer's Hessian estimate as OUT/hessian/: adam (AdamW's second "
+        "moment, converted to a Fisher's scale) or ivon (IVON's Hessian); see docs/fisher.md")
+    ivon: IvonSettings | None = None
     beta1: float = Field(default=0.9, ge=0, lt=1)
     beta2: float = Field(default=0.999, ge=0, lt=1)
     eps: float = Field(default=1e-8, gt=0)
@@ -142,10 +162,13 @@ class TrainConfig(_TeBase):
 
     @field_validator("optimizer_name")
     @classmethod
-    def _adamw_only(cls, value: str) -> str:
-        if value.lower().replace("_", "") not in ("adamw", "adamwtorch"):
-            raise ValueError(f"only AdamW is supported, not {value!r}")
-        return "AdamW"
+    def _known_optimizer(cls, value: str) -> str:
+        key = value.lower().replace("_", "")
+        if key in ("adamw", "adamwtorch"):
+            return "AdamW"
+        if key == "ivon":
+            return "IVON"
+        raise ValueError(f"unknown optimizer {value!r} (choose AdamW or IVON)")
 
     @model_validator(mode="after")
     def _eval_needs_split(self):
@@ -153,6 +176,14 @@ class TrainConfig(_TeBase):
             raise ValueError(f"evaluation_strategy {self.evaluation_strategy!r} needs dataset_val_split")
         if self.min_lr > 0 and self.lr_scheduler != "cosine":  # found here, before the model and data load
             raise ValueError(f"min_lr {self.min_lr} needs lr_scheduler cosine (got {self.lr_scheduler})")
+        wanted = {"adam": "AdamW", "ivon": "IVON"}.get(self.save_hessian or "")
+        if wanted and wanted != self.optimizer_name:
+            raise ValueError(f"save_hessian {self.save_hessian} needs optimizer_name {wanted} (got {self.optimizer_name})")
+        if self.ivon is not None and self.optimizer_name != "IVON":
+            raise ValueError("the ivon block needs optimizer_name IVON")
+        if self.save_hessian and self.lora is not None:
+            raise ValueError(f"save_hessian {self.save_hessian} with lora: the optimizer holds state for the adapters "
+                             "only, not the full weights a merge reads; run `gradmatch fisher` on the trained model")
         return self
 
 
