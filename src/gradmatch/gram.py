@@ -15,6 +15,7 @@ from torch import nn
 
 from gradmatch.errors import UserError
 from gradmatch.models import checkpoint_names
+from gradmatch.statistics import Loaded, SplitSpec, Statistic, check_arguments, load, run
 
 #: The file of a Gram folder that holds the matrices (safetensors, float32, keyed by module name).
 GRAM_FILE = "gram.safetensors"
@@ -164,72 +165,81 @@ def estimate_grams(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor
     return acc.means(), dict(acc.positions)
 
 
+class GramStatistic(Statistic):
+    """RegMean's Grams for the shared runner: float64 sums per Linear layer, their positions, all-reduced."""
+
+    desc = "gram"
+
+    def __init__(self, record: dict):
+        self.record = record
+
+    def accumulator(self, loaded: Loaded) -> "_BoundGram":
+        return _BoundGram(GramAccumulator(loaded.model, f"model {loaded.name}"), loaded.kind)
+
+    def all_reduce(self, bound: "_BoundGram") -> None:
+        import torch.distributed as dist
+
+        acc = bound.acc
+        device = next(acc.model.parameters()).device
+        for module in acc.modules:  # a layer may not have run on a rank's share: every rank sends a sum
+            size = acc.modules[module].in_features
+            acc.sums.setdefault(module, torch.zeros(size, size, dtype=torch.float64, device=device))
+            dist.all_reduce(acc.sums[module])
+        counts = torch.tensor([acc.count, *acc.positions.values()], dtype=torch.float64, device=device)
+        dist.all_reduce(counts)
+        acc.count = int(counts[0])
+        acc.positions = {m: int(c) for m, c in zip(acc.positions, counts[1:].tolist())}
+
+    def write(self, bound: "_BoundGram", loaded: Loaded, folder: Path, *, world: int) -> None:
+        from safetensors.torch import save_file
+
+        from gradmatch import __version__
+
+        acc = bound.acc
+        grams = acc.means()
+        names = checkpoint_names(loaded.model, [f"{m}.weight" for m in acc.positions], _FUSED)
+        positions = {names[f"{m}.weight"]: n for m, n in acc.positions.items()}
+        record = {"examples": acc.count, "positions": positions, "normalisation": NORMALISATION, **self.record,
+                  "max_length": loaded.max_length, "model": loaded.name, "kind": loaded.kind.name,
+                  "weights_fingerprint": loaded.weights_fingerprint(), "num_processes": world,
+                  "gradmatch_version": __version__}
+        save_file({k: v.cpu().contiguous() for k, v in grams.items()}, str(folder / GRAM_FILE),
+                  metadata={"format": "pt"})
+        (folder / GRAM_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+class _BoundGram:
+    """A GramAccumulator with its kind, in the runner's shape (``add(batch)``, a context manager)."""
+
+    def __init__(self, acc: GramAccumulator, kind):
+        self.acc, self.kind = acc, kind
+
+    def add(self, batch) -> int:
+        return self.acc.add(batch, self.kind)
+
+    def __enter__(self):
+        self.acc.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.acc.__exit__(*exc)
+
+
 def run_gram(model: str, data: str, split: str, *, out: str | os.PathLike, batch_size: int = 16,
              max_examples: int | None = None, max_length: int = 128, data_dir: str | os.PathLike | None = None,
              overwrite: bool = False, config_name: str | None = None, device: str | None = None,
              progress: bool = True, kind: str | None = None, filters: Mapping[str, object] | None = None) -> Path:
     """Estimate the Gram matrices of ``model`` on ``data``/``split`` and write ``OUT/gram.safetensors`` and
     ``OUT/gram.json`` (atomically). Under torchrun the examples are shared out and the sums all-reduced."""
-    from safetensors.torch import save_file
-
-    from gradmatch import __version__
-    from gradmatch.checkpoints import folder_fingerprint
-    from gradmatch.data import load_split
-    from gradmatch.fisher import _batches, check_statistics_arguments, distributed_run
-    from gradmatch.fsutil import atomic_dir
-    from gradmatch.models import BUILTIN_SPECS, kind_of, load_config, load_model, model_max_length, resolve_model
-
-    out = check_statistics_arguments(model, data, out, overwrite=overwrite, batch_size=batch_size,
-                                     max_length=max_length, max_examples=max_examples, device=device)
-    name = str(model)
-    config = load_config(name)
-    model_kind = kind_of(name, kind)
-    if name not in BUILTIN_SPECS:  # a kind that does not fit the checkpoint's head, refused as fisher does
-        model_kind.check_head(name, config, "the Gram")
-    _refuse_conv1d_architecture(config, model_kind, f"model {name}")
-    dataset = load_split(data, split, config_name=config_name, data_dir=data_dir, filters=filters)
-    model_kind.check_data(dataset, f"{data} ({split})", name)
-    if max_examples is not None and len(dataset) > int(max_examples):
-        dataset = dataset.select(range(int(max_examples)))
-    net, processor = load_model(name, kind=model_kind)
-    length = model_max_length(net, max_length)
-    with distributed_run(device) as (rank, world, device):
-        encoded = model_kind.encode(dataset, processor, length)
-        net.to(device)
-        indices = list(range(rank, len(encoded), world))
-        acc = GramAccumulator(net, f"model {name}")
-        from tqdm.auto import tqdm
-
-        with acc, tqdm(total=len(indices), unit="ex", desc="gram", disable=not (progress and rank == 0)) as bar:
-            for batch in _batches(encoded, model_kind.collator(processor), indices, int(batch_size)):
-                bar.update(acc.add(batch, model_kind))
-        if world > 1:
-            import torch.distributed as dist
-
-            for module in acc.modules:  # a layer may not have run on a rank's share: every rank sends a sum
-                size = acc.modules[module].in_features
-                acc.sums.setdefault(module, torch.zeros(size, size, dtype=torch.float64, device=device))
-                dist.all_reduce(acc.sums[module])
-            counts = torch.tensor([acc.count, *acc.positions.values()], dtype=torch.float64, device=device)
-            dist.all_reduce(counts)
-            acc.count = int(counts[0])
-            acc.positions = {m: int(c) for m, c in zip(acc.positions, counts[1:].tolist())}
-        grams = acc.means()
-        if rank == 0:
-            source = Path(resolve_model(name))
-            names = checkpoint_names(net, [f"{m}.weight" for m in acc.positions], _FUSED)
-            positions = {names[f"{m}.weight"]: n for m, n in acc.positions.items()}
-            record = {"examples": acc.count, "positions": positions, "normalisation": NORMALISATION,
-                      "dataset": str(data), "split": str(split), "config_name": config_name,
-                      "filters": dict(filters) if filters else None, "max_length": length, "model": name,
-                      "kind": model_kind.name,
-                      "weights_fingerprint": folder_fingerprint(source) if source.is_dir() else None,
-                      "num_processes": world, "gradmatch_version": __version__}
-            with atomic_dir(out, overwrite) as tmp:
-                save_file({k: v.cpu().contiguous() for k, v in grams.items()}, str(tmp / GRAM_FILE),
-                          metadata={"format": "pt"})
-                (tmp / GRAM_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    return Path(out)
+    out = check_arguments(model, data, out, overwrite=overwrite, batch_size=batch_size, max_length=max_length,
+                          max_examples=max_examples, device=device)
+    spec = SplitSpec(data, split, config_name=config_name, data_dir=data_dir, filters=filters,
+                     max_examples=max_examples)
+    loaded = load(model, spec, max_length=max_length, kind=kind, purpose="the Gram", labels=False,
+                  check_model=lambda config, model_kind: _refuse_conv1d_architecture(config, model_kind,
+                                                                                     f"model {model}"))
+    return run(GramStatistic(spec.record()), loaded, out=out, overwrite=overwrite, batch_size=batch_size,
+               device=device, progress=progress)
 
 
 class GramFile:

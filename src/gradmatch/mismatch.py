@@ -142,26 +142,17 @@ def loss_gradient(model, batches: Iterable[Mapping[str, Any]], kind=None
 
 def _batches(model_path: str, data: str, split: str, *, max_length: int, batch_size: int, data_dir,
              max_examples: int | None, cache: dict):
-    """Load the model at ``model_path`` and the encoded examples of ``data`` for it (encodings cached by processor)."""
-    import torch
+    """The model at ``model_path`` and batches of ``data`` for it, through the statistic runner's loading and checks
+    (:func:`gradmatch.statistics.load`); encodings are shared by models with the same processor (``cache``)."""
+    from gradmatch.statistics import SplitSpec, load
 
-    from gradmatch.data import load_split
-    from gradmatch.models import kind_of, load_model, model_max_length
-
-    kind = kind_of(model_path)
-    model, processor = load_model(model_path, kind=kind)
-    key = (data, kind.name, type(processor).__name__, getattr(processor, "name_or_path", None))
-    if key not in cache:
-        raw = load_split(data, split, data_dir=data_dir)
-        kind.check_data(raw, f"{data} ({split})", str(model_path))
-        if kind.needs_labels:
-            kind.check_labels(raw, f"{data} ({split})", int(model.config.num_labels))
-        if max_examples is not None:
-            raw = raw.select(range(min(max_examples, len(raw))))
-        cache[key] = kind.encode(raw, processor, model_max_length(model, max_length))
-    loader = torch.utils.data.DataLoader(cache[key], batch_size=batch_size, shuffle=False,
-                                         collate_fn=kind.collator(processor))
-    return model, loader, kind
+    loaded = load(model_path, SplitSpec(data, split, data_dir=data_dir, max_examples=max_examples),
+                  max_length=max_length, purpose="the gradient mismatch")
+    key = (data, loaded.kind.name, type(loaded.processor).__name__, getattr(loaded.processor, "name_or_path", None))
+    if key in cache:
+        loaded._encoded = cache[key]
+    cache[key] = loaded.encoded()
+    return loaded.model, list(loaded.batches(batch_size=batch_size)), loaded.kind
 
 
 def _parameters(model) -> dict[str, Any]:

@@ -1,10 +1,11 @@
-"""The Fisher estimators by name: what `gradmatch fisher --estimator`, evaluate configs and experiments accept."""
+"""The Fisher estimators a pass over a split accepts (`gradmatch fisher --estimator`, evaluate configs and
+experiments), taken from the table in :mod:`gradmatch.fisher.estimators`."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-#: ``sampled``: labels (next tokens) drawn from the model's own predictive distribution (the original's
-#: default); ``empirical``: the data's own labels (next tokens).
-ESTIMATORS = ("sampled", "empirical")
-Estimator = Literal["sampled", "empirical"]
+from gradmatch.fisher.estimators import SPLIT_ESTIMATORS
+
+ESTIMATORS = SPLIT_ESTIMATORS
+Estimator = Literal[SPLIT_ESTIMATORS]  # type: ignore[valid-type]  # Literal of the table's names

@@ -128,14 +128,18 @@ class ClassifierKind(Kind):
             raise UserError(f"label {int(y[bad][0])} is outside the model's {num_classes} classes")
         return y
 
-    def log_likelihood(self, model, batch, *, estimator, seed, index):
+    def log_likelihood(self, model, batch, *, targets, seed, index):
         import torch
 
+        from gradmatch.fisher.estimators import Targets
+
         logits = self._logits(model, batch)
-        if estimator == "empirical":
+        if targets is Targets.DATA:
             y = self._labels(batch, logits.device, logits.shape[1])
-        else:
+        elif targets is Targets.MODEL:
             y = sample_labels(logits, index, seed)
+        else:
+            raise TypeError(f"targets must be a Targets member, not {targets!r}")
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         return torch.log_softmax(logits.to(dtype), dim=-1).gather(1, y.unsqueeze(1)).sum()
 

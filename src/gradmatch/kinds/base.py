@@ -112,11 +112,12 @@ class Kind:
 
     # ------------------------------------------------------------------ likelihoods
 
-    def log_likelihood(self, model, batch: Mapping[str, Any], *, estimator: str, seed: int,
+    def log_likelihood(self, model, batch: Mapping[str, Any], *, targets, seed: int,
                        index: list[int]) -> torch.Tensor:
         """Σ_b log p(y_b | x_b) over the batch, a scalar to differentiate: the Fisher squares each example's
-        gradient of its own term. ``empirical`` takes y from the data, ``sampled`` draws it from the model,
-        seeded by ``(seed, index[b])`` so that it does not depend on batching."""
+        gradient of its own term. ``targets`` (:class:`gradmatch.fisher.estimators.Targets`): ``DATA`` takes y
+        from the data, ``MODEL`` draws it from the model, seeded by ``(seed, index[b])`` so that it does not
+        depend on batching."""
         raise NotImplementedError
 
     def loss(self, model, batch: Mapping[str, Any]) -> tuple[torch.Tensor, int, dict[str, float]]:

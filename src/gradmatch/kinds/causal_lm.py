@@ -215,17 +215,21 @@ class CausalLM(Kind):
             mask &= labels[:, 1:].to(device) != -100
         return logits[:, :-1], ids[:, 1:], mask
 
-    def log_likelihood(self, model, batch, *, estimator, seed, index):
-        """Σ_b Σ_i log p(y_bi | x_b<i) over predicted positions; y = the text's next tokens (``empirical``) or
-        each drawn from p(· | true prefix) (``sampled``, seeded by (seed, example index) per position)."""
+    def log_likelihood(self, model, batch, *, targets, seed, index):
+        """Σ_b Σ_i log p(y_bi | x_b<i) over predicted positions; y = the text's next tokens (``Targets.DATA``) or
+        each drawn from p(· | true prefix) (``Targets.MODEL``, seeded by (seed, example index) per position)."""
         import torch
 
-        logits, targets, mask = self._shifted(model, batch)
+        from gradmatch.fisher.estimators import Targets
+
+        logits, next_tokens, mask = self._shifted(model, batch)
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         log_probs = torch.log_softmax(logits.to(dtype), dim=-1)
-        if estimator == "sampled":
-            targets = self._sample(log_probs, mask, index, seed)
-        picked = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        if targets is Targets.MODEL:
+            next_tokens = self._sample(log_probs, mask, index, seed)
+        elif targets is not Targets.DATA:
+            raise TypeError(f"targets must be a Targets member, not {targets!r}")
+        picked = log_probs.gather(-1, next_tokens.unsqueeze(-1)).squeeze(-1)
         return (picked * mask).sum()
 
     @staticmethod

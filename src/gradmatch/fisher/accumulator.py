@@ -1,0 +1,333 @@
+"""The exact per-example Fisher of a model in batches: :class:`FisherAccumulator` (hooks driven by the layer rules
+of :mod:`gradmatch.fisher.layers`, a recompute for any other module), :func:`estimate_fisher` and the original's
+one-example-at-a-time method, :func:`estimate_fisher_reference`."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from gradmatch.errors import UserError
+from gradmatch.fisher.estimators import get_estimator
+from gradmatch.fisher.layers import LayerRule, max_block, rule_for, sum_of_squares
+from gradmatch.kinds.base import INDEX_KEY, LABEL_KEYS
+
+
+def _targets(estimator: str):
+    entry = get_estimator(estimator)
+    if entry.targets is None:
+        raise UserError(f"Hessian estimator {estimator!r} takes its statistics from {entry.source.value}, not "
+                        "from a pass over examples")
+    return entry.targets
+
+
+def _kind_of(model, kind):
+    if kind is not None:
+        return kind
+    from gradmatch.kinds import kind_of_config
+
+    return kind_of_config(getattr(model, "config", None))
+
+
+class FisherAccumulator:
+    """Sums of exact per-example squared gradients of each example's log-likelihood over every parameter.
+
+    ``add(batch)`` processes one batch; ``sums`` (float32, per parameter name) and ``count`` hold the
+    running totals, ``mean()`` the estimate. The log-likelihood of an example comes from ``kind`` (default:
+    the kind of ``model.config``): log p(y|x) for classifiers, Σ_i log p(x_i | x_<i) over a sequence's
+    predicted tokens for causal LMs; y comes from the data or the model as the ``estimator``'s entry in
+    :data:`gradmatch.fisher.estimators.ESTIMATORS` says. Every layer type with a rule in
+    :mod:`gradmatch.fisher.layers` gets closed-form per-example gradients from hooks (one forward, one backward
+    without weight gradients); a matrix shared by two layers (tied input embedding and output head) sums each
+    example's gradients over its uses before squaring, by blocks of rows; any other module that owns
+    parameters is handled exactly by recomputing that module alone and back-propagating each example's
+    output gradient.
+    """
+
+    def __init__(self, model: nn.Module, *, kind=None, estimator: str = "sampled", seed: int = 0):
+        self.targets = _targets(estimator)
+        self.model, self.kind, self.estimator, self.seed = model, _kind_of(model, kind), estimator, int(seed)
+        self.count = 0
+        canonical = {}  # id(parameter) -> its name (the first one named_parameters gives a shared tensor)
+        for name, p in model.named_parameters():
+            canonical.setdefault(id(p), name)
+        self.sums: dict[str, torch.Tensor] = {
+            name: torch.zeros(p.shape, dtype=_acc_dtype(p), device=p.device) for name, p in model.named_parameters()
+        }
+        self._owner: dict[nn.Module, list[tuple[str, str]]] = {}  # module -> [(attribute, parameter name)]
+        self._rule: dict[nn.Module, LayerRule | None] = {}
+        uses: dict[str, list[nn.Module]] = {}
+        for _, module in model.named_modules(remove_duplicate=False):
+            direct = [(attr, canonical[id(p)]) for attr, p in module.named_parameters(recurse=False)]
+            if direct and module not in self._owner:
+                self._owner[module] = direct
+                self._rule[module] = rule_for(module)
+                for _, full in direct:
+                    uses.setdefault(full, []).append(module)
+        self._shared = {name for name, mods in uses.items() if len(mods) > 1}
+        for name in sorted(self._shared):
+            for module in uses[name]:
+                attr = next(a for a, full in self._owner[module] if full == name)
+                rule = self._rule[module]
+                if attr != "weight" or rule is None or not rule.shareable:
+                    raise UserError(f"parameter {name} is shared with {type(module).__name__}.{attr}: exact per-example "
+                                    "Fisher of a shared parameter is supported for weights of Linear, Conv1D and "
+                                    "Embedding layers (tied embeddings) only")
+        self._handles = []
+        self._batch_size = 0
+        self._calls: dict[nn.Module, int] = {}
+        self._leaves: list[torch.Tensor] = []
+        self._deferred: list[tuple] = []
+        self._shared_uses: dict[str, list[tuple]] = {}
+        self._suspended = False
+
+    # ------------------------------------------------------------------ hooks
+
+    def _install(self) -> None:
+        for module in self._owner:
+            self._handles.append(module.register_forward_hook(self._on_forward, with_kwargs=True))
+
+    def _remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _name(self, module: nn.Module) -> str:
+        return self._owner[module][0][1].rsplit(".", 1)[0]
+
+    def _on_forward(self, module, args, kwargs, out):
+        if self._suspended:
+            return None
+        self._calls[module] = self._calls.get(module, 0) + 1
+        if self._calls[module] > 1:
+            raise UserError(f"module {self._name(module)} runs more than once per forward pass (shared weights): "
+                            "exact per-example Fisher is not supported for it")
+        if not isinstance(out, torch.Tensor):
+            raise UserError(f"module {self._name(module)} ({type(module).__name__}) owns parameters but does not "
+                            "return one tensor: exact per-example Fisher is not supported for it")
+        B = self._batch_size
+        rule = self._rule[module]
+        x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+        if not isinstance(x, torch.Tensor):
+            rule = None  # called without a tensor input: recompute it instead
+        if rule is not None:
+            x, out = rule.per_example(x, out, B)
+        if out.shape[0] != B or (rule is not None and x.shape[0] != B):
+            raise UserError(f"module {self._name(module)} does not keep the batch in its first dimension: "
+                            "exact per-example Fisher is not supported for it")
+        saved = rule.save(module, x, out) if rule is not None else None
+        if saved is None:
+            rule, saved = None, (_detach_tree(args), _detach_tree(kwargs))
+        if not out.requires_grad:
+            out = out.detach().requires_grad_()
+            self._leaves.append(out)
+        out.register_hook(lambda g: self._on_backward(module, rule, saved, g))
+        return out
+
+    def _on_backward(self, module, rule: LayerRule | None, saved, G) -> None:
+        if rule is None:
+            self._deferred.append((module, saved, G.detach()))
+            return
+        if rule.modified(saved):
+            raise UserError(f"the input of {self._name(module)} was modified in place after its forward; "
+                            "cannot form per-example gradients")
+        acc = {attr: self.sums[full] for attr, full in self._owner[module]}
+        G = G.detach().to(next(iter(acc.values())).dtype)
+        for attr, full in self._owner[module]:
+            if full in self._shared:  # summed over its uses before squaring (_finish_shared)
+                self._shared_uses.setdefault(full, []).append((rule, module, saved, G))
+                acc[attr] = None
+        rule.accumulate(module, saved, G, acc)
+
+    def _finish_shared(self) -> None:
+        """Each shared matrix: per example, the sum of its uses' gradients, squared — by blocks of rows."""
+        for full, uses in self._shared_uses.items():
+            acc = self.sums[full]
+            B = uses[0][3].shape[0]
+            row_numel = max(1, acc.numel() // acc.shape[0])
+            step = max(1, max_block(acc) // (B * row_numel))
+            for start in range(0, acc.shape[0], step):
+                rows = slice(start, min(start + step, acc.shape[0]))
+                per_example = None
+                for rule, module, saved, G in uses:
+                    part = rule.rows(module, saved, G, rows)
+                    per_example = part if per_example is None else per_example.add_(part)
+                acc[rows].add_(sum_of_squares(per_example))
+        self._shared_uses.clear()
+
+    def _run_deferred(self) -> None:
+        """Modules without a closed form: recompute each alone, back-propagate example by example."""
+        for module, (args, kwargs), G in self._deferred:
+            owned = self._owner[module]
+            params = [getattr(module, attr) for attr, _ in owned]
+            flags = [p.requires_grad for p in params]
+            self._suspended = True
+            try:
+                with torch.enable_grad():
+                    for p in params:
+                        p.requires_grad_(True)
+                    out = module(*args, **kwargs)
+                    for b in range(G.shape[0]):
+                        g_b = torch.zeros_like(G)
+                        g_b[b] = G[b]
+                        grads = torch.autograd.grad(out, params, g_b.to(out.dtype), retain_graph=True,
+                                                    allow_unused=True)
+                        for (attr, full), g in zip(owned, grads):
+                            if g is not None:
+                                self.sums[full].add_(g.to(self.sums[full].dtype).square())
+            finally:
+                self._suspended = False
+                for p, flag in zip(params, flags):
+                    p.requires_grad_(flag)
+        self._deferred.clear()
+
+    # ------------------------------------------------------------------ one batch
+
+    def add(self, batch: Mapping[str, torch.Tensor]) -> int:
+        """Accumulate one batch; returns its number of examples.
+
+        ``batch`` holds the model's inputs, ``labels`` (needed by ``empirical`` classifiers; next-token
+        targets of causal LMs) and optionally ``index``, the examples' positions in the data set (they
+        seed the sampled labels; by default the running count).
+        """
+        B = self.kind.batch_size(batch)
+        if B == 0:
+            return 0
+        index = batch.get(INDEX_KEY)
+        index = list(range(self.count, self.count + B)) if index is None else [int(i) for i in index]
+        self._batch_size, self._calls, self._leaves, self._shared_uses = B, {}, [], {}
+        total = self.kind.log_likelihood(self.model, batch, targets=self.targets, seed=self.seed, index=index)
+        if self._leaves:
+            torch.autograd.grad(total, self._leaves, allow_unused=True)
+        self._leaves = []
+        self._finish_shared()
+        self._run_deferred()
+        self.count += B
+        return B
+
+    @contextlib.contextmanager
+    def attached(self):
+        """Eval mode, parameters frozen (no weight gradients are formed), hooks installed; all undone after."""
+        model = self.model
+        was_training = model.training
+        flags = {name: p.requires_grad for name, p in model.named_parameters()}
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self._install()
+        try:
+            yield self
+        finally:
+            self._remove()
+            for name, p in model.named_parameters():
+                p.requires_grad_(flags[name])
+            model.train(was_training)
+
+    def __enter__(self):
+        self._attachment = self.attached()
+        return self._attachment.__enter__()
+
+    def __exit__(self, *exc):
+        return self._attachment.__exit__(*exc)
+
+    def all_reduce(self) -> None:
+        """Sum ``sums`` and ``count`` over the processes of the default group (under torchrun)."""
+        import torch.distributed as dist
+
+        device = next(iter(self.sums.values())).device
+        count = torch.tensor([self.count], dtype=torch.float64, device=device)
+        dist.all_reduce(count)
+        self.count = int(count.item())
+        for s in self.sums.values():
+            dist.all_reduce(s)
+
+    def mean(self) -> dict[str, torch.Tensor]:
+        if self.count == 0:
+            raise UserError("no examples: the Fisher estimate needs at least one")
+        return {name: s / self.count for name, s in self.sums.items()}
+
+
+def _acc_dtype(p: torch.Tensor) -> torch.dtype:
+    """Sums are float32, or float64 for a float64 model."""
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def _detach_tree(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    if isinstance(obj, tuple):
+        return tuple(_detach_tree(o) for o in obj)
+    if isinstance(obj, list):
+        return [_detach_tree(o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _detach_tree(v) for k, v in obj.items()}
+    return obj
+
+
+def progress_bar(total: int | None, enabled: bool, desc: str = "fisher"):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="ex", desc=desc, disable=not enabled, dynamic_ncols=True)
+
+
+def estimate_fisher(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *, kind=None,
+                    estimator: str = "sampled", seed: int = 0, progress: bool = True,
+                    total: int | None = None) -> dict[str, torch.Tensor]:
+    """Diagonal Fisher of ``model``: the mean over examples of squared per-example gradients of their
+    log-likelihood (see :class:`FisherAccumulator`).
+
+    ``estimator`` ``sampled`` draws y (each next token, for a causal LM) from the model's predictive
+    distribution, seeded per example by ``(seed, index)``; ``empirical`` uses the data's own. The model
+    runs in eval mode. Returns float32 tensors keyed by parameter name (``model.named_parameters()``).
+    """
+    acc = FisherAccumulator(model, kind=kind, estimator=estimator, seed=seed)
+    with acc.attached(), progress_bar(total, progress) as bar:
+        for batch in batches:
+            bar.update(acc.add(batch))
+    return acc.mean()
+
+
+def _one_example(batch: Mapping[str, torch.Tensor], b: int) -> dict[str, torch.Tensor]:
+    """Example ``b`` of a padded batch, cut to its own length (``attention_mask``) when it has one."""
+    one = {k: v[b:b + 1] for k, v in batch.items() if isinstance(v, torch.Tensor) and k != INDEX_KEY and v.dim() > 0}
+    one.update({k: v[b:b + 1] for k, v in batch.items() if k in LABEL_KEYS and isinstance(v, torch.Tensor)
+                and v.dim() == 1})
+    if "attention_mask" in one:
+        n = int(one["attention_mask"].sum())
+        one = {k: v[:, :n] if v.dim() == 2 and k != "label" and (k != "labels" or v.shape[1] >= n) else v
+               for k, v in one.items()}
+    return one
+
+
+def estimate_fisher_reference(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *, kind=None,
+                              estimator: str = "sampled", seed: int = 0) -> dict[str, torch.Tensor]:
+    """The original's method, for tests and benchmarks: one example at a time, square its full gradient.
+
+    Each example of each batch is cut to its own length (``attention_mask``) and run alone; its
+    log-likelihood is the kind's, with the same per-example seeds as the batched estimate.
+    """
+    targets = _targets(estimator)
+    kind = _kind_of(model, kind)
+    was_training = model.training
+    model.eval()
+    params = dict(model.named_parameters())
+    sums = {name: torch.zeros(p.shape, dtype=_acc_dtype(p), device=p.device) for name, p in params.items()}
+    count = 0
+    try:
+        for batch in batches:
+            B = kind.batch_size(batch)
+            index = batch.get(INDEX_KEY, torch.arange(count, count + B))
+            for b in range(B):
+                total = kind.log_likelihood(model, _one_example(batch, b), targets=targets, seed=seed,
+                                            index=[int(index[b])])
+                grads = torch.autograd.grad(total, list(params.values()), allow_unused=True)
+                for name, g in zip(params, grads):
+                    if g is not None:
+                        sums[name].add_(g.to(sums[name].dtype).square())
+                count += 1
+    finally:
+        model.train(was_training)
+    return {name: s / count for name, s in sums.items()}
