@@ -159,6 +159,12 @@ def _fit(cfg, folder: Path, train_data, val_data, num_labels: int | None, kind, 
         processing_class=processor,
         compute_metrics=kind.trainer_metrics() if val_encoded is not None else None,
     )
+    hessian = None
+    if cfg.save_hessian == "adam":
+        from gradmatch.fisher.optimizer import SaveHessianCallback
+
+        hessian = SaveHessianCallback(trainer, num_train_examples=len(train_encoded)).defer_writing()
+        trainer.add_callback(hessian)
     if quiet:  # with the progress bar off, Trainer prints every log line instead
         from transformers.trainer_callback import PrinterCallback
 
@@ -172,6 +178,12 @@ def _fit(cfg, folder: Path, train_data, val_data, num_labels: int | None, kind, 
     processor.save_pretrained(folder)
     if head_init:
         _save_head_init(head_init, folder / HEAD_INIT)
+    if hessian is not None:  # after the weights, whose fingerprint it records; the model is not used after this
+        from gradmatch.checkpoints import folder_fingerprint
+
+        hessian.write(folder / "hessian", weights_fingerprint=folder_fingerprint(folder), in_place=True,
+                      extra={"model": str(cfg.output_dir), "dataset": cfg.dataset_name,
+                             "split": cfg.dataset_train_split, "seed": cfg.seed, "kind": kind.name})
     shutil.rmtree(work, ignore_errors=True)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     parent = cfg.model_name_or_path
@@ -194,6 +206,7 @@ def _fit(cfg, folder: Path, train_data, val_data, num_labels: int | None, kind, 
         "num_labels": num_labels,
         "kind": kind.name,
         "lora": cfg.lora is not None,
+        "hessian": cfg.save_hessian,
         "global_step": trainer.state.global_step,
         "epochs": float(trainer.state.epoch or 0.0),
         "train_loss": float(result.training_loss) if not math.isnan(result.training_loss) else None,

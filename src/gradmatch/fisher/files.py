@@ -36,5 +36,12 @@ def write_hessian(model: nn.Module, fisher: Mapping[str, torch.Tensor], folder: 
         for name, b in model.named_buffers():
             if b.is_floating_point():
                 b.data = torch.zeros(b.shape, dtype=torch.float32)
-    model.to("cpu").save_pretrained(folder)
+    model = model.to("cpu")
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(folder)
+    else:  # a plain torch module (a Trainer accepts one): its state dict, without a config
+        from safetensors.torch import save_model
+
+        folder.mkdir(parents=True, exist_ok=True)
+        save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / RECORD_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
