@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "merge", "UserError"]
+__all__ = ["__version__", "merge", "SaveHessianCallback", "UserError"]
 
 from gradmatch.errors import UserError
 
@@ -15,4 +15,8 @@ def __getattr__(name: str):
         from gradmatch.merge import merge
 
         return merge
+    if name == "SaveHessianCallback":  # AdamW's second moment as a Hessian, for your own Trainer scripts
+        from gradmatch.fisher.optimizer import SaveHessianCallback
+
+        return SaveHessianCallback
     raise AttributeError(f"module 'gradmatch' has no attribute {name!r}")
