@@ -54,6 +54,7 @@ class World:
     children: list[Path]
     run: Path
     experiment: Path
+    adam_child: Path
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,12 @@ def world(tmp_path_factory) -> World:
     (run / "jobs" / "report-1.json").write_text(json.dumps(spec))
     (run / "plan.json").write_text(json.dumps({"jobs": [{"kind": "report", "spec": str(run / "jobs" / "report-1.json")}]}))
     experiment = write_experiment(root / "tiny.yaml")
-    return World(root, bert, data, fam, merge_yaml, merged, children, run, experiment)
+    from gradmatch.train import train
+
+    adam_child = train({"model_name_or_path": str(bert), "dataset_name": str(data), "output_dir": str(root / "adam"),
+                        "save_hessian": "adam", "num_train_epochs": 1, "per_device_train_batch_size": 4,
+                        "max_input_length": 16}, quiet=True)
+    return World(root, bert, data, fam, merge_yaml, merged, children, run, experiment, adam_child)
 
 
 @dataclass
@@ -292,6 +298,20 @@ CASES = [
     Case("fisher: no --split", "fisher", lambda w, t: _fisher(w, t, **{"--split": None}),
          ["the following arguments are required: --split"]),
     # ---------------------------------------------------------------- train
+    Case("train: unknown save_hessian", "train", lambda w, t: _train(w, t, save_hessian="fisher"),
+         ["train.json", "save_hessian", "'adam' or 'ivon'"]),
+    Case("train: save_hessian ivon with AdamW", "train", lambda w, t: _train(w, t, save_hessian="ivon"),
+         ["save_hessian ivon needs optimizer_name IVON"]),
+    Case("train: save_hessian with lora", "train", lambda w, t: _train(w, t, save_hessian="adam", lora={"r": 2}),
+         ["save_hessian adam with lora", "adapters only"]),
+    Case("train: unknown optimizer", "train", lambda w, t: _train(w, t, optimizer_name="sgd"),
+         ["unknown optimizer", "sgd", "AdamW or IVON"]),
+    Case("merge: second-moment Hessian of another model", "merge",
+         lambda w, t: ["merge", _yaml(t / "m.yaml", {
+             "method": "gradient_matching", "base": str(w.bert), "base_hessian": str(w.adam_child),
+             "models": [{"model": str(w.adam_child), "hessian": str(w.adam_child), "weight": 1.0}],
+             "base_hessian_scale": 8}), t / "out", "--quiet"],
+         ["base_hessian", "computed on another model", "--no-check-hessians"]),
     Case("train: config missing", "train", lambda w, t: ["train", t / "none.json"], ["none.json", "does not exist"]),
     Case("train: config is not JSON", "train", lambda w, t: ["train", _write(t / "c.json", "{'lr': 1}")],
          ["c.json", "not valid JSON"]),
