@@ -54,7 +54,8 @@ class SaveHessianCallback(TrainerCallback):
 
     At each step it records the examples of the accumulated batch, the weight the model's loss gave them (the
     ratio of the loss to the sum of per-example losses, measured on the logits), the Trainer's scaling for
-    gradient accumulation and devices, and the clipping factor (from the gradient norm before clipping); at the
+    gradient accumulation and devices, and the clipping factor (from the norm before clipping that the Trainer's
+    ``accelerator.clip_grad_norm_`` returns, which the callback keeps while training runs); at the
     end of training it divides AdamW's ``exp_avg_sq`` by the recursion W_K of the module docstring and writes
     the result with ``fisher.json`` (estimator ``adam``). :meth:`write` writes it elsewhere.
     """
@@ -71,7 +72,8 @@ class SaveHessianCallback(TrainerCallback):
         self.examples = 0      # examples of all steps
         self.clipped_steps = 0
         self._micro: list[tuple[int, float, bool]] = []  # (examples, Σ_n a_n² of the model's loss, num_items given)
-        self._sq_norm: torch.Tensor | None = None
+        self._raw_norm: float | None = None
+        self._restore = None
         self._handles: list = []
         self.history: list[dict[str, float]] = []  # per step: examples, Σ a², clipping factor (tests, diagnostics)
         self.untrained: list[str] = []
@@ -86,10 +88,22 @@ class SaveHessianCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         model = self._model()
         self._handles.append(model.register_forward_hook(self._on_forward, with_kwargs=True))
-        if args.max_grad_norm and args.max_grad_norm > 0:
-            for p in model.parameters():
-                if p.requires_grad:
-                    self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
+        accelerator = getattr(self.trainer, "accelerator", None)
+        if args.max_grad_norm and args.max_grad_norm > 0 and accelerator is not None \
+                and not hasattr(accelerator.clip_grad_norm_, "_gradmatch"):
+            # The Trainer clips with accelerator.clip_grad_norm_, which returns the norm before clipping: keep it
+            # (no extra pass over the gradients; a hook per parameter cost 1-2% of a small model's step).
+            clip = accelerator.clip_grad_norm_
+
+            def observed(parameters, max_norm, *a, **kw):
+                norm = clip(parameters, max_norm, *a, **kw)
+                if math.isfinite(float(max_norm)):
+                    self._raw_norm = float(norm)
+                return norm
+
+            observed._gradmatch = True
+            accelerator.clip_grad_norm_ = observed
+            self._restore = (accelerator, clip)
 
     def _on_forward(self, module, args, kwargs, output):
         if not module.training or not torch.is_grad_enabled():
@@ -103,13 +117,6 @@ class SaveHessianCallback(TrainerCallback):
         B = int(labels.shape[0])
         scale = float(loss.detach()) / total if total > 0 else 0.0  # the loss is scale · Σ_n ℓ_n
         self._micro.append((B, B * scale * scale, "num_items_in_batch" in kwargs))
-
-    def _on_grad(self, p: torch.Tensor) -> None:
-        # The gradient norm before clipping: kept from the last micro-batch's backward only (the sum is complete then).
-        if len(self._micro) < max(1, int(getattr(self.trainer, "current_gradient_accumulation_steps", 1))):
-            return
-        sq = p.grad.detach().float().square().sum()
-        self._sq_norm = sq if self._sq_norm is None else self._sq_norm + sq
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if not self._micro:
@@ -135,21 +142,26 @@ class SaveHessianCallback(TrainerCallback):
             dist.all_reduce(both)
             local, examples = float(both[0]) / world ** 2, int(both[1])
         c = 1.0
-        if args.max_grad_norm and args.max_grad_norm > 0 and self._sq_norm is not None:
-            norm = math.sqrt(float(self._sq_norm))
-            c = min(1.0, float(args.max_grad_norm) / (norm + 1e-6))  # torch.nn.utils.clip_grad_norm_'s factor
+        if args.max_grad_norm and args.max_grad_norm > 0:
+            if self._raw_norm is None:
+                raise UserError("SaveHessianCallback could not see the gradient norm before clipping (the Trainer did "
+                                "not clip through accelerator.clip_grad_norm_); train with max_grad_norm 0 or without it")
+            c = min(1.0, float(args.max_grad_norm) / (self._raw_norm + 1e-6))  # torch's clip_grad_norm_ factor
         beta2 = self._beta2()
         self.weight = beta2 * self.weight + (1.0 - beta2) * c * c * local
         self.steps += 1
         self.examples += examples
         self.clipped_steps += c < 1.0
         self.history.append({"examples": examples, "sum_sq_weights": local, "clip": c})
-        self._micro, self._sq_norm = [], None
+        self._micro, self._raw_norm = [], None
 
     def on_train_end(self, args, state, control, **kwargs):
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._restore is not None:
+            accelerator, clip = self._restore
+            accelerator.clip_grad_norm_, self._restore = clip, None
         if not self._deferred:
             self.write((self.folder or Path(args.output_dir)) / "hessian")
 
