@@ -734,6 +734,19 @@ def _inputs_record(plan: MergePlan) -> dict[str, Any]:
             for role, folder in entries if folder is not None}
 
 
+def _estimator(hessian, prior: bool = False) -> str | None:
+    """The estimator a Hessian's fisher.json names (``sampled``, ``adam``, ``ivon``, ``generated``, …; ``prior`` for
+    base_hessian: prior); None without a Hessian or for the original code's Hessians, which record none."""
+    if hessian is None:
+        return None
+    if prior:
+        return "prior"
+    if hessian.folder is None:
+        return None
+    value = _read_record(Path(hessian.folder) / "fisher.json").get("estimator")
+    return value if isinstance(value, str) else None
+
+
 def _provenance(plan: MergePlan, params: dict[str, Any], precision: str, out_dtype: str | None,
                 statistics: dict[str, Any], kernel: str) -> dict[str, Any]:
     from gradmatch import __version__
@@ -745,8 +758,10 @@ def _provenance(plan: MergePlan, params: dict[str, Any], precision: str, out_dty
         "parameters": params,
         "base": c.base,
         "base_hessian": c.base_hessian if plan.parent_hessian is not None else None,
+        "base_hessian_estimator": _estimator(plan.parent_hessian, prior=plan.prior is not None),
         "base_hessian_scale": plan.parent_scale,
         "models": [{"model": e.model, "hessian": e.hessian if plan.hessians[i] is not None else None,
+                    "hessian_estimator": _estimator(plan.hessians[i]),
                     "gram": e.gram if plan.grams else None,
                     "weight": plan.alphas[i], "hessian_scale": plan.scales[i] if plan.scales else None}
                    for i, e in enumerate(c.models)],

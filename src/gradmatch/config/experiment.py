@@ -34,7 +34,14 @@ def _check_training_overrides(value: dict[str, Any]) -> dict[str, Any]:
     bad = sorted(set(value) & _PIPELINE_TRAIN_KEYS)
     if bad:
         raise ValueError(f"{', '.join(bad)} is set by the pipeline for each job and cannot be given here")
+    if "save_hessian" in value:
+        raise ValueError("save_hessian is set by the pipeline: give the experiment's top-level hessian: adam or ivon")
     return value
+
+
+#: Train-config keys each ``hessian:`` source adds to every training job of a model the run trains.
+HESSIAN_TRAINING: dict[str, dict[str, str]] = {
+    "fisher": {}, "adam": {"save_hessian": "adam"}, "ivon": {"optimizer_name": "IVON", "save_hessian": "ivon"}}
 
 
 class DataPart(_Strict):
@@ -94,12 +101,34 @@ class ClassifierTask(TaskConfig):
 
 
 class FisherSettings(_Strict):
-    """How each model's diagonal Fisher is estimated (on that model's own training data)."""
+    """How each Fisher job estimates a diagonal Fisher: on that model's own training data (``data: split``), or
+    data-free on sequences a causal LM samples itself (``data: generated``)."""
 
     estimator: Estimator = "sampled"
     max_examples: int | None = Field(default=200, gt=0)
     batch_size: int = Field(default=16, gt=0)
-    max_length: int = Field(default=128, gt=0)
+    max_length: int = Field(default=128, gt=0, description="tokens per example; with data: generated, the new "
+                            "tokens each generated sequence has")
+    data: Literal["split", "generated"] = Field(
+        default="split", description="split: the model's own training data; generated: sequences sampled from the "
+        "model itself (causal LMs; no data set read)")
+    examples: int = Field(default=200, gt=0, description="data: generated: how many sequences are generated "
+                          "(max_examples applies to a split)")
+
+    @model_validator(mode="after")
+    def _generated_keys(self):
+        if self.data == "generated" and self.estimator != "sampled":
+            raise ValueError(f"data: generated samples the sequences from the model, so estimator {self.estimator} "
+                             "does not apply (remove it)")
+        return self
+
+    def job_params(self) -> dict[str, Any]:
+        """What a Fisher job's parameters (and hash) hold: for a split, exactly what they held before
+        ``data:`` existed, so the Fisher jobs of earlier runs keep their folders."""
+        if self.data == "split":
+            return self.model_dump(exclude={"data", "examples"})
+        return {"data": "generated", "examples": self.examples, "batch_size": self.batch_size,
+                "max_length": self.max_length}
 
 
 class GramSettings(_Strict):
@@ -257,6 +286,10 @@ class ExperimentConfig(_Strict):
     attribute_classifier: ClassifierTask | None = Field(
         default=None, description="a text classifier trained in the run that scores generations (evaluation.generation)")
     training: dict[str, Any] = Field(default_factory=dict, description="shared training settings (train config keys)")
+    hessian: Literal["fisher", "adam", "ivon"] = Field(
+        default="fisher", description="where each model's Hessian comes from: a Fisher job (the fisher block); adam: "
+        "every model the run trains saves AdamW's estimate (save_hessian: adam); ivon: every model the run trains is "
+        "trained with IVON and saves its Hessian. A parent taken as it is always gets a Fisher job")
     fisher: FisherSettings = Field(default_factory=FisherSettings)
     gram: GramSettings = Field(default_factory=GramSettings)
     merges: list[MergeSpec] = Field(default_factory=list)
@@ -332,20 +365,35 @@ class ExperimentConfig(_Strict):
                                  "(or the merge's base_hessian_scale)")
 
     def _check_training(self) -> None:
-        """Every training job's settings are a valid train config now, before anything has run."""
+        """Every training job's settings (with what ``hessian:`` adds) are a valid train config now, before anything
+        has run."""
         from gradmatch.config.run import load_train_config
         from gradmatch.errors import UserError
 
         placeholders = {"model_name_or_path": "-", "dataset_name": "-", "output_dir": "-"}
         where = [("training", {})] + [(f"{t.name}.training", t.training) for t in self.tasks]
         where.append(("multitask.training", self.multitask.training))
+        if self.hessian != "fisher":
+            wanted = "IVON" if self.hessian == "ivon" else "AdamW"
+            optimizers = {"adamw": "AdamW", "adamwtorch": "AdamW", "ivon": "IVON"}
+            for key, block in [("training", self.training), *where[1:]]:
+                given = block.get("optimizer_name", block.get("optim"))
+                known = optimizers.get(str(given).lower().replace("_", ""))
+                if known is not None and known != wanted:  # an unknown name: the train config's own error below
+                    raise ValueError(f"{key}.optimizer_name: {given} does not hold the Hessian estimate hessian: "
+                                     f"{self.hessian} reads; every model the run trains uses {wanted} "
+                                     "(or set hessian: fisher)")
+                if block.get("lora") is not None:
+                    raise ValueError(f"{key}.lora: hessian: {self.hessian} reads the optimizer's state, which covers "
+                                     "the adapters only, not the full weights a merge reads (set hessian: fisher)")
+        saved = HESSIAN_TRAINING[self.hessian]
         notes = logging.getLogger("gradmatch.config")  # keys ignored with a note: noted when the job runs
         level = notes.level
         notes.setLevel(logging.ERROR)
         try:
             for key, overrides in where:
                 try:
-                    load_train_config({"seed": self.seed, **self.training, **overrides, **placeholders})
+                    load_train_config({"seed": self.seed, **self.training, **overrides, **saved, **placeholders})
                 except UserError as exc:
                     raise ValueError(f"{key}: {str(exc).replace('train config: ', '', 1)}") from None
         finally:

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from gradmatch.config.experiment import ExperimentConfig, Resources, load_experiment
+from gradmatch.config.experiment import HESSIAN_TRAINING, ExperimentConfig, Resources, load_experiment
 from gradmatch.errors import UserError
 from gradmatch.methods import get_method
 
@@ -96,9 +96,10 @@ def build_jobs(experiment: ExperimentConfig | dict | str | os.PathLike, *, data_
     """The jobs of an experiment, inputs before the jobs that need them, the report last.
 
     For each seed: prepare data (each split once) → the parent (trained on its task, or taken as it is: a
-    ``pretrained`` job) → its Fisher; train each child from the parent → its Fisher; the attribute
-    classifier when generations are scored; one job per merge method (all its α, each evaluated on every
-    task); the multitask model; every model evaluated on every task. Then one report over every seed.
+    ``pretrained`` job) → its Fisher; train each child from the parent → its Fisher (with ``hessian: adam`` or
+    ``ivon`` a trained model saves its own Hessian and gets no Fisher job; a parent taken as it is still does);
+    the attribute classifier when generations are scored; one job per merge method (all its α, each evaluated on
+    every task); the multitask model; every model evaluated on every task. Then one report over every seed.
     With several seeds, every job's readable name starts with ``seed-<n>/``.
     """
     from gradmatch.models import kind_of
@@ -108,6 +109,9 @@ def build_jobs(experiment: ExperimentConfig | dict | str | os.PathLike, *, data_
     run_kind = kind_of(exp.model, exp.kind)
     if exp.evaluation.generation is not None and not run_kind.generates:
         raise UserError(f"evaluation.generation: {exp.model} is a {run_kind.name} model, which does not generate text")
+    if exp.fisher.data == "generated" and run_kind.name != "causal-lm":
+        raise UserError(f"fisher.data: generated samples sequences from a causal LM, and {exp.model} is a "
+                        f"{run_kind.name} model (use data: split)")
     seeds = exp.run_seeds
     jobs: list[Job] = []
     entries: list[dict[str, Any]] = []
@@ -166,8 +170,10 @@ def _seed_jobs(exp: ExperimentConfig, seed: int, prefix: str, data_dir: str | No
         extra_entries.append(({"key": f"classifier/{task.name}", "label": task.name, "kind": "classifier"}, evaluation))
     scorer = {"classifier": classifier} if classifier is not None else {}
 
+    saved = HESSIAN_TRAINING[exp.hessian]  # a model the run trains saves its own Hessian (hessian: adam, ivon)
+
     def train(name: str, init: str | Job, data: Job, overrides: dict) -> Job:
-        params = {"training": training(overrides)}
+        params = {"training": {**training(overrides), **saved}}
         inputs = {"train": data}
         if isinstance(init, Job):
             inputs["init"] = init
@@ -176,8 +182,16 @@ def _seed_jobs(exp: ExperimentConfig, seed: int, prefix: str, data_dir: str | No
         return Job("train", prefix + name, params, inputs, res("train"))
 
     def fisher(name: str, model: Job, data: Job) -> Job:
-        params = {**exp.fisher.model_dump(), "seed": seed, **({"kind": exp.kind} if exp.kind else {})}
-        return Job("fisher", prefix + name, params, {"model": model, "data": data}, res("fisher"))
+        params = {**exp.fisher.job_params(), "seed": seed, **({"kind": exp.kind} if exp.kind else {})}
+        inputs = {"model": model} if exp.fisher.data == "generated" else {"model": model, "data": data}
+        return Job("fisher", prefix + name, params, inputs, res("fisher"))
+
+    def hessian(name: str, model: Job, data: Job) -> tuple[str, Job]:
+        """Where a model's Hessian comes from: (``fisher``, its Fisher job), or (``hessian``, the model's own train
+        job, whose model/hessian/ its optimizer wrote)."""
+        if saved and model.kind == "train":
+            return "hessian", model
+        return "fisher", fisher(name, model, data)
 
     def gram(name: str, model: Job, data: Job) -> Job:
         params = {**exp.gram.model_dump(), **({"kind": exp.kind} if exp.kind else {})}
@@ -195,19 +209,22 @@ def _seed_jobs(exp: ExperimentConfig, seed: int, prefix: str, data_dir: str | No
                      resources=res("pretrained"))
         parent = prepared.setdefault(parent.hash, parent)
     jobs.append(parent)
-    parent_fisher = None  # only when a merge takes H_0 from it (a pretrained body may have no likelihood to take it from)
+    parent_hessian = None  # only when a merge takes H_0 from it (a pretrained body may have no likelihood for it)
     if any(get_method(s.method).uses_parent_hessian and s.base_hessian == "fisher" for s in exp.merges):
-        parent_fisher = fisher("fisher/parent", parent, parent_data)
-        jobs.append(parent_fisher)
+        parent_hessian = hessian("fisher/parent", parent, parent_data)
+        if parent_hessian[0] == "fisher":
+            jobs.append(parent_hessian[1])
     evals = [("parent", "model", evaluate("parent", parent))]
-    children: dict[str, tuple[Job, Job]] = {}
+    children: dict[str, tuple[Job, tuple[str, Job]]] = {}
     grams: dict[str, Job] = {}
     needs_grams = any(get_method(spec.method).uses_grams for spec in exp.merges)
     for child in exp.children:
         data = prepare(f"data/{child.name}-train", child.train_parts())
         model = train(f"models/child-{child.name}", parent, data, child.training)
-        children[child.name] = (model, fisher(f"fisher/child-{child.name}", model, data))
-        jobs += list(children[child.name])
+        children[child.name] = (model, hessian(f"fisher/child-{child.name}", model, data))
+        jobs.append(model)
+        if children[child.name][1][0] == "fisher":
+            jobs.append(children[child.name][1][1])
         if needs_grams:
             grams[child.name] = gram(f"gram/child-{child.name}", model, data)
             jobs.append(grams[child.name])
@@ -220,15 +237,16 @@ def _seed_jobs(exp: ExperimentConfig, seed: int, prefix: str, data_dir: str | No
         inputs: dict[str, Job] = {"parent": parent, **test_inputs, **scorer}
         scales = {}
         if method.uses_parent_hessian and spec.base_hessian == "fisher":
-            inputs["parent_fisher"] = parent_fisher
+            role, job = parent_hessian
+            inputs[f"parent_{role}"] = job
             scales["base_hessian_scale"] = spec.base_hessian_scale or exp.parent.hessian_scale
         elif method.uses_parent_hessian:  # the isotropic prior: N_0 defaults to the mean of the children's N_t
             scales["base_hessian"] = "prior"
             scales["base_hessian_scale"] = spec.base_hessian_scale
-        for name, (model, fis) in children.items():
+        for name, (model, (role, job)) in children.items():
             inputs[f"child/{name}"] = model
             if needs_hessian:
-                inputs[f"child_fisher/{name}"] = fis
+                inputs[f"child_{role}/{name}"] = job
             if method.uses_grams:
                 inputs[f"child_gram/{name}"] = grams[name]
         if needs_hessian:

@@ -10,11 +10,13 @@ kind       inputs (role → upstream job folder)             writes into ``out``
 =========  ==============================================  =============================================
 prepare    —                                               ``data/`` (a saved ``datasets`` split)
 pretrained —                                               ``model/`` (a model taken as it is, as a local folder)
-train      ``train`` (prepare), ``init`` (train, optional) ``model/`` (HF folder + training_metadata.json)
-fisher     ``model`` (train), ``data`` (prepare)           ``fisher/hessian/`` + ``fisher/hessian/fisher.json``
+train      ``train`` (prepare), ``init`` (train, optional) ``model/`` (HF folder + training_metadata.json; with
+                                                           ``save_hessian`` also ``model/hessian/``)
+fisher     ``model`` (train), ``data`` (prepare; not with  ``fisher/hessian/`` + ``fisher/hessian/fisher.json``
+           ``data: generated``)
 gram       ``model`` (train), ``data`` (prepare)           ``gram/gram.safetensors`` + ``gram/gram.json``
 evaluate   ``model``, ``test/<task>``, ``classifier``?     ``metrics.json``, ``eval/<task>.json``
-merge      ``parent``, ``child/<t>``, fishers, tests       ``metrics.json``, ``configs/*.yaml`` (rebuild a merge)
+merge      ``parent``, ``child/<t>``, Hessians, tests      ``metrics.json``, ``configs/*.yaml`` (rebuild a merge)
 report     ``model/<label>``, ``merge/<label>``            ``report.md``, ``report.json``, ``*.png``
 =========  ==============================================  =============================================
 """
@@ -108,13 +110,24 @@ def train(params: dict[str, Any], inputs: dict[str, str], out: Path) -> None:
     config = {**params["training"], "model_name_or_path": init, "dataset_name": _data(inputs["train"]),
               "dataset_train_split": "train", "output_dir": _model(out)}
     train_model(config)
+    if params["training"].get("save_hessian") and not (out / "model" / "hessian" / "fisher.json").is_file():
+        raise RuntimeError(f"training with save_hessian {params['training']['save_hessian']} wrote no "
+                           "model/hessian/fisher.json")
 
 
 # --------------------------------------------------------------------------- fisher
 
 
 def fisher(params: dict[str, Any], inputs: dict[str, str], out: Path) -> None:
-    """Diagonal Fisher of ``model`` on ``data`` (the model's own training data)."""
+    """Diagonal Fisher of ``model`` on ``data`` (the model's own training data), or on sequences the model
+    generates itself (``data: generated``)."""
+    if params.get("data") == "generated":
+        from gradmatch.fisher.generated import run_generated_fisher
+
+        run_generated_fisher(_model(inputs["model"]), out=_fisher(out), examples=params["examples"],
+                             max_length=params["max_length"], seed=params["seed"], batch_size=params["batch_size"],
+                             kind=params.get("kind"))
+        return
     from gradmatch.fisher import run_fisher
 
     run_fisher(_model(inputs["model"]), _data(inputs["data"]), "train", out=_fisher(out),
@@ -201,8 +214,8 @@ def merge_config(params: dict[str, Any], inputs: dict[str, str], alpha: float) -
     """The merge YAML (as a dict) for one α: what `gradmatch merge CONFIG OUT` needs to rebuild it."""
     method = params["method"]
     config: dict[str, Any] = {"method": method, "base": _model(inputs["parent"])}
-    if "parent_fisher" in inputs:
-        config["base_hessian"] = _fisher(inputs["parent_fisher"])
+    if "parent_fisher" in inputs or "parent_hessian" in inputs:
+        config["base_hessian"] = _hessian_path(inputs, "parent_fisher", "parent_hessian")
         config["base_hessian_scale"] = params.get("base_hessian_scale") or _num_train_examples(inputs["parent"])
     elif params.get("base_hessian") == "prior":
         config["base_hessian"] = "prior"
@@ -213,8 +226,8 @@ def merge_config(params: dict[str, Any], inputs: dict[str, str], alpha: float) -
         entry: dict[str, Any] = {"model": _model(inputs[f"child/{child}"]), "weight": float(alpha)}
         if f"child_gram/{child}" in inputs:
             entry["gram"] = str(Path(inputs[f"child_gram/{child}"]) / "gram")
-        if f"child_fisher/{child}" in inputs:
-            entry["hessian"] = _fisher(inputs[f"child_fisher/{child}"])
+        if f"child_fisher/{child}" in inputs or f"child_hessian/{child}" in inputs:
+            entry["hessian"] = _hessian_path(inputs, f"child_fisher/{child}", f"child_hessian/{child}")
             entry["hessian_scale"] = ((params.get("hessian_scales") or {}).get(child)
                                       or _num_train_examples(inputs[f"child/{child}"]))
         models.append(entry)
@@ -222,6 +235,24 @@ def merge_config(params: dict[str, Any], inputs: dict[str, str], alpha: float) -
     if params.get("parameters"):
         config["parameters"] = dict(params["parameters"])
     return config
+
+
+def _hessian_path(inputs: dict[str, str], fisher_role: str, saved_role: str) -> str:
+    """A Hessian for a merge: a Fisher job's output, or the hessian/ that training saved in a train job's model."""
+    if fisher_role in inputs:
+        return _fisher(inputs[fisher_role])
+    return str(Path(_model(inputs[saved_role])) / "hessian")
+
+
+def _hessians_read(record: dict[str, Any], children: list[str]) -> dict[str, Any]:
+    """The estimator of each Hessian a merge read, from its merge.json (None: its fisher.json names none)."""
+    read: dict[str, Any] = {}
+    if record.get("base_hessian") is not None:
+        read["parent"] = record.get("base_hessian_estimator")
+    models = record.get("models") or []
+    if any(m.get("hessian") is not None for m in models):
+        read["children"] = {name: m.get("hessian_estimator") for name, m in zip(children, models)}
+    return read
 
 
 def _num_train_examples(train_folder: str) -> int:
@@ -244,6 +275,7 @@ def merge(params: dict[str, Any], inputs: dict[str, str], out: Path) -> None:
 
     tests = _tests(params, inputs)
     results = []
+    hessians: dict[str, Any] = {}
     for alpha in params["alphas"]:
         tag = f"alpha-{alpha:g}"
         config = merge_config(params, inputs, alpha)
@@ -253,6 +285,7 @@ def merge(params: dict[str, Any], inputs: dict[str, str], out: Path) -> None:
         print(f"{params['label']}: merging at α = {alpha:g}", flush=True)
         merge_models(config, model_dir, progress=False)
         record = json.loads((model_dir / "merge.json").read_text(encoding="utf-8"))
+        hessians = _hessians_read(record, params["children"])
         result = evaluate_model(model_dir, tests, params, out / "eval" / tag, predictions=False,
                                 classifier=_classifier(inputs))
         results.append({"alpha": float(alpha), **result, "statistics": record.get("statistics", {})})
@@ -261,7 +294,8 @@ def merge(params: dict[str, Any], inputs: dict[str, str], out: Path) -> None:
     with contextlib.suppress(OSError):
         (out / "models").rmdir()  # empty unless models are kept
     _write_json(out / "metrics.json", {"label": params["label"], "kind": "merge", "method": params["method"],
-                                       "parameters": params.get("parameters", {}), "alphas": results})
+                                       "parameters": params.get("parameters", {}), "hessians": hessians,
+                                       "alphas": results})
 
 
 # --------------------------------------------------------------------------- report
@@ -286,10 +320,11 @@ JOB_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "prepare": ((), ("data", "summary.json")),
     "pretrained": ((), ("model/config.json",)),
     "train": (("train", "init?"), ("model/config.json", "model/training_metadata.json")),
-    "fisher": (("model", "data"), ("fisher/hessian/fisher.json",)),
+    "fisher": (("model", "data?"), ("fisher/hessian/fisher.json",)),
     "gram": (("model", "data"), ("gram/gram.safetensors", "gram/gram.json")),
     "evaluate": (("model", "test/*", "classifier?"), ("metrics.json", "eval")),
-    "merge": (("parent", "parent_fisher?", "child/*", "child_fisher/*?", "child_gram/*?", "test/*", "classifier?"),
+    "merge": (("parent", "parent_fisher?", "parent_hessian?", "child/*", "child_fisher/*?", "child_hessian/*?",
+               "child_gram/*?", "test/*", "classifier?"),
               ("metrics.json", "configs")),
     "report": (("model/*", "merge/*?", "classifier/*?"), ("report.md", "report.json", "alpha_average.png", "alpha_per_task.png",
                                         "best_per_task.png")),

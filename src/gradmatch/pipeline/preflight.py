@@ -65,6 +65,12 @@ def check_inputs(jobs: list[Job], done: Callable[[Job], bool]) -> list[str]:
                     raise UserError(f"{job.name}: {exc}") from None
                 if where == "hub":
                     notes.append(f"data set {part['dataset']} comes from the Hugging Face hub: not checked before loading")
+        if job.kind == "train" and job.params["training"].get("optimizer_name") == "IVON" and "ivon" not in seen:
+            seen.add("ivon")
+            import importlib.util
+
+            if importlib.util.find_spec("ivon") is None:
+                raise UserError(f"{job.name}: optimizer_name IVON needs the ivon-opt package (pip install ivon-opt)")
         for model in _models_named(job):
             if model in seen or model in BUILTIN_SPECS or model in MODEL_ALIASES:
                 continue
@@ -158,6 +164,10 @@ def _job_seconds(job: Job, rows_cache: dict, size_cache: dict) -> float | None:
             examples = min(examples, steps * settings.get("per_device_train_batch_size", 8)
                            * settings.get("gradient_accumulation_steps", 1))
         return JOB_SECONDS + examples * _length(settings.get("max_input_length", 384)) * scale / RATES["train"]
+    if job.kind == "fisher" and job.params.get("data") == "generated":  # generate the sequences, then one pass
+        examples, new_tokens = job.params["examples"], job.params.get("max_length", 128)
+        return (JOB_SECONDS + examples * new_tokens * scale / RATES["generate"]
+                + examples * _length(new_tokens) * scale / RATES["fisher"])
     if job.kind in ("fisher", "gram"):
         rows = _rows(job.inputs["data"], rows_cache)
         if rows is None:

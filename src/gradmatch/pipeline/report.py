@@ -85,6 +85,7 @@ def collect(params: dict[str, Any], inputs: dict[str, str]) -> dict[str, Any]:
     metric = params.get("metric", "accuracy")
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
     missing, classifiers = [], []
+    hessians: dict[str, dict[str, Any]] = {}
     for entry in params["entries"]:
         metrics = _read_metrics(inputs[entry["key"]]) if entry["key"] in inputs else None
         seed = entry.get("seed", 0)
@@ -95,6 +96,8 @@ def collect(params: dict[str, Any], inputs: dict[str, str]) -> dict[str, Any]:
         if entry["kind"] == "classifier":
             classifiers.append({"label": entry["label"], "seed": seed, **next(iter(metrics["tasks"].values()), {})})
             continue
+        if entry["kind"] == "merge" and metrics.get("hessians"):
+            hessians.setdefault(entry["label"], metrics["hessians"])
         points = ([(entry["label"], None, metrics)] if entry["kind"] == "model" else
                   [(f"{entry['label']} α={p['alpha']:g}", p, p) for p in metrics["alphas"]])
         for label, point, source in points:
@@ -117,7 +120,52 @@ def collect(params: dict[str, Any], inputs: dict[str, str]) -> dict[str, Any]:
     removal = any(r.get("generation") for r in rows)
     return {"experiment": params.get("experiment", "experiment"), "tasks": tasks, "metric": metric,
             "higher_is_better": higher, "fluency_task": params.get("fluency_task"), "seeds": seeds, "rows": rows,
-            "missing": missing, "classifier": classifier, "best": best, "paired": paired_differences(runs, {} if removal else best)}
+            "missing": missing, "classifier": classifier, "best": best,
+            "paired": paired_differences(runs, {} if removal else best),
+            "hessian_estimators": hessian_estimators(hessians), "hessians": hessians}
+
+
+#: What each estimator a Hessian's fisher.json names means (the report's Hessian line).
+ESTIMATOR_NOTES = {
+    "sampled": "a Fisher job, labels sampled from the model", "empirical": "a Fisher job, the data's labels",
+    "generated": "a data-free Fisher on sequences the model generated",
+    "adam": "AdamW's second moment, saved in training",
+    "ivon": "IVON's Hessian, saved in training", "prior": "base_hessian: prior, N_0·c·I",
+    "unrecorded": "its fisher.json names no estimator",
+}
+
+
+def _estimators_of(read: dict[str, Any], role: str) -> list[str]:
+    """The estimators one merge's Hessians of ``role`` (``parent``, ``children``) came from; ``unrecorded`` for a
+    Hessian whose fisher.json names none (the original code's)."""
+    if role == "parent":
+        return [read["parent"] or "unrecorded"] if "parent" in read else []
+    return [estimator or "unrecorded" for estimator in (read.get("children") or {}).values()]
+
+
+def hessian_estimators(hessians: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+    """The estimators of the Hessians the merges read, per role (``parent``, ``children``), sorted."""
+    found = {role: sorted({e for read in hessians.values() for e in _estimators_of(read, role)})
+             for role in ("parent", "children")}
+    return {role: names for role, names in found.items() if names}
+
+
+def hessian_line(results: dict[str, Any]) -> str | None:
+    """One sentence naming where the merges' Hessians came from (None: no merge read one)."""
+    summary = results.get("hessian_estimators") or {}
+    by_merge = results.get("hessians") or {}
+    parts = []
+    for role, what in (("parent", "the parent's (H_0)"), ("children", "the children's")):
+        names = []
+        for estimator in summary.get(role, []):
+            text = f"`{estimator}` ({ESTIMATOR_NOTES.get(estimator, estimator)})"
+            if len(summary[role]) > 1:  # which merge read which
+                text += " in " + ", ".join(label for label, read in by_merge.items()
+                                           if estimator in _estimators_of(read, role))
+            names.append(text)
+        if names:
+            parts.append(f"{what} from {', '.join(names)}")
+    return "Hessians read by the merges: " + "; ".join(parts) + "." if parts else None
 
 
 def _t_quantile(n: int) -> float:
@@ -281,6 +329,8 @@ def _text(results: dict[str, Any]) -> str:
                   "![unwanted rate against perplexity](tradeoff.png)", ""]
     else:
         parts += ["Bold: each merge method's best α by the average.", ""]
+    if hessian_line(results):  # where the merges' H_0 and H_t came from
+        parts += [hessian_line(results), ""]
     if any(r["kind"] == "merge" for r in results["rows"]):
         parts += [f"## Average {metric} against α", "", alpha_table(results), ""]
     if results.get("paired"):
