@@ -248,18 +248,19 @@ def run_generated_fisher(model: str, *, out: str | os.PathLike, examples: int, m
                                    prompts=texts, seed=seed, batch_size=int(batch_size), indices=indices,
                                    progress=shown)
         tokens = sum(sum(1 for y in r["labels"] if y != -100) for r in records)
-        acc = FisherAccumulator(net, kind=model_kind, estimator="empirical", seed=seed)
+        # The table's "generated" entry scores the data's own targets (as "empirical" does): here the sampled
+        # tokens themselves; the prompt's labels are -100, so only the new tokens are scored.
+        acc = FisherAccumulator(net, kind=model_kind, estimator="generated", seed=seed)
         with acc.attached(), _progress(len(records), shown, "fisher") as bar:
             for batch in _batches(records, model_kind.collator(processor), int(batch_size)):
                 bar.update(acc.add(batch))
         if world > 1:
             import torch.distributed as dist
 
-            totals = torch.tensor([acc.count, tokens], dtype=torch.float64, device=device)
-            dist.all_reduce(totals)
-            acc.count, tokens = int(totals[0].item()), int(totals[1].item())
-            for s in acc.sums.values():
-                dist.all_reduce(s)
+            acc.all_reduce()
+            total = torch.tensor([tokens], dtype=torch.float64, device=device)
+            dist.all_reduce(total)
+            tokens = int(total.item())
         fisher = acc.mean()
         if rank == 0:
             metadata = {
