@@ -175,6 +175,29 @@ def test_generated_data_for_a_pretrained_causal_lm_parent(tiny_lm, tmp_path, cap
     assert _job_seconds(fisher, {}, {}) > JOB_SECONDS
 
 
+def test_a_merge_may_take_its_h0_from_the_parents_own_samples(tiny_lm, tmp_path):
+    """base_hessian: generated on one merge: a data-free Fisher job of the parent beside the Fisher on its data, and
+    each merge reads its own H_0 (paired comparisons of the two in one run); with fisher.data generated they are
+    one job."""
+    split = {"estimator": "empirical", "max_examples": 8, "batch_size": 4, "max_length": 16, "examples": 6}
+    exp = _lm_experiment(tiny_lm, tmp_path / "reviews", fisher=split, merges=[
+        {"method": "gradient_matching", "alphas": [-1.0]},
+        {"method": "gradient_matching", "name": "gm-generated", "alphas": [-1.0], "base_hessian": "generated"},
+        {"method": "task_arithmetic", "alphas": [-1.0], "base_hessian": "generated"}])
+    jobs = _by_name(exp)
+    on_data, generated = jobs["fisher/parent"], jobs["fisher/parent-generated"]
+    assert set(on_data.inputs) == {"model", "data"} and list(generated.inputs) == ["model"]
+    assert generated.params == {"data": "generated", "examples": 6, "batch_size": 4, "max_length": 16, "seed": 0}
+    assert jobs["merges/gradient_matching"].inputs["parent_fisher"] is on_data
+    assert jobs["merges/gm-generated"].inputs["parent_fisher"] is generated
+    assert "parent_fisher" not in jobs["merges/task_arithmetic"].inputs  # it reads no H_0 at all
+    same = _by_name(_lm_experiment(tiny_lm, tmp_path / "reviews", merges=exp["merges"][:2]))  # fisher.data generated
+    assert "fisher/parent-generated" not in same
+    assert same["merges/gm-generated"].inputs["parent_fisher"] is same["fisher/parent"]
+    with pytest.raises(UserError, match="base_hessian: generated samples sequences from a causal LM"):
+        build_jobs(tiny(merges=[{"method": "gradient_matching", "base_hessian": "generated"}]))
+
+
 def test_generated_data_with_a_classifier_parent_is_one_line_exit_2(tmp_path, capsys):
     exp = tiny(fisher={"data": "generated", "examples": 8})
     with pytest.raises(UserError, match="fisher.data: generated samples sequences from a causal LM"):

@@ -149,8 +149,10 @@ class MergeSpec(_Strict):
     base_hessian_scale: float | None = Field(default=None, gt=0, le=1e30,
                                              description="N_0 for this merge (default: the parent task's hessian_scale, "
                                              "else the parent's training-set size)")
-    base_hessian: Literal["fisher", "prior"] = Field(
-        default="fisher", description="H_0: the parent's Fisher, or the isotropic prior N_0·c·I (docs/merge.md)")
+    base_hessian: Literal["fisher", "prior", "generated"] = Field(
+        default="fisher", description="H_0: the parent's Hessian (as `hessian:` and `fisher:` say), the isotropic prior "
+        "N_0·c·I (docs/merge.md), or the parent's data-free Fisher on sequences it samples itself (a causal LM; "
+        "the fisher block's examples, max_length and batch_size)")
     keep_models: bool = Field(default=False, description="keep every merged model on disk, not only its metrics")
 
     @field_validator("method")
@@ -358,7 +360,8 @@ class ExperimentConfig(_Strict):
         if self.attribute_classifier is not None and self.evaluation.generation is None:
             raise ValueError("attribute_classifier scores generations: add evaluation.generation (its prompts)")
         for spec in self.merges:
-            if (get_method(spec.method).uses_parent_hessian and not self.parent.finetune and spec.base_hessian == "fisher"
+            if (get_method(spec.method).uses_parent_hessian and not self.parent.finetune
+                    and spec.base_hessian in ("fisher", "generated")
                     and spec.base_hessian_scale is None and self.parent.hessian_scale is None):
                 raise ValueError(f"merges: {spec.label} needs N_0, the scale of the parent's Hessian, and a parent "
                                  "that is not fine-tuned has no training-set size: set parent.hessian_scale "

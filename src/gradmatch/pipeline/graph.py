@@ -112,6 +112,10 @@ def build_jobs(experiment: ExperimentConfig | dict | str | os.PathLike, *, data_
     if exp.fisher.data == "generated" and run_kind.name != "causal-lm":
         raise UserError(f"fisher.data: generated samples sequences from a causal LM, and {exp.model} is a "
                         f"{run_kind.name} model (use data: split)")
+    generated = [s.label for s in exp.merges if s.base_hessian == "generated"]
+    if generated and run_kind.name != "causal-lm":
+        raise UserError(f"merges: {generated[0]}: base_hessian: generated samples sequences from a causal LM, and "
+                        f"{exp.model} is a {run_kind.name} model (use base_hessian: fisher or prior)")
     seeds = exp.run_seeds
     jobs: list[Job] = []
     entries: list[dict[str, Any]] = []
@@ -214,6 +218,16 @@ def _seed_jobs(exp: ExperimentConfig, seed: int, prefix: str, data_dir: str | No
         parent_hessian = hessian("fisher/parent", parent, parent_data)
         if parent_hessian[0] == "fisher":
             jobs.append(parent_hessian[1])
+    parent_generated = None  # H_0 from the parent's own samples, for merges with base_hessian: generated
+    if any(get_method(s.method).uses_parent_hessian and s.base_hessian == "generated" for s in exp.merges):
+        if exp.fisher.data == "generated" and parent_hessian is not None and parent_hessian[0] == "fisher":
+            parent_generated = parent_hessian  # the same job
+        else:
+            params = {"data": "generated", "examples": exp.fisher.examples, "batch_size": exp.fisher.batch_size,
+                      "max_length": exp.fisher.max_length, "seed": seed, **({"kind": exp.kind} if exp.kind else {})}
+            parent_generated = ("fisher", Job("fisher", prefix + "fisher/parent-generated", params, {"model": parent},
+                                              res("fisher")))
+            jobs.append(parent_generated[1])
     evals = [("parent", "model", evaluate("parent", parent))]
     children: dict[str, tuple[Job, tuple[str, Job]]] = {}
     grams: dict[str, Job] = {}
@@ -236,8 +250,8 @@ def _seed_jobs(exp: ExperimentConfig, seed: int, prefix: str, data_dir: str | No
         needs_hessian = method.uses_child_hessians
         inputs: dict[str, Job] = {"parent": parent, **test_inputs, **scorer}
         scales = {}
-        if method.uses_parent_hessian and spec.base_hessian == "fisher":
-            role, job = parent_hessian
+        if method.uses_parent_hessian and spec.base_hessian in ("fisher", "generated"):
+            role, job = parent_hessian if spec.base_hessian == "fisher" else parent_generated
             inputs[f"parent_{role}"] = job
             scales["base_hessian_scale"] = spec.base_hessian_scale or exp.parent.hessian_scale
         elif method.uses_parent_hessian:  # the isotropic prior: N_0 defaults to the mean of the children's N_t
