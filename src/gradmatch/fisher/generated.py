@@ -72,14 +72,11 @@ def prefixes(tokenizer, config, prompts: Sequence[str] | None) -> list[list[int]
 def check_positions(name: str, config, lengths: Sequence[int], max_new_tokens: int, *, prompted: bool = True) -> None:
     """Refuse prompts (``lengths``: tokens per prefix) that, with ``max_new_tokens`` new tokens, run past the model's
     position table (GPT-2's ``n_positions``; rotary models such as Llama have no such bound)."""
-    from gradmatch.kinds.causal_lm import position_limit
+    from gradmatch.kinds.causal_lm import position_overflow
 
-    found = position_limit(config)
-    if found is None or not lengths:
-        return
-    limit, key = found
-    longest = max(lengths)
-    if longest + int(max_new_tokens) > limit:
+    overflow = position_overflow(config, lengths, max_new_tokens)
+    if overflow is not None:
+        limit, key, longest = overflow
         start = (f"prompt {list(lengths).index(longest) + 1} of {len(lengths)} has {longest} tokens" if prompted
                  else "each sequence starts from 1 token (BOS)")
         advice = f"lower --max-length to at most {limit - longest}" if longest < limit else "shorten the prompts"

@@ -47,15 +47,23 @@ def position_limit(config) -> tuple[int, str] | None:
     return None
 
 
+def position_overflow(config, lengths: Sequence[int], max_new_tokens: int) -> tuple[int, str, int] | None:
+    """(the model's position limit, its config key, the longest of ``lengths``) when the longest prompt plus
+    ``max_new_tokens`` runs past the model's position table; None when it fits or the model has no such table."""
+    found = position_limit(config)
+    if found is None or not lengths:
+        return None
+    limit, key = found
+    longest = max(lengths)
+    return (limit, key, longest) if longest + int(max_new_tokens) > limit else None
+
+
 def check_positions(name: str, config, lengths: Sequence[int], max_new_tokens: int) -> None:
     """Refuse a generation whose longest prompt (``lengths``: tokens per prompt) plus ``max_new_tokens`` runs past
     the model's position table."""
-    found = position_limit(config)
-    if found is None or not lengths:
-        return
-    limit, key = found
-    longest = max(lengths)
-    if longest + int(max_new_tokens) > limit:
+    overflow = position_overflow(config, lengths, max_new_tokens)
+    if overflow is not None:
+        limit, key, longest = overflow
         which = lengths.index(longest) + 1
         advice = (f"lower generation.max_new_tokens to at most {limit - longest} or shorten the prompts"
                   if longest < limit else f"shorten the prompts to at most {max(1, limit - int(max_new_tokens))} tokens")
