@@ -296,3 +296,30 @@ def test_hessian_approaches_the_mean_per_example_hessian_of_a_logistic_regressio
     ratio = hess / expected
     assert torch.all((ratio > 0.75) & (ratio < 1.25)), ratio
     assert math.isclose(float(w.detach().double().sub(theta).abs().max()), 0.0, abs_tol=0.05)  # stayed near the optimum
+
+
+@pytest.mark.slow
+def test_gradmatch_train_with_ivon_writes_its_hessian_beside_the_model(digits_parent, tmp_path):
+    """`gradmatch train` with optimizer_name IVON and save_hessian ivon: OUT/hessian/ holds IVON's Hessian (a model
+    folder of the child's architecture), fisher.json names the estimator, N and the written weights, and the model
+    folder holds the posterior mean (not a sample: two evaluations agree)."""
+    import json
+
+    from transformers import AutoModelForImageClassification
+
+    from gradmatch.checkpoints import folder_fingerprint
+    from gradmatch.train import train
+
+    parent, data = digits_parent
+    out = train({"model_name_or_path": str(parent), "dataset_name": str(data), "output_dir": str(tmp_path / "child"),
+                 "optimizer_name": "IVON", "save_hessian": "ivon", "learning_rate": 0.3, "num_train_epochs": 2,
+                 "per_device_train_batch_size": 32, "logging_strategy": "no", "seed": 0}, quiet=True)
+    record = json.loads((out / "hessian" / "fisher.json").read_text())
+    assert record["estimator"] == "ivon" and record["num_examples"] == 320 and record["ess"] == 320
+    assert record["steps"] == 20 and record["hess_init"] == 1.0 and record["beta2"] == 0.99
+    assert record["weights_fingerprint"] == folder_fingerprint(out)
+    H = AutoModelForImageClassification.from_pretrained(out / "hessian")
+    values = torch.cat([p.detach().reshape(-1) for p in H.parameters()])
+    assert bool((values > 0).all()) and not torch.allclose(values, torch.ones_like(values))  # moved from hess_init
+    meta = json.loads((out / "training_metadata.json").read_text())
+    assert meta["hessian"] == "ivon" and meta["config"]["optimizer_name"] == "IVON"

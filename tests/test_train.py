@@ -133,7 +133,7 @@ def test_config_key_checks():
         load_train_config(dict(base, epochs=1, batch_size=2))
     with pytest.raises(UserError, match="lr_scheduler"):
         load_train_config(dict(base, lr_scheduler="exponential"))
-    with pytest.raises(UserError, match="only AdamW"):
+    with pytest.raises(UserError, match="unknown optimizer 'SGD' \\(choose AdamW or IVON\\)"):
         load_train_config(dict(base, optimizer_name="SGD"))
     with pytest.raises(UserError, match="gradmatch evaluate"):
         load_train_config(dict(base, method="sequence_classification_squared_gradients"))

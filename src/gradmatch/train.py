@@ -1,4 +1,4 @@
-"""Fine-tuning (`gradmatch train`): Hugging Face `Trainer` with AdamW, a warmup schedule and optional LoRA, for
+"""Fine-tuning (`gradmatch train`): Hugging Face `Trainer` with AdamW or IVON, a warmup schedule and optional LoRA, for
 any kind of model (the kind says how examples are encoded and batched), writing a self-contained model
 folder with ``training_metadata.json`` atomically."""
 
@@ -150,7 +150,13 @@ def _fit(cfg, folder: Path, train_data, val_data, num_labels: int | None, kind, 
         model = _with_lora(model, cfg.lora, kind)
     work = folder / ".trainer"
     args = _training_arguments(cfg, work, quiet=quiet, has_eval=val_encoded is not None)
-    trainer = Trainer(
+    trainer_class, extra = Trainer, {}
+    if cfg.optimizer_name == "IVON":  # a posterior sample per micro-batch; the posterior mean is what is saved
+        from gradmatch.fisher.ivon import IVONTrainer
+
+        trainer_class, extra = IVONTrainer, {"train_config": cfg, "num_train_examples": len(train_encoded)}
+    trainer = trainer_class(
+        **extra,
         model=model,
         args=args,
         data_collator=kind.collator(processor),
@@ -178,12 +184,16 @@ def _fit(cfg, folder: Path, train_data, val_data, num_labels: int | None, kind, 
     processor.save_pretrained(folder)
     if head_init:
         _save_head_init(head_init, folder / HEAD_INIT)
-    if hessian is not None:  # after the weights, whose fingerprint it records; the model is not used after this
+    if cfg.save_hessian:  # after the weights, whose fingerprint it records; the model is not used after this
         from gradmatch.checkpoints import folder_fingerprint
 
-        hessian.write(folder / "hessian", weights_fingerprint=folder_fingerprint(folder), in_place=True,
-                      extra={"model": str(cfg.output_dir), "dataset": cfg.dataset_name,
-                             "split": cfg.dataset_train_split, "seed": cfg.seed, "kind": kind.name})
+        where = {"model": str(cfg.output_dir), "dataset": cfg.dataset_name, "split": cfg.dataset_train_split,
+                 "seed": cfg.seed, "kind": kind.name, "weights_fingerprint": folder_fingerprint(folder)}
+        if hessian is not None:
+            hessian.write(folder / "hessian", weights_fingerprint=where.pop("weights_fingerprint"), in_place=True,
+                          extra=where)
+        else:
+            _write_ivon_hessian(trainer, model, folder / "hessian", len(train_encoded), where)
     shutil.rmtree(work, ignore_errors=True)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     parent = cfg.model_name_or_path
@@ -217,6 +227,17 @@ def _fit(cfg, folder: Path, train_data, val_data, num_labels: int | None, kind, 
         "head_init": sorted(head_init) or None,
         "config": cfg.model_dump(mode="json"),
     }
+
+
+def _write_ivon_hessian(trainer, model, folder: Path, num_train_examples: int, where: dict) -> None:
+    """IVON's Hessian state under the model's parameter names as ``folder`` (replaces the model's parameters)."""
+    from gradmatch.fisher.files import model_fingerprint, write_hessian
+    from gradmatch.fisher.ivon import ivon_hessian, ivon_metadata
+
+    fisher = ivon_hessian(trainer.optimizer, model)
+    record = {**ivon_metadata(trainer.optimizer, trainer.state.global_step, num_train_examples),
+              "model_fingerprint": model_fingerprint(model), **where}
+    write_hessian(model, fisher, folder, record)
 
 
 def _initial_values(model, names: list[str]) -> dict[str, Any]:
