@@ -87,6 +87,7 @@ _PAUSED_FISHER = """
 import sys, time
 from pathlib import Path
 import gradmatch.fisher as f
+import gradmatch.fisher.run as fisher_run
 marker, where = Path(sys.argv[1]), sys.argv[2]
 if where == "estimating":
     add = f.FisherAccumulator.add
@@ -97,12 +98,12 @@ if where == "estimating":
         return n
     f.FisherAccumulator.add = slow_add
 else:
-    write = f.write_hessian
+    write = fisher_run.write_hessian  # the name run_fisher calls
     def slow_write(*args, **kwargs):
         write(*args, **kwargs)
         marker.touch()
         time.sleep(60)
-    f.write_hessian = slow_write
+    fisher_run.write_hessian = slow_write
 from gradmatch.cli import main
 sys.exit(main(sys.argv[3:]))
 """
