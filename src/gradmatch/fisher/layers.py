@@ -56,6 +56,12 @@ def linear_squares(A: torch.Tensor, G: torch.Tensor, weight_acc: torch.Tensor | 
         weight_acc.add_(sum_of_squares(per_example))
 
 
+def _per_token(A: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and output gradients as (batch, tokens, features)."""
+    B = A.shape[0]
+    return A.reshape(B, -1, A.shape[-1]), G.reshape(B, -1, G.shape[-1])
+
+
 class LayerRule:
     """The closed form of one layer type. ``save`` runs in the forward hook (None: the module does not fit the
     closed form after all, and is recomputed instead); ``accumulate`` in the backward hook, adding Σ_b g_b² of
@@ -104,9 +110,7 @@ class LinearRule(LayerRule):
 
     def rows(self, module, saved, G, rows):
         """Rows ``rows`` of each example's gradient of the weight (out, in): G_b[:, rows]ᵀ A_b."""
-        A = saved[0].to(G.dtype)
-        B = A.shape[0]
-        A, G = A.reshape(B, -1, A.shape[-1]), G.reshape(B, -1, G.shape[-1])
+        A, G = _per_token(saved[0].to(G.dtype), G)
         return torch.bmm(G[:, :, rows].transpose(1, 2), A)
 
 
@@ -126,9 +130,7 @@ class Conv1DRule(LayerRule):
 
     def rows(self, module, saved, G, rows):
         """Rows ``rows`` of each example's gradient of the weight (in, out): A_b[:, rows]ᵀ G_b."""
-        A = saved[0].to(G.dtype)
-        B = A.shape[0]
-        A, G = A.reshape(B, -1, A.shape[-1]), G.reshape(B, -1, G.shape[-1])
+        A, G = _per_token(saved[0].to(G.dtype), G)
         return torch.bmm(A[:, :, rows].transpose(1, 2), G)
 
 

@@ -20,7 +20,6 @@ bias-corrected second moment. The callback keeps W_K by the same recursion as Ad
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -241,10 +240,3 @@ class SaveHessianCallback(TrainerCallback):
         write_hessian(shell, fisher, folder, record)
         return folder
 
-
-def read_record(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / "fisher.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {path}: {exc}") from None
