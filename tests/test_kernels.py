@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import gradmatch
@@ -78,6 +78,8 @@ def test_gradient_matching_kernel_equals_the_float64_formula(seed, n, T, dtype, 
        dtype=st.sampled_from([torch.bfloat16, torch.float32]), out_dtype=st.sampled_from(OUT_DTYPES),
        alphas=st.lists(st.floats(-3.0, 2.0), min_size=3, max_size=3), N0=st.floats(0.0, 1e3),
        Ns=st.lists(st.floats(0.0, 1e3), min_size=3, max_size=3), R=st.sampled_from([1.0, 3.0, 10.0, 100.0]))
+@example(seed=0, n=2049, dtype=torch.bfloat16, out_dtype=torch.float32, alphas=[0.0, 1.0, -2.0], N0=0.0,
+         Ns=[0.0, 1.5, 16.0], R=100.0)  # D = 0.002 from terms of 0.72: found by CI's draw
 def test_gradient_matching_kernel_with_the_removal_guard(seed, n, dtype, out_dtype, alphas, N0, Ns, R):
     """With some α_t < 0: the guarded minimiser of docs/merge.md (float64, entry by entry), every update
     within R·Σ|α_t τ_t|, and the count of guarded entries that the float64 formula gives."""
@@ -98,9 +100,12 @@ def test_gradient_matching_kernel_with_the_removal_guard(seed, n, dtype, out_dty
     settled = D.abs() > 1e-4 * curvature  # where float32 and float64 agree on the sign of D
     exact = ref_gradient_matching(p, cs, f0, fs, alphas, N0, Ns, delta, R)
     err = (out.double() - exact).abs()
-    assert bool((err <= tolerance(out_dtype, exact, pd.abs() + bound))[settled].all())
-    assert bool(((out.double() - pd).abs() <= bound * (1 + 1e-5) + tolerance(out_dtype, exact, pd.abs())).all())
     plain = (num / D).abs()
+    # D is a float32 sum whose terms cancel (|D| ≪ curvature where α_t < 0): its rounding, a few float32 steps of
+    # the curvature, is a relative error curvature/|D| times larger in the update num/D
+    conditioning = 32 * EPS32 * plain * curvature / D.abs().clamp_min(1e-300)
+    assert bool((err <= tolerance(out_dtype, exact, pd.abs() + bound) + conditioning)[settled].all())
+    assert bool(((out.double() - pd).abs() <= bound * (1 + 1e-5) + tolerance(out_dtype, exact, pd.abs())).all())
     clearly = int(((D <= 0) | (plain > bound * (1 + 1e-3)))[settled].sum())
     maybe = int(((D <= 0) | (plain > bound * (1 - 1e-3)) | ~settled).sum())
     assert clearly <= stats["guarded_entries"] <= maybe
