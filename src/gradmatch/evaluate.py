@@ -1,6 +1,7 @@
 """Evaluation (`gradmatch evaluate`): a model's metrics on one split (accuracy and macro-F1 for classifiers,
-perplexity for causal LMs), per-example records, and — for a causal LM given prompts — generations scored by
-an attribute classifier. A config with the original's Fisher method estimates the model's Fisher instead."""
+perplexity for causal LMs), per-example records, lm-evaluation-harness tasks on a causal LM, and — for a causal LM
+given prompts — generations scored by an attribute classifier. A config with the original's Fisher method
+estimates the model's Fisher instead."""
 
 from __future__ import annotations
 
@@ -173,7 +174,9 @@ def evaluate(config, *, data_dir: str | os.PathLike | None = None, overwrite: bo
     file. Metrics (the kind's: ``accuracy``/``macro_f1`` for classifiers, ``perplexity`` for causal LMs;
     ``num_examples``, data set, split, model) go to ``metric_output_file`` (default
     ``<output_dir>/metrics.json``), per-example records to ``prediction_output_file``; a ``generation``
-    block adds generation metrics (``generation.*``) and a generations JSON Lines file. Every file
+    block adds generation metrics (``generation.*``) and a generations JSON Lines file; an ``lm_eval`` block
+    (a causal LM) adds lm-evaluation-harness task metrics with their standard errors (``lm_eval.tasks.*``; without
+    ``dataset_name`` they are the only metrics). Every file
     appears atomically. With ``method: sequence_classification_squared_gradients`` the model's diagonal
     Fisher is written to ``<output_dir>/hessian`` instead (as `gradmatch fisher` does).
     """
@@ -193,11 +196,15 @@ def evaluate(config, *, data_dir: str | os.PathLike | None = None, overwrite: bo
         if path.absolute() in seen:
             raise UserError(f"two outputs of this evaluation (metrics, predictions, generations) are the same file: {path}")
         seen.add(path.absolute())
-    inputs = {"the model": cfg.model_name_or_path, "the data": cfg.dataset_name}
+    inputs = {"the model": cfg.model_name_or_path}
+    if cfg.dataset_name is not None:
+        inputs["the data"] = cfg.dataset_name
     if cfg.generation is not None:
         inputs["the classifier"] = cfg.generation.classifier
         if isinstance(cfg.generation.prompts, str):
             inputs["the prompts file"] = cfg.generation.prompts
+    if cfg.lm_eval is not None:
+        inputs.update({f"the data of lm-eval task {t}": f for t, f in (cfg.lm_eval.data_files or {}).items()})
     for path in outputs:
         _check_output_file(path, overwrite)
         check_not_input(path, inputs)
@@ -206,39 +213,64 @@ def evaluate(config, *, data_dir: str | os.PathLike | None = None, overwrite: bo
     config = load_config(name)
     if name not in BUILTIN_SPECS:
         kind.check_head(name, config, "evaluation")
-    where = f"{cfg.dataset_name} ({cfg.dataset_test_split})"
-    data = load_split(cfg.dataset_name, cfg.dataset_test_split, config_name=cfg.dataset_config_name,
-                      data_dir=data_dir, cache_dir=cfg.cache_dir, filters=cfg.dataset_filter_dict)
-    kind.check_data(data, where, name)
-    if kind.needs_labels:
-        kind.check_labels(data, where, int(config.num_labels))
-    if cfg.generation is not None:  # check the prompts, their length and the classifier before any model work
-        prompts = read_prompts(cfg.generation.prompts)
-        tokenizer = load_processor(name, kind=kind) if kind.generates else None
-        kind.check_generation(name, config, tokenizer, prompts, cfg.generation.max_new_tokens)
-        if cfg.generation.classifier:
-            AttributeClassifier(cfg.generation.classifier, cfg.generation.unwanted_label)
-    model, processor = load_model(name, kind=kind)
-    metrics, records = kind.evaluate(model, processor, data, batch_size=cfg.per_device_eval_batch_size,
-                                     max_length=cfg.max_input_length, progress=not quiet)
-    metrics = {**metrics, "model": name, "kind": kind.name, "dataset": cfg.dataset_name,
-               "dataset_config_name": cfg.dataset_config_name, "split": cfg.dataset_test_split,
-               "filters": cfg.dataset_filter_dict}
-    generations = None
-    if cfg.generation is not None:
-        generation_metrics, generations = generate_and_score(model, processor, kind, cfg.generation,
-                                                             max_length=cfg.max_input_length, progress=not quiet)
-        metrics["generation"] = generation_metrics
-    with atomic_file(cfg.prediction_path()) as fh:
-        json.dump({"model": name, "dataset": cfg.dataset_name, "split": cfg.dataset_test_split,
-                   "predictions": records}, fh)
-        fh.write("\n")
+    if cfg.lm_eval is not None:  # the tasks, their files and the model's kind: checked before any model work
+        from gradmatch import harness
+
+        harness.check_model(name)
+        harness.check_tasks(cfg.lm_eval.tasks, include_path=cfg.lm_eval.include_path, data_root=data_dir,
+                            data_files=cfg.lm_eval.data_files)
+    metrics: dict[str, Any] = {"model": name, "kind": kind.name}
+    records = generations = None
+    if cfg.dataset_name is not None:
+        where = f"{cfg.dataset_name} ({cfg.dataset_test_split})"
+        data = load_split(cfg.dataset_name, cfg.dataset_test_split, config_name=cfg.dataset_config_name,
+                          data_dir=data_dir, cache_dir=cfg.cache_dir, filters=cfg.dataset_filter_dict)
+        kind.check_data(data, where, name)
+        if kind.needs_labels:
+            kind.check_labels(data, where, int(config.num_labels))
+        if cfg.generation is not None:  # check the prompts, their length and the classifier before any model work
+            prompts = read_prompts(cfg.generation.prompts)
+            tokenizer = load_processor(name, kind=kind) if kind.generates else None
+            kind.check_generation(name, config, tokenizer, prompts, cfg.generation.max_new_tokens)
+            if cfg.generation.classifier:
+                AttributeClassifier(cfg.generation.classifier, cfg.generation.unwanted_label)
+        model, processor = load_model(name, kind=kind)
+        split_metrics, records = kind.evaluate(model, processor, data, batch_size=cfg.per_device_eval_batch_size,
+                                               max_length=cfg.max_input_length, progress=not quiet)
+        metrics = {**split_metrics, **metrics, "dataset": cfg.dataset_name,
+                   "dataset_config_name": cfg.dataset_config_name, "split": cfg.dataset_test_split,
+                   "filters": cfg.dataset_filter_dict}
+        if cfg.generation is not None:
+            generation_metrics, generations = generate_and_score(model, processor, kind, cfg.generation,
+                                                                 max_length=cfg.max_input_length, progress=not quiet)
+            metrics["generation"] = generation_metrics
+        del model
+    if cfg.lm_eval is not None:
+        from gradmatch import harness
+
+        settings = cfg.lm_eval
+        metrics["lm_eval"] = harness.evaluate_tasks(
+            name, settings.tasks, include_path=settings.include_path, data_root=data_dir,
+            data_files=settings.data_files, num_fewshot=settings.num_fewshot, batch_size=settings.batch_size,
+            limit=settings.limit, progress=not quiet)
+    if records is not None:
+        with atomic_file(cfg.prediction_path()) as fh:
+            json.dump({"model": name, "dataset": cfg.dataset_name, "split": cfg.dataset_test_split,
+                       "predictions": records}, fh)
+            fh.write("\n")
     if generations is not None:
         with atomic_file(cfg.generation_path()) as fh:
             fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in generations)
     with atomic_file(cfg.metric_path()) as fh:
         json.dump(metrics, fh, indent=2)
         fh.write("\n")
-    log.info("%s %.4f on %d examples; metrics in %s", kind.primary_metric, metrics[kind.primary_metric],
-             metrics["num_examples"], cfg.metric_path())
+    if cfg.dataset_name is not None:
+        log.info("%s %.4f on %d examples; metrics in %s", kind.primary_metric, metrics[kind.primary_metric],
+                 metrics["num_examples"], cfg.metric_path())
+    for task, row in (metrics.get("lm_eval") or {}).get("tasks", {}).items():
+        primary = row.get("primary")
+        if primary is not None and row.get(primary) is not None:
+            stderr = row.get(f"{primary}_stderr")
+            log.info("lm-eval %s: %s %.4f%s on %s documents", task, primary, row[primary],
+                     f" ± {stderr:.4f}" if stderr is not None else "", row.get("num_documents", "?"))
     return metrics

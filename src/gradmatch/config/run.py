@@ -220,6 +220,30 @@ class GenerationSettings(BaseModel):
         return value
 
 
+class LmEvalSettings(BaseModel):
+    """lm-evaluation-harness tasks run on a causal LM (its Python API, as the ``lm_eval`` command line runs them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: list[str] = Field(min_length=1, description="task, group or tag names: lm-eval's own, include_path's, or "
+                             "the packaged sentiment_<set> tasks (documents from the data root)")
+    include_path: str | None = Field(default=None, description="a folder of more task YAMLs")
+    num_fewshot: int | None = Field(default=0, ge=0, description="examples in the context (null: each task's default)")
+    batch_size: int = Field(default=16, gt=0)
+    limit: int | None = Field(default=None, gt=0, description="at most this many documents per task")
+    data_files: dict[str, str] | None = Field(
+        default=None, description="task → a JSON Lines file that replaces the task's test documents")
+
+    @field_validator("tasks")
+    @classmethod
+    def _names(cls, value: list[str]) -> list[str]:
+        if any(not isinstance(t, str) or not t.strip() for t in value):
+            raise ValueError("task names must not be empty")
+        if len(set(value)) != len(value):
+            raise ValueError("tasks must not repeat")
+        return value
+
+
 class EvaluateConfig(_TeBase):
     """An evaluation (`gradmatch evaluate`): metrics and predictions of a model on one split, or — with
     ``method: sequence_classification_squared_gradients`` — the model's diagonal Fisher on that split."""
@@ -232,6 +256,9 @@ class EvaluateConfig(_TeBase):
     fisher_batch_size: int = Field(default=16, gt=0)
     fisher_max_examples: int | None = Field(default=None, gt=0)
     generation: GenerationSettings | None = None
+    dataset_name: str | None = Field(default=None, description="the data set whose test split is evaluated (optional "
+                                     "with lm_eval: without it no perplexity is computed)")
+    lm_eval: LmEvalSettings | None = None
 
     @field_validator("method")
     @classmethod
@@ -247,6 +274,12 @@ class EvaluateConfig(_TeBase):
                 raise ValueError(f"method {FISHER_METHOD} needs output_dir (the Fisher goes to <output_dir>/hessian)")
         elif not (self.metric_output_file or self.output_dir):
             raise ValueError("give metric_output_file (and prediction_output_file) or output_dir")
+        if self.dataset_name is None and self.lm_eval is None:
+            raise ValueError("dataset_name: missing (it is optional only with an lm_eval block)")
+        if self.dataset_name is None and self.generation is not None:
+            raise ValueError("generation needs dataset_name (the split whose perplexity comes with it)")
+        if self.lm_eval is not None and self.method == FISHER_METHOD:
+            raise ValueError(f"lm_eval does not apply to method {FISHER_METHOD}")
         return self
 
     def is_fisher(self) -> bool:
@@ -255,7 +288,9 @@ class EvaluateConfig(_TeBase):
     def metric_path(self) -> Path:
         return Path(self.metric_output_file) if self.metric_output_file else Path(self.output_dir) / "metrics.json"
 
-    def prediction_path(self) -> Path:
+    def prediction_path(self) -> Path | None:
+        if self.dataset_name is None:
+            return None
         if self.prediction_output_file:
             return Path(self.prediction_output_file)
         if self.output_dir:
