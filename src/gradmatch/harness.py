@@ -296,3 +296,43 @@ def evaluate_tasks(model: str, tasks: Sequence[str], *, include_path: str | os.P
                                               device=device, task_manager=resolved.manager, log_samples=False)
     return {"tasks": summarize(results, resolved.names), "num_fewshot": num_fewshot, "batch_size": batch_size,
             "limit": limit, "device": device, "lm_eval_version": version("lm_eval"), "model_args": model_args}
+
+
+def training_pairs(task: str, rows: Sequence[Mapping[str, Any]], *,
+                   include_path: str | os.PathLike | None = None) -> list[tuple[str, str]]:
+    """(context, continuation) of every row as the harness would score its correct answer: the rows become the
+    task's documents (its ``process_docs`` applies), the context is the task's zero-shot context for the row and the
+    continuation its ``target_delimiter`` and correct choice — what `gradmatch train` with ``prompt:`` trains on.
+    Multiple-choice tasks only (a generation task's answer has no fixed form)."""
+    import json
+
+    if not rows:
+        raise UserError(f"prompt: task {task}: no rows to train on")
+    with tempfile.TemporaryDirectory(prefix="gradmatch-lm-eval-") as tmp:
+        data = Path(tmp) / "rows.jsonl"
+        data.write_text("".join(json.dumps(dict(r), default=str) + "\n" for r in rows), encoding="utf-8")
+        resolved = resolve([task], include_path=include_path, data_root=None, data_files={task: data},
+                           workdir=Path(tmp))
+        with _quiet_harness(progress=False):
+            try:
+                built = resolved.manager.load(resolved.specs)["tasks"][task]
+            except Exception as exc:  # noqa: BLE001 - the rows do not fit the task's template or loader
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise UserError(f"prompt: task {task} cannot read the training rows: {first}") from None
+            if built.OUTPUT_TYPE != "multiple_choice" or getattr(built, "multiple_input", False):
+                raise UserError(f"prompt: task {task} is a {built.OUTPUT_TYPE} task; training on a task's template "
+                                "needs a multiple-choice task with one context per document")
+            docs = list(built.eval_docs)
+            pairs = []
+            for n, doc in enumerate(docs):
+                try:
+                    context = built.fewshot_context(doc, num_fewshot=0)
+                    choices = list(built.doc_to_choice(doc))
+                    gold = built.doc_to_target(doc)
+                    index = choices.index(gold) if isinstance(gold, str) else int(gold)
+                    if not 0 <= index < len(choices):
+                        raise IndexError(f"its target {gold!r} is not one of its {len(choices)} choices")
+                except Exception as exc:  # noqa: BLE001 - a template error on the user's rows
+                    raise UserError(f"prompt: task {task}, training row {n}: {exc}") from None
+                pairs.append((context, f"{built.config.target_delimiter}{choices[index]}"))
+    return pairs

@@ -104,21 +104,30 @@ def train(config, *, data_dir: str | os.PathLike | None = None, overwrite: bool 
     kind = kind_of(cfg.model_name_or_path, cfg.kind)
     config = load_config(cfg.model_name_or_path)
     kind.check_trainable(cfg.model_name_or_path, config)  # a model of another kind: refused before the data loads
+    if cfg.prompt is not None and kind.name != "causal-lm":
+        raise UserError(f"prompt: model {cfg.model_name_or_path} is a {kind.name} model; training on an lm-eval "
+                        "task's template needs a causal language model")
     where = f"{cfg.dataset_name} ({cfg.dataset_train_split})"
     train_data = load_split(cfg.dataset_name, cfg.dataset_train_split, config_name=cfg.dataset_config_name,
                             data_dir=data_dir, cache_dir=cfg.cache_dir, filters=cfg.dataset_filter_dict)
-    kind.check_data(train_data, where, cfg.model_name_or_path)
+    if cfg.prompt is None:  # with a prompt the task's template says which columns it reads
+        kind.check_data(train_data, where, cfg.model_name_or_path)
     train_labels = list(train_data["label"]) if kind.needs_labels else None
     num_labels = kind.num_labels(config, train_labels, cfg.num_labels)
     if num_labels is not None:
         kind.check_labels(train_data, where, num_labels)
+    if cfg.prompt is not None:  # the task and its template on these rows: checked before the model loads
+        train_data = _prompted(cfg.prompt, train_data)
     val_data = None
     if cfg.dataset_val_split:
         val_data = load_split(cfg.dataset_name, cfg.dataset_val_split, config_name=cfg.dataset_config_name,
                               data_dir=data_dir, cache_dir=cfg.cache_dir, filters=cfg.dataset_filter_dict)
-        kind.check_data(val_data, f"{cfg.dataset_name} ({cfg.dataset_val_split})", cfg.model_name_or_path)
+        if cfg.prompt is None:
+            kind.check_data(val_data, f"{cfg.dataset_name} ({cfg.dataset_val_split})", cfg.model_name_or_path)
         if num_labels is not None:
             kind.check_labels(val_data, f"{cfg.dataset_name} ({cfg.dataset_val_split})", num_labels)
+        if cfg.prompt is not None:
+            val_data = _prompted(cfg.prompt, val_data)
 
     with atomic_dir(out, overwrite) as tmp:
         metadata = _fit(cfg, tmp, train_data, val_data, num_labels, kind, quiet=quiet)
@@ -144,8 +153,12 @@ def _fit(cfg, folder: Path, train_data, val_data, num_labels: int | None, kind, 
                                   from_scratch=cfg.from_scratch, seed=cfg.seed, new_tensors=new_tensors)
     head_init = _initial_values(model, new_tensors)
     max_length = model_max_length(model, cfg.max_input_length)
-    train_encoded = kind.encode(train_data, processor, max_length, desc="preparing training data")
-    val_encoded = kind.encode(val_data, processor, max_length, desc="preparing validation data") if val_data else None
+    if cfg.prompt is not None:
+        train_encoded = kind.encode_pairs(train_data, processor, max_length, loss=cfg.prompt.loss)
+        val_encoded = kind.encode_pairs(val_data, processor, max_length, loss=cfg.prompt.loss) if val_data else None
+    else:
+        train_encoded = kind.encode(train_data, processor, max_length, desc="preparing training data")
+        val_encoded = kind.encode(val_data, processor, max_length, desc="preparing validation data") if val_data else None
     if cfg.lora is not None:
         model = _with_lora(model, cfg.lora, kind)
     work = folder / ".trainer"
@@ -227,6 +240,13 @@ def _fit(cfg, folder: Path, train_data, val_data, num_labels: int | None, kind, 
         "head_init": sorted(head_init) or None,
         "config": cfg.model_dump(mode="json"),
     }
+
+
+def _prompted(prompt, data) -> list[tuple[str, str]]:
+    """The rows of a split as the lm-eval task ``prompt.task`` renders them: (context, correct continuation)."""
+    from gradmatch import harness
+
+    return harness.training_pairs(prompt.task, [dict(row) for row in data], include_path=prompt.include_path)
 
 
 def _write_ivon_hessian(trainer, model, folder: Path, num_train_examples: int, where: dict) -> None:

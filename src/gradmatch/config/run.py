@@ -82,6 +82,27 @@ class IvonSettings(BaseModel):
     clip_radius: float = Field(default=float("inf"), gt=0, description="clip the update's elementwise size")
 
 
+class PromptSettings(BaseModel):
+    """Causal LMs: train on an lm-evaluation-harness task's own template — each row becomes the task's zero-shot
+    context and its correct choice (after the task's target_delimiter), as the harness scores it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = Field(description="a multiple-choice lm-eval task: the packaged sentiment_<set>, lm-eval's own or one "
+                      "in include_path")
+    include_path: str | None = Field(default=None, description="a folder of more task YAMLs")
+    loss: Literal["answer", "text"] = Field(
+        default="answer", description="answer: the loss on the answer's tokens only (what the task scores); text: on "
+        "every token of context and answer (the model also learns the reviews' language)")
+
+    @field_validator("task")
+    @classmethod
+    def _task(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must name a task")
+        return value
+
+
 class _TeBase(BaseModel):
     """Keys shared by train and evaluate configs (the original's names and meanings)."""
 
@@ -153,6 +174,8 @@ class TrainConfig(_TeBase):
     eval_steps: float | None = Field(default=None, gt=0)
     overwrite_output_dir: bool = False
     lora: LoraSettings | None = None
+    prompt: PromptSettings | None = Field(default=None, description="causal LMs: train on an lm-eval task's template "
+                                          "(context and correct answer; the loss on the answer by default)")
 
     @field_validator("method")
     @classmethod

@@ -197,6 +197,34 @@ class CausalLM(Kind):
             raise UserError("no text of the data has two tokens or more: nothing to predict")
         return encoded
 
+    def encode_pairs(self, pairs, processor, max_length, *, loss: str = "answer", desc=None):
+        """(context, continuation) pairs tokenised as lm-evaluation-harness scores them: trailing spaces of the
+        context move to the continuation, context + continuation is tokenised once and the continuation is the
+        tokens past the context's own; a sequence longer than ``max_length`` keeps its last tokens (the harness
+        cuts contexts on the left). ``labels``: the continuation's tokens only (``loss="answer"``) or every token
+        (``loss="text"``)."""
+        import datasets
+        from transformers import PreTrainedTokenizerBase
+
+        if not isinstance(processor, PreTrainedTokenizerBase):
+            raise UserError("a causal language model reads text (got an image processor)")
+        rows = {"input_ids": [], "attention_mask": [], "labels": []}
+        for context, continuation in pairs:
+            spaces = len(context) - len(context.rstrip())
+            if spaces:
+                context, continuation = context[:-spaces], context[-spaces:] + continuation
+            whole = list(processor(context + continuation)["input_ids"])
+            start = len(processor(context)["input_ids"])
+            if start >= len(whole):
+                raise UserError(f"the answer {continuation!r} adds no token after its context (the tokenizer "
+                                "merges it into the context's last token)")
+            labels = whole if loss == "text" else [-100] * start + whole[start:]
+            cut = max(0, len(whole) - int(max_length))
+            rows["input_ids"].append(whole[cut:])
+            rows["attention_mask"].append([1] * (len(whole) - cut))
+            rows["labels"].append(list(labels[cut:]))
+        return datasets.Dataset.from_dict(rows)
+
     def collator(self, processor):
         from transformers import DataCollatorForSeq2Seq
 
