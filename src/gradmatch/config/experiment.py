@@ -24,6 +24,14 @@ _PIPELINE_TRAIN_KEYS = {
 }
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+#: An lm-evaluation-harness task name (its registry's names: letters, digits, ``_``, ``-``, ``.``).
+_LM_TASK_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _lm_task_name(value: str) -> str:
+    if not _LM_TASK_RE.match(value):
+        raise ValueError(f"{value!r} is not an lm-eval task name (letters, digits, '_', '.' and '-')")
+    return value
 
 
 class _Strict(BaseModel):
@@ -36,6 +44,8 @@ def _check_training_overrides(value: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"{', '.join(bad)} is set by the pipeline for each job and cannot be given here")
     if "save_hessian" in value:
         raise ValueError("save_hessian is set by the pipeline: give the experiment's top-level hessian: adam or ivon")
+    if "prompt" in value:
+        raise ValueError("prompt is set by the pipeline: name the task's lm-eval task with the task's lm_eval: NAME")
     return value
 
 
@@ -73,6 +83,9 @@ class TaskConfig(_Strict):
                            "base); its task then serves its Fisher and its evaluation")
     hessian_scale: float | None = Field(default=None, gt=0, le=1e30,
                                         description="N for this model's Hessian (default: its training-set size)")
+    lm_eval: str | None = Field(default=None, description="causal LMs: the lm-evaluation-harness task that judges "
+                                "every model on this task, its documents this task's prepared test rows; the task's "
+                                "model is trained on that task's prompt template")
 
     @field_validator("name")
     @classmethod
@@ -80,6 +93,8 @@ class TaskConfig(_Strict):
         if not _NAME_RE.match(value):
             raise ValueError("a task name may hold only letters, digits, '_', '.' and '-'")
         return value
+
+    _lm_eval = field_validator("lm_eval")(classmethod(lambda cls, v: v if v is None else _lm_task_name(v)))
 
     _training = field_validator("training")(classmethod(lambda cls, v: _check_training_overrides(v)))
 
@@ -256,8 +271,32 @@ class MultitaskConfig(_Strict):
     _training = field_validator("training")(classmethod(lambda cls, v: _check_training_overrides(v)))
 
 
+class ExperimentLmEval(_Strict):
+    """lm-evaluation-harness tasks every model of a causal-LM run is judged on, beside each task's own ``lm_eval``
+    task; and the settings of every harness call (gradmatch.harness.evaluate_tasks)."""
+
+    tasks: list[str] = Field(default_factory=list, description="shared tasks, each on its own data (the task's "
+                             "data files, or the data root); shown as their own columns, not in the average")
+    include_path: str | None = Field(default=None, description="a folder of task YAML files beside the built-in "
+                                     "ones (it serves the tasks' lm_eval names too)")
+    num_fewshot: int | None = Field(default=0, ge=0, description="examples in each context (null: each task's "
+                                    "default)")
+    batch_size: int = Field(default=16, gt=0)
+    limit: int | None = Field(default=None, gt=0, description="at most this many documents per task")
+
+    @field_validator("tasks")
+    @classmethod
+    def _names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            _lm_task_name(name)
+        if len(set(value)) != len(value):
+            raise ValueError("tasks must not repeat")
+        return value
+
+
 class EvaluationSettings(_Strict):
-    """How every model is evaluated on every task's test split (and, for causal LMs, on prompts)."""
+    """How every model is evaluated on every task's test split (and, for causal LMs, on prompts and lm-eval
+    tasks)."""
 
     batch_size: int = Field(default=64, gt=0)
     max_length: int = Field(default=128, gt=0)
@@ -265,6 +304,8 @@ class EvaluationSettings(_Strict):
         default=None, description="causal LMs: continuations of prompts, scored by the attribute classifier")
     fluency_task: str | None = Field(default=None, description="the task whose perplexity measures fluency in the "
                                      "trade-off plot (default: the parent's)")
+    lm_eval: ExperimentLmEval | None = Field(default=None, description="causal LMs: lm-eval tasks every model is "
+                                           "judged on, and the harness's settings")
 
     @field_validator("generation")
     @classmethod
@@ -337,6 +378,7 @@ class ExperimentConfig(_Strict):
             raise ValueError(f"merge names must be unique (set `name:` to tell them apart); repeated: {', '.join(dupes)}")
         if self.seeds is not None and "seed" in self.model_fields_set and self.seed not in self.seeds:
             raise ValueError(f"give seed (one run) or seeds (several), not both (seed {self.seed}, seeds {self.seeds})")
+        self._check_lm_eval()
         self._check_training()
         self._check_roles()
         return self
@@ -367,6 +409,49 @@ class ExperimentConfig(_Strict):
                                  "that is not fine-tuned has no training-set size: set parent.hessian_scale "
                                  "(or the merge's base_hessian_scale)")
 
+    def _check_lm_eval(self) -> None:
+        """Each lm-eval task judges one thing: a task's own (on its test rows) or a shared one (on its own data)."""
+        if self.attribute_classifier is not None and self.attribute_classifier.lm_eval is not None:
+            raise ValueError("attribute_classifier: lm_eval judges the run's causal LMs, not its classifier")
+        owners: dict[str, str] = {}
+        for task in self.tasks:
+            if task.lm_eval is None:
+                continue
+            if task.lm_eval in owners:
+                raise ValueError(f"{task.name}.lm_eval: {task.lm_eval} already judges task {owners[task.lm_eval]} "
+                                 "(its documents are one task's test rows)")
+            owners[task.lm_eval] = task.name
+        shared = self.evaluation.lm_eval.tasks if self.evaluation.lm_eval is not None else []
+        if self.evaluation.lm_eval is not None and not shared and not owners:
+            raise ValueError("evaluation.lm_eval names no lm-eval task: list shared ones under its tasks, or give a "
+                             "task lm_eval: NAME")
+        for name in shared:
+            if name in owners:
+                raise ValueError(f"evaluation.lm_eval.tasks: {name} is task {owners[name]}'s lm_eval (on its test "
+                                 "rows); a shared task is read from its own data: list it once")
+        named = [f"{c.name}: {c.lm_eval}" for c in self.children if c.lm_eval is not None]
+        if named and self.multitask.enabled:
+            raise ValueError(f"multitask: children name lm_eval tasks ({', '.join(named)}), whose models are trained "
+                             "on each task's prompt template; a multitask model would need one template per row "
+                             "(set multitask: false)")
+
+    def lm_eval_tasks(self) -> dict[str, str]:
+        """The run's own lm-eval tasks: each task's name → the lm-eval task judging it (tasks that name one)."""
+        return {t.name: t.lm_eval for t in self.tasks if t.lm_eval is not None}
+
+    @property
+    def lm_eval_include_path(self) -> str | None:
+        """``evaluation.lm_eval.include_path`` as an absolute path (jobs run in the run folder)."""
+        given = self.evaluation.lm_eval.include_path if self.evaluation.lm_eval is not None else None
+        return str(Path(given).expanduser().resolve()) if given else None
+
+    def prompt_training(self, task: TaskConfig) -> dict[str, Any]:
+        """Train-config keys a trained task's model gets from its ``lm_eval``: trained on that lm-eval task's own
+        prompt template (context: its doc_to_text; target: the correct choice)."""
+        if task.lm_eval is None or not task.finetune:
+            return {}
+        return {"prompt": {"task": task.lm_eval, "include_path": self.lm_eval_include_path}}
+
     def _check_training(self) -> None:
         """Every training job's settings (with what ``hessian:`` adds) are a valid train config now, before anything
         has run."""
@@ -374,7 +459,8 @@ class ExperimentConfig(_Strict):
         from gradmatch.errors import UserError
 
         placeholders = {"model_name_or_path": "-", "dataset_name": "-", "output_dir": "-"}
-        where = [("training", {})] + [(f"{t.name}.training", t.training) for t in self.tasks]
+        where = [("training", {})] + [(f"{t.name}.training", {**t.training, **self.prompt_training(t)})
+                                      for t in self.tasks]
         where.append(("multitask.training", self.multitask.training))
         if self.hessian != "fisher":
             wanted = "IVON" if self.hessian == "ivon" else "AdamW"

@@ -14,7 +14,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from gradmatch.config.experiment import HESSIAN_TRAINING, ExperimentConfig, Resources, load_experiment
+from gradmatch.config.experiment import (HESSIAN_TRAINING, ExperimentConfig, ExperimentLmEval, Resources,
+                                         TaskConfig, load_experiment)
 from gradmatch.errors import UserError
 from gradmatch.methods import get_method
 
@@ -99,7 +100,9 @@ def build_jobs(experiment: ExperimentConfig | dict | str | os.PathLike, *, data_
     ``pretrained`` job) → its Fisher; train each child from the parent → its Fisher (with ``hessian: adam`` or
     ``ivon`` a trained model saves its own Hessian and gets no Fisher job; a parent taken as it is still does);
     the attribute classifier when generations are scored; one job per merge method (all its α, each evaluated on
-    every task); the multitask model; every model evaluated on every task. Then one report over every seed.
+    every task); the multitask model; every model evaluated on every task (and, with lm-eval tasks, judged by them
+    in one harness call per model; a task naming one trains its model on that task's prompt template). Then one
+    report over every seed.
     With several seeds, every job's readable name starts with ``seed-<n>/``.
     """
     from gradmatch.models import kind_of
@@ -116,6 +119,10 @@ def build_jobs(experiment: ExperimentConfig | dict | str | os.PathLike, *, data_
     if generated and run_kind.name != "causal-lm":
         raise UserError(f"merges: {generated[0]}: base_hessian: generated samples sequences from a causal LM, and "
                         f"{exp.model} is a {run_kind.name} model (use base_hessian: fisher or prior)")
+    lm_eval = lm_eval_params(exp, data_dir)
+    if lm_eval is not None and run_kind.name != "causal-lm":
+        where = next((f"{t.name}.lm_eval" for t in exp.tasks if t.lm_eval), "evaluation.lm_eval")
+        raise UserError(f"{where}: lm-eval tasks judge causal LMs, and {exp.model} is a {run_kind.name} model")
     seeds = exp.run_seeds
     jobs: list[Job] = []
     entries: list[dict[str, Any]] = []
@@ -123,7 +130,7 @@ def build_jobs(experiment: ExperimentConfig | dict | str | os.PathLike, *, data_
     prepared: dict[str, Job] = {}
     for seed in seeds:
         prefix = f"seed-{seed}/" if len(seeds) > 1 else ""
-        seed_jobs, seed_entries = _seed_jobs(exp, seed, prefix, data_dir, prepared)
+        seed_jobs, seed_entries = _seed_jobs(exp, seed, prefix, data_dir, prepared, lm_eval)
         jobs += seed_jobs
         for entry, job in seed_entries:
             key = entry["key"] + (f"@{seed}" if len(seeds) > 1 else "")
@@ -132,12 +139,29 @@ def build_jobs(experiment: ExperimentConfig | dict | str | os.PathLike, *, data_
     params = {"experiment": exp.name, "tasks": [t.name for t in exp.tasks], "entries": entries, "seeds": seeds,
               "metric": run_kind.primary_metric, "higher_is_better": run_kind.higher_is_better,
               "fluency_task": exp.evaluation.fluency_task or exp.parent.name}
+    if lm_eval is not None:  # the run's metric: each task's lm-eval task's primary metric (accuracy), where it has one
+        params["lm_eval"] = {"tasks": lm_eval["tasks"], "shared": lm_eval["shared"]}
+        if lm_eval["tasks"]:
+            params.update(metric="accuracy", higher_is_better=True)
     report = Job("report", "report", params, report_inputs, exp.resources.for_kind("report"))
     return toposort(list(prepared.values()) + jobs + [report])
 
 
-def _seed_jobs(exp: ExperimentConfig, seed: int, prefix: str, data_dir: str | None, prepared: dict[str, Job]
-               ) -> tuple[list[Job], list[tuple[dict[str, Any], Job]]]:
+def lm_eval_params(exp: ExperimentConfig, data_dir: str | None) -> dict[str, Any] | None:
+    """What every evaluation's lm-eval harness call gets (None: the run names no lm-eval task): each task's own
+    lm-eval task (``tasks``: task → lm-eval task; its documents are that task's prepared test rows), the shared
+    ones (on their own data: their data files, or the data root) and the harness's settings."""
+    own, settings = exp.lm_eval_tasks(), exp.evaluation.lm_eval
+    if not own and settings is None:
+        return None
+    settings = settings or ExperimentLmEval()
+    return {"tasks": own, "shared": list(settings.tasks), "include_path": exp.lm_eval_include_path,
+            "data_root": data_dir, "num_fewshot": settings.num_fewshot, "batch_size": settings.batch_size,
+            "limit": settings.limit}
+
+
+def _seed_jobs(exp: ExperimentConfig, seed: int, prefix: str, data_dir: str | None, prepared: dict[str, Job],
+               lm_eval: dict[str, Any] | None = None) -> tuple[list[Job], list[tuple[dict[str, Any], Job]]]:
     """The jobs of one seed, and the report's entries with the job that holds each one's metrics."""
     res = exp.resources.for_kind
 
@@ -154,8 +178,8 @@ def _seed_jobs(exp: ExperimentConfig, seed: int, prefix: str, data_dir: str | No
 
     tests = {t.name: prepare(f"data/{t.name}-test", t.test_parts()) for t in exp.tasks}
     test_inputs = {f"test/{name}": job for name, job in tests.items()}
-    eval_params = {"tasks": list(tests), **exp.evaluation.model_dump(exclude_none=True),
-                   **({"kind": exp.kind} if exp.kind else {})}
+    eval_params = {"tasks": list(tests), **exp.evaluation.model_dump(exclude_none=True, exclude={"lm_eval"}),
+                   **({"kind": exp.kind} if exp.kind else {}), **({"lm_eval": lm_eval} if lm_eval else {})}
     jobs: list[Job] = []
     extra_entries: list[tuple[dict[str, Any], Job]] = []
 
@@ -176,8 +200,9 @@ def _seed_jobs(exp: ExperimentConfig, seed: int, prefix: str, data_dir: str | No
 
     saved = HESSIAN_TRAINING[exp.hessian]  # a model the run trains saves its own Hessian (hessian: adam, ivon)
 
-    def train(name: str, init: str | Job, data: Job, overrides: dict) -> Job:
-        params = {"training": {**training(overrides), **saved}}
+    def train(name: str, init: str | Job, data: Job, overrides: dict, task: TaskConfig | None = None) -> Job:
+        # a task judged by an lm-eval task trains on that task's prompt template (prompt: set by the pipeline)
+        params = {"training": {**training(overrides), **saved, **(exp.prompt_training(task) if task else {})}}
         inputs = {"train": data}
         if isinstance(init, Job):
             inputs["init"] = init
@@ -207,7 +232,7 @@ def _seed_jobs(exp: ExperimentConfig, seed: int, prefix: str, data_dir: str | No
 
     parent_data = prepare(f"data/{exp.parent.name}-train", exp.parent.train_parts())
     if exp.parent.finetune:
-        parent = train("models/parent", exp.model, parent_data, exp.parent.training)
+        parent = train("models/parent", exp.model, parent_data, exp.parent.training, exp.parent)
     else:  # the same model for every seed: one job
         parent = Job("pretrained", "models/parent", {"model": exp.model, **({"kind": exp.kind} if exp.kind else {})},
                      resources=res("pretrained"))
@@ -234,7 +259,7 @@ def _seed_jobs(exp: ExperimentConfig, seed: int, prefix: str, data_dir: str | No
     needs_grams = any(get_method(spec.method).uses_grams for spec in exp.merges)
     for child in exp.children:
         data = prepare(f"data/{child.name}-train", child.train_parts())
-        model = train(f"models/child-{child.name}", parent, data, child.training)
+        model = train(f"models/child-{child.name}", parent, data, child.training, child)
         children[child.name] = (model, hessian(f"fisher/child-{child.name}", model, data))
         jobs.append(model)
         if children[child.name][1][0] == "fisher":

@@ -15,7 +15,8 @@ train      ``train`` (prepare), ``init`` (train, optional) ``model/`` (HF folder
 fisher     ``model`` (train), ``data`` (prepare; not with  ``fisher/hessian/`` + ``fisher/hessian/fisher.json``
            ``data: generated``)
 gram       ``model`` (train), ``data`` (prepare)           ``gram/gram.safetensors`` + ``gram/gram.json``
-evaluate   ``model``, ``test/<task>``, ``classifier``?     ``metrics.json``, ``eval/<task>.json``
+evaluate   ``model``, ``test/<task>``, ``classifier``?     ``metrics.json`` (with ``lm_eval``: the harness's
+                                                           scores), ``eval/<task>.json``
 merge      ``parent``, ``child/<t>``, Hessians, tests      ``metrics.json``, ``configs/*.yaml`` (rebuild a merge)
 report     ``model/<label>``, ``merge/<label>``            ``report.md``, ``report.json``, ``*.png``
 =========  ==============================================  =============================================
@@ -154,11 +155,62 @@ def gram(params: dict[str, Any], inputs: dict[str, str], out: Path) -> None:
 _KEPT = ("accuracy", "macro_f1", "loss", "perplexity", "nll_per_token", "num_examples", "num_tokens")
 
 
+@contextlib.contextmanager
+def lm_eval_documents(params: dict[str, Any], tests: dict[str, str], folder: Path):
+    """The documents of each task's lm-eval task: that task's prepared test rows, every column, as JSON Lines in
+    ``folder`` (removed afterwards); yields lm-eval task → file (empty without lm-eval tasks)."""
+    import datasets
+
+    from gradmatch.data import _quiet_datasets
+
+    own = (params.get("lm_eval") or {}).get("tasks") or {}
+    if not own:
+        yield {}
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        files = {}
+        for task, lm_task in own.items():
+            files[lm_task] = str(folder / f"{lm_task}.jsonl")
+            with _quiet_datasets():
+                datasets.load_from_disk(_data(tests[task])).to_json(files[lm_task], lines=True, force_ascii=False)
+        yield files
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def run_lm_eval(model: str | Path, settings: dict[str, Any], data_files: dict[str, str]) -> dict[str, Any]:
+    """One lm-evaluation-harness call on a model folder: every task's lm-eval task (on ``data_files``) and the
+    shared tasks, as :func:`gradmatch.harness.evaluate_tasks` returns them."""
+    from gradmatch.harness import evaluate_tasks
+
+    names = [*(settings.get("tasks") or {}).values(), *(settings.get("shared") or [])]
+    result = evaluate_tasks(str(model), names, include_path=settings.get("include_path"),
+                            data_root=settings.get("data_root"), data_files=data_files or None,
+                            num_fewshot=settings.get("num_fewshot", 0), batch_size=settings.get("batch_size", 16),
+                            limit=settings.get("limit"), progress=False)
+    for name in names:
+        scores = result["tasks"].get(name, {})
+        primary = scores.get("primary")
+        if primary in scores:
+            se = scores.get(f"{primary}_stderr")
+            print(f"  lm-eval {name}: {primary} {scores[primary]:.4g}" + (f" ± {se:.2g}" if se is not None else "")
+                  + f" ({scores.get('num_documents', '?')} documents)", flush=True)
+    return result
+
+
 def evaluate_model(model: str | Path, tests: dict[str, str], params: dict[str, Any], out: Path,
-                   predictions: bool = True, classifier: str | None = None) -> dict[str, Any]:
+                   predictions: bool = True, classifier: str | None = None,
+                   lm_eval_files: dict[str, str] | None = None) -> dict[str, Any]:
     """Evaluate one model folder on every task's prepared test data: metrics per task, and — with a
-    ``generation`` block — its generations scored by ``classifier`` (once per model, beside the fluency task)."""
+    ``generation`` block — its generations scored by ``classifier`` (once per model, beside the fluency task);
+    with an ``lm_eval`` block, the lm-eval tasks in one harness call (``lm_eval_files``: each task's documents,
+    from :func:`lm_eval_documents`; exported here when not given)."""
     from gradmatch.evaluate import evaluate
+
+    if params.get("lm_eval") and lm_eval_files is None:
+        with lm_eval_documents(params, tests, out / ".lm_eval-documents") as files:
+            return evaluate_model(model, tests, params, out, predictions, classifier, files)
 
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
@@ -188,6 +240,9 @@ def evaluate_model(model: str | Path, tests: dict[str, str], params: dict[str, A
         rate = generation.get("unwanted_rate")
         print(f"  generations: {generation['num_generations']}" + ("" if rate is None else f", unwanted rate {rate:.3f}"),
               flush=True)
+    if params.get("lm_eval"):
+        return {"tasks": results, "generation": generation,
+                "lm_eval": run_lm_eval(model, params["lm_eval"], lm_eval_files or {})}
     return {"tasks": results, "generation": generation}
 
 
@@ -202,8 +257,10 @@ def _classifier(inputs: dict[str, str]) -> str | None:
 def evaluate(params: dict[str, Any], inputs: dict[str, str], out: Path) -> None:
     """Evaluate ``model`` on every task; ``metrics.json`` holds the kind's metrics per task (and generations')."""
     print(f"evaluating {params['label']}", flush=True)
-    result = evaluate_model(_model(inputs["model"]), _tests(params, inputs), params, out / "eval",
-                            classifier=_classifier(inputs))
+    tests = _tests(params, inputs)
+    with lm_eval_documents(params, tests, out / ".lm_eval-documents") as documents:
+        result = evaluate_model(_model(inputs["model"]), tests, params, out / "eval", classifier=_classifier(inputs),
+                                lm_eval_files=documents)
     _write_json(out / "metrics.json", {"label": params["label"], "kind": "model", **result})
 
 
@@ -276,21 +333,22 @@ def merge(params: dict[str, Any], inputs: dict[str, str], out: Path) -> None:
     tests = _tests(params, inputs)
     results = []
     hessians: dict[str, Any] = {}
-    for alpha in params["alphas"]:
-        tag = f"alpha-{alpha:g}"
-        config = merge_config(params, inputs, alpha)
-        (out / "configs").mkdir(exist_ok=True)
-        write_text(out / "configs" / f"{tag}.yaml", yaml.safe_dump(config, sort_keys=False))
-        model_dir = out / "models" / tag
-        print(f"{params['label']}: merging at α = {alpha:g}", flush=True)
-        merge_models(config, model_dir, progress=False)
-        record = json.loads((model_dir / "merge.json").read_text(encoding="utf-8"))
-        hessians = _hessians_read(record, params["children"])
-        result = evaluate_model(model_dir, tests, params, out / "eval" / tag, predictions=False,
-                                classifier=_classifier(inputs))
-        results.append({"alpha": float(alpha), **result, "statistics": record.get("statistics", {})})
-        if not params.get("keep_models"):
-            shutil.rmtree(model_dir)
+    with lm_eval_documents(params, tests, out / ".lm_eval-documents") as lm_eval_files:  # once for every α
+        for alpha in params["alphas"]:
+            tag = f"alpha-{alpha:g}"
+            config = merge_config(params, inputs, alpha)
+            (out / "configs").mkdir(exist_ok=True)
+            write_text(out / "configs" / f"{tag}.yaml", yaml.safe_dump(config, sort_keys=False))
+            model_dir = out / "models" / tag
+            print(f"{params['label']}: merging at α = {alpha:g}", flush=True)
+            merge_models(config, model_dir, progress=False)
+            record = json.loads((model_dir / "merge.json").read_text(encoding="utf-8"))
+            hessians = _hessians_read(record, params["children"])
+            result = evaluate_model(model_dir, tests, params, out / "eval" / tag, predictions=False,
+                                    classifier=_classifier(inputs), lm_eval_files=lm_eval_files)
+            results.append({"alpha": float(alpha), **result, "statistics": record.get("statistics", {})})
+            if not params.get("keep_models"):
+                shutil.rmtree(model_dir)
     with contextlib.suppress(OSError):
         (out / "models").rmdir()  # empty unless models are kept
     _write_json(out / "metrics.json", {"label": params["label"], "kind": "merge", "method": params["method"],

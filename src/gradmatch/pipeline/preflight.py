@@ -31,6 +31,8 @@ RATES = {"train": 12.0, "infer": 60.0, "fisher": 3.0, "gram": 21.0, "generate": 
 #: Seconds a job costs beyond its compute (starting from the warm job server, reading its model and data), and a
 #: merge per α (merging, loading the merged model): the demo's 35 jobs of a small ViT took 53 s on two slots.
 JOB_SECONDS, ALPHA_SECONDS = 3.0, 1.0
+#: Requests an lm-eval document costs: one log-likelihood per choice (the sentiment tasks' negative / positive).
+LM_EVAL_CHOICES = 2
 REFERENCE_PARAMETERS = 22.7e6
 REFERENCE_LENGTH = 128
 #: Sizes of the aliases (no need to open their weights, or to convert SmolLM2's GGUF file, to know them).
@@ -71,6 +73,11 @@ def check_inputs(jobs: list[Job], done: Callable[[Job], bool]) -> list[str]:
 
             if importlib.util.find_spec("ivon") is None:
                 raise UserError(f"{job.name}: optimizer_name IVON needs the ivon-opt package (pip install ivon-opt)")
+        if job.kind in ("evaluate", "merge") and job.params.get("lm_eval"):
+            key = ("lm_eval", json.dumps(job.params["lm_eval"], sort_keys=True))
+            if key not in seen:
+                seen.add(key)
+                _check_lm_eval(job)
         for model in _models_named(job):
             if model in seen or model in BUILTIN_SPECS or model in MODEL_ALIASES:
                 continue
@@ -82,6 +89,28 @@ def check_inputs(jobs: list[Job], done: Callable[[Job], bool]) -> list[str]:
             if not Path(resolved).is_dir():
                 notes.append(f"model {model} comes from the Hugging Face hub: not checked before loading")
     return notes
+
+
+def _check_lm_eval(job: Job) -> None:
+    """The lm-eval tasks an evaluation runs exist and parse, and the shared ones find their data (offline, no model
+    loaded). Each task's own lm-eval task reads that task's test rows, which the run prepares: a placeholder stands
+    for them here."""
+    import tempfile
+
+    from gradmatch.harness import check_tasks
+
+    settings = job.params["lm_eval"]
+    own = list((settings.get("tasks") or {}).values())
+    with tempfile.TemporaryDirectory(prefix="gradmatch-lm-eval-") as scratch:
+        files = {}
+        for name in own:
+            files[name] = str(Path(scratch) / f"{name}.jsonl")
+            Path(files[name]).write_text(json.dumps({"text": "", "label": 0}) + "\n", encoding="utf-8")
+        try:
+            check_tasks([*own, *(settings.get("shared") or [])], include_path=settings.get("include_path"),
+                        data_root=settings.get("data_root"), data_files=files or None)
+        except UserError as exc:
+            raise UserError(f"{job.name}: {exc}") from None
 
 
 def _models_named(job: Job) -> list[str]:
@@ -180,6 +209,12 @@ def _job_seconds(job: Job, rows_cache: dict, size_cache: dict) -> float | None:
         if any(r is None for r in test_rows):
             return None
         one = sum(test_rows) * _length(job.params.get("max_length", 128)) * scale / RATES["infer"]
+        lm_eval = job.params.get("lm_eval")
+        if lm_eval:  # each document is scored once per choice; shared tasks count only when limit bounds them
+            limit = lm_eval.get("limit")
+            docs = [_rows(job.inputs[f"test/{task}"], rows_cache) for task in lm_eval.get("tasks") or {}]
+            docs = [min(d, limit) if limit else d for d in docs] + [limit or 0] * len(lm_eval.get("shared") or [])
+            one += LM_EVAL_CHOICES * sum(docs) * _length(job.params.get("max_length", 128)) * scale / RATES["infer"]
         generation = job.params.get("generation")
         if generation:
             tokens = _prompt_count(generation) * generation.get("num_samples", 1) * generation.get("max_new_tokens", 32)
