@@ -2,8 +2,9 @@
 best, and — when generations were scored — of the unwanted-attribute rate against perplexity.
 
 Rows are the parent, each child, each merge at each α and the multitask model; columns are the tasks and
-their average of the run's metric (accuracy in percent for classifiers, perplexity for causal LMs), and the
-generation scores when the run has them.
+their average of the run's metric (accuracy in percent for classifiers, perplexity for causal LMs; in a run whose
+tasks name lm-eval tasks, those tasks' primary metric, with the perplexities in a table of their own), the shared
+lm-eval tasks, and the generation scores when the run has them.
 """
 
 from __future__ import annotations
@@ -31,11 +32,48 @@ def _read_metrics(folder: str | Path) -> dict[str, Any] | None:
         raise UserError(f"cannot read {path}: {exc}") from exc
 
 
-def _row(label: str, kind: str, tasks: list[str], metrics: dict[str, dict], metric: str, method: str | None = None,
-         alpha: float | None = None, generation: dict | None = None, statistics: dict | None = None) -> dict[str, Any]:
-    values = {t: float(metrics[t][metric]) for t in tasks if t in metrics and metric in metrics[t]}
+#: lm-eval metrics that are proportions (shown in percent, as accuracy); any other is shown as it is.
+PROPORTIONS = ("acc", "acc_norm", "exact_match", "f1", "mcc", "acc_mutual_info")
+
+
+def _lm_scores(source: dict[str, Any], names: dict[str, str]) -> tuple[dict[str, float], dict[str, float]]:
+    """Column → the primary metric of its lm-eval task (``names``: column → lm-eval task), and its standard error,
+    from an evaluation's ``lm_eval`` block (what gradmatch.harness.evaluate_tasks returned)."""
+    scores = (source.get("lm_eval") or {}).get("tasks") or {}
+    values, stderr = {}, {}
+    for column, name in names.items():
+        task = scores.get(name) or {}
+        primary = task.get("primary")
+        if primary in task and task[primary] is not None:
+            values[column] = float(task[primary])
+            if task.get(f"{primary}_stderr") is not None:
+                stderr[column] = float(task[f"{primary}_stderr"])
+    return values, stderr
+
+
+def _row(label: str, kind: str, tasks: list[str], source: dict[str, Any], metric: str, method: str | None = None,
+         alpha: float | None = None, generation: dict | None = None, statistics: dict | None = None,
+         lm_eval: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One row of the table from one evaluation (``source``: its ``tasks`` metrics and, with lm-eval tasks, its
+    ``lm_eval`` scores). With each task's own lm-eval task (``lm_eval["tasks"]``) the row's values are those tasks'
+    primary metrics and its perplexities a separate block; shared lm-eval tasks are a block of their own."""
+    metrics = source.get("tasks") or {}
+    own = (lm_eval or {}).get("tasks") or {}
+    stderr: dict[str, float] = {}
+    if own:
+        values, stderr = _lm_scores(source, {t: own[t] for t in tasks})
+    else:
+        values = {t: float(metrics[t][metric]) for t in tasks if t in metrics and metric in metrics[t]}
     average = sum(values.values()) / len(values) if values and len(values) == len(tasks) else None
     row = {"label": label, "kind": kind, "method": method, "alpha": alpha, "values": values, "average": average}
+    if lm_eval:
+        row["stderr"] = stderr
+        # the average of k tasks on disjoint documents: its standard error is sqrt(sum of s.e.²) / k
+        row["average_stderr"] = (math.sqrt(sum(v * v for v in stderr.values())) / len(stderr)
+                                 if average is not None and own and len(stderr) == len(tasks) else None)
+        row["shared"], row["shared_stderr"] = _lm_scores(source, {n: n for n in lm_eval.get("shared") or []})
+        if own:
+            row["perplexity"] = {t: float(m["perplexity"]) for t, m in metrics.items() if m.get("perplexity") is not None}
     if generation:  # the scoring classifier is the report's `classifier` (its folder is this machine's path)
         row["generation"] = {k: v for k, v in generation.items() if k != "classifier"}
     if statistics:
@@ -61,6 +99,19 @@ def _aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     row["average"], row["average_sd"] = _mean_sd(averages) if len(averages) == len(runs) else (None, None)
     row["seeds"] = [r["seed"] for r in runs]
     row["per_seed"] = {str(r["seed"]): r["average"] for r in runs}
+    for block in ("shared", "perplexity"):  # lm-eval runs: the shared tasks' scores and the perplexities
+        if block in first:
+            names = [n for n in first[block] if all(n in r.get(block, {}) for r in runs)]
+            pairs = {n: _mean_sd([r[block][n] for r in runs]) for n in names}
+            row[block] = {n: m for n, (m, _) in pairs.items()}
+            row[f"{block}_sd"] = {n: sd for n, (_, sd) in pairs.items()}
+    for block in ("stderr", "shared_stderr"):  # the harness's standard errors, averaged over the seeds
+        if block in first:
+            names = [n for n in first[block] if all(n in r.get(block, {}) for r in runs)]
+            row[block] = {n: _mean_sd([r[block][n] for r in runs])[0] for n in names}
+    if "average_stderr" in first:
+        given = [r["average_stderr"] for r in runs if r.get("average_stderr") is not None]
+        row["average_stderr"] = _mean_sd(given)[0] if given and len(given) == len(runs) else None
     gens = [r["generation"] for r in runs if r.get("generation")]
     if len(gens) == len(runs):
         generation = {}
@@ -81,8 +132,12 @@ def _aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def collect(params: dict[str, Any], inputs: dict[str, str]) -> dict[str, Any]:
     """Read every evaluation and merge result named in the report job's parameters (missing ones skipped);
     rows of several seeds become one row with means and standard deviations."""
-    tasks = list(params["tasks"])
+    lm_eval = params.get("lm_eval")
+    all_tasks = list(params["tasks"])
+    # with each task's own lm-eval task, the table's tasks are those judged by one (the others: perplexity only)
+    tasks = [t for t in all_tasks if t in lm_eval["tasks"]] if lm_eval and lm_eval.get("tasks") else all_tasks
     metric = params.get("metric", "accuracy")
+    primaries: dict[str, str] = {}
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
     missing, classifiers = [], []
     hessians: dict[str, dict[str, Any]] = {}
@@ -101,10 +156,13 @@ def collect(params: dict[str, Any], inputs: dict[str, str]) -> dict[str, Any]:
         points = ([(entry["label"], None, metrics)] if entry["kind"] == "model" else
                   [(f"{entry['label']} α={p['alpha']:g}", p, p) for p in metrics["alphas"]])
         for label, point, source in points:
-            row = _row(label, entry["kind"], tasks, source["tasks"], metric,
+            row = _row(label, entry["kind"], tasks, source, metric,
                        method=None if point is None else entry["label"],
                        alpha=None if point is None else float(point["alpha"]), generation=source.get("generation"),
-                       statistics=None if point is None else point.get("statistics"))
+                       statistics=None if point is None else point.get("statistics"), lm_eval=lm_eval)
+            for name, scores in ((source.get("lm_eval") or {}).get("tasks") or {}).items():
+                if scores.get("primary"):
+                    primaries.setdefault(name, scores["primary"])
             runs.setdefault((entry["kind"], label), []).append({**row, "seed": seed})
     rows = [_aggregate(group) for group in runs.values()]
     higher = bool(params.get("higher_is_better", True))
@@ -118,11 +176,19 @@ def collect(params: dict[str, Any], inputs: dict[str, str]) -> dict[str, Any]:
     best = best_settings(rows, higher)
     # a removal run's "best" α by fluency is the one that removes least: its pairing would say nothing
     removal = any(r.get("generation") for r in rows)
-    return {"experiment": params.get("experiment", "experiment"), "tasks": tasks, "metric": metric,
-            "higher_is_better": higher, "fluency_task": params.get("fluency_task"), "seeds": seeds, "rows": rows,
-            "missing": missing, "classifier": classifier, "best": best,
-            "paired": paired_differences(runs, {} if removal else best),
-            "hessian_estimators": hessian_estimators(hessians), "hessians": hessians}
+    results = {"experiment": params.get("experiment", "experiment"), "tasks": tasks, "metric": metric,
+               "higher_is_better": higher, "fluency_task": params.get("fluency_task"), "seeds": seeds, "rows": rows,
+               "missing": missing, "classifier": classifier, "best": best,
+               "paired": paired_differences(runs, {} if removal else best),
+               "hessian_estimators": hessian_estimators(hessians), "hessians": hessians}
+    if lm_eval:
+        own = lm_eval.get("tasks") or {}
+        results["lm_eval"] = {"tasks": own, "shared": list(lm_eval.get("shared") or []),
+                              "primary": {n: primaries[n] for n in [*own.values(), *(lm_eval.get("shared") or [])]
+                                          if n in primaries}}
+        if own:
+            results["perplexity_tasks"] = all_tasks
+    return results
 
 
 #: What each estimator a Hessian's fisher.json names means (the report's Hessian line).
@@ -243,21 +309,49 @@ def _unwanted(row: dict[str, Any]) -> str:
     return f"{100 * g['unwanted_rate']:.1f} ± {100 * spread:.1f}"
 
 
+def _shared_tasks(results: dict[str, Any]) -> list[str]:
+    return list((results.get("lm_eval") or {}).get("shared") or [])
+
+
+def _shared_metric(results: dict[str, Any], name: str) -> str:
+    """How a shared lm-eval task's column is shown: ``accuracy`` (percent) for a proportion, else its metric."""
+    primary = ((results.get("lm_eval") or {}).get("primary") or {}).get(name, "acc")
+    return "accuracy" if primary in PROPORTIONS else primary
+
+
+def _spread(results: dict[str, Any], sd: float | None, stderr: float | None) -> float | None:
+    """What follows ``±``: the sd over seeds, or — in a run of one seed — the harness's standard error."""
+    if sd is not None:
+        return sd
+    return stderr if len(results.get("seeds") or [0]) == 1 else None
+
+
+def _perplexity(row: dict[str, Any], task: str) -> float | None:
+    """A row's perplexity on a task: its perplexity block in an lm-eval run, else its values (the run's metric)."""
+    return row["perplexity"].get(task) if "perplexity" in row else row["values"].get(task)
+
+
 def markdown_table(results: dict[str, Any]) -> str:
-    """Rows: models and merges; columns: every task and the average of the run's metric (and generation scores)."""
+    """Rows: models and merges; columns: every task and the average of the run's metric (then the shared lm-eval
+    tasks, and generation scores)."""
     tasks, metric = results["tasks"], results["metric"]
+    shared = _shared_tasks(results)
     generation = _has_generation(results)
-    head = f"| model | {' | '.join(tasks)} | average |" + (" unwanted % | distinct-2 |" if generation else "")
-    lines = [head, "|" + "---|" * (len(tasks) + 2 + 2 * generation)]
+    head = (f"| model | {' | '.join(tasks)} | average |" + "".join(f" {n} |" for n in shared)
+            + (" unwanted % | distinct-2 |" if generation else ""))
+    lines = [head, "|" + "---|" * (len(tasks) + 2 + len(shared) + 2 * generation)]
     best = {m: b["alpha"] for m, b in results["best"].items()}
     for row in results["rows"]:
-        sd = row.get("sd") or {}
-        cells = [_fmt(row["values"].get(t), metric, sd.get(t)) for t in tasks]
-        avg = _fmt(row["average"], metric, row.get("average_sd"))
+        sd, se = row.get("sd") or {}, row.get("stderr") or {}
+        cells = [_fmt(row["values"].get(t), metric, _spread(results, sd.get(t), se.get(t))) for t in tasks]
+        avg = _fmt(row["average"], metric, _spread(results, row.get("average_sd"), row.get("average_stderr")))
         label = row["label"]
         if row["kind"] == "merge" and best.get(row["method"]) == row["alpha"] and not generation:
             label, avg = f"**{label}**", f"**{avg}**"
         line = f"| {label} | " + " | ".join(cells) + f" | {avg} |"
+        shared_sd, shared_se = row.get("shared_sd") or {}, row.get("shared_stderr") or {}
+        line += "".join(f" {_fmt((row.get('shared') or {}).get(n), _shared_metric(results, n), _spread(results, shared_sd.get(n), shared_se.get(n)))} |"
+                        for n in shared)
         if generation:
             g = row.get("generation") or {}
             line += f" {_unwanted(row)} | {g['distinct_2']:.3f} |" if g else " — | — |"
@@ -296,6 +390,39 @@ def paired_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def perplexity_table(results: dict[str, Any]) -> str:
+    """An lm-eval run's perplexities: rows as the main table, columns every task's test split."""
+    tasks = results.get("perplexity_tasks") or []
+    lines = [f"| model | {' | '.join(tasks)} |", "|" + "---|" * (len(tasks) + 1)]
+    for row in results["rows"]:
+        sd = row.get("perplexity_sd") or {}
+        lines.append(f"| {row['label']} | " + " | ".join(_fmt(_perplexity(row, t), "perplexity", sd.get(t))
+                                                        for t in tasks) + " |")
+    return "\n".join(lines)
+
+
+def lm_eval_line(results: dict[str, Any]) -> str | None:
+    """What the columns of an lm-eval run are: each task's lm-eval task and metric, the shared ones, the ±."""
+    info = results.get("lm_eval")
+    if not info:
+        return None
+    primary = info.get("primary") or {}
+
+    def named(name: str) -> str:
+        return f"`{name}`" + (f" ({primary[name]})" if name in primary else "")
+
+    parts = []
+    if info.get("tasks"):
+        parts.append("Each task's column is its lm-evaluation-harness task on that task's test rows: "
+                     + ", ".join(f"{t}: {named(n)}" for t, n in info["tasks"].items()) + "; the average is theirs.")
+    if info.get("shared"):
+        parts.append("Shared lm-eval tasks (on their own data; not in the average): "
+                     + ", ".join(named(n) for n in info["shared"]) + ".")
+    if len(results.get("seeds") or [0]) == 1:
+        parts.append("± is the harness's standard error (the average's: sqrt(Σ s.e.²) / number of tasks).")
+    return " ".join(parts)
+
+
 def tradeoff_table(results: dict[str, Any]) -> str:
     """Removal: the unwanted-attribute rate against fluency (perplexity on the fluency task), per model and α."""
     fluency = results.get("fluency_task") or results["tasks"][0]
@@ -303,7 +430,7 @@ def tradeoff_table(results: dict[str, Any]) -> str:
     for row in results["rows"]:
         g = row.get("generation")
         if g:
-            lines.append(f"| {row['label']} | {_unwanted(row)} | {_fmt(row['values'].get(fluency), 'perplexity')} | "
+            lines.append(f"| {row['label']} | {_unwanted(row)} | {_fmt(_perplexity(row, fluency), 'perplexity')} | "
                          f"{g['mean_new_tokens']:.1f} |")
     return "\n".join(lines)
 
@@ -311,12 +438,18 @@ def tradeoff_table(results: dict[str, Any]) -> str:
 def _text(results: dict[str, Any]) -> str:
     metric = results["metric"]
     what = "accuracy (%)" if metric == "accuracy" else metric
+    if results.get("lm_eval", {}).get("tasks"):
+        what = "lm-eval " + what
     seeds = results.get("seeds") or [0]
     parts = [f"# {results['experiment']}: {what} of every model on every task", ""]
     if len(seeds) > 1:
         parts += [f"Mean ± standard deviation over {len(seeds)} seeds ({', '.join(map(str, seeds))}): every training, "
                   "data subset, Fisher and merge was run once per seed.", ""]
     parts += [markdown_table(results), ""]
+    if lm_eval_line(results):
+        parts += [lm_eval_line(results), ""]
+    if results.get("perplexity_tasks"):
+        parts += ["## Perplexity on each task's test split", "", perplexity_table(results), ""]
     if _has_generation(results):
         parts += ["Unwanted %: share of the generations the attribute classifier labels unwanted, with its binomial "
                   "standard error; distinct-2: unique bigrams over all bigrams of the continuations.", ""]
@@ -400,7 +533,7 @@ def _plot_tradeoff(results: dict[str, Any], path: Path, dpi: int) -> None:
 
     def point(row):
         g = row.get("generation") or {}
-        x = row["values"].get(fluency)
+        x = _perplexity(row, fluency)
         return (x, g["unwanted_rate"], g["unwanted_rate_se"]) if "unwanted_rate" in g and x is not None else None
 
     curves = {method: [(r, point(r)) for r in rows if point(r)] for method, rows in _merge_curves(results).items()}
@@ -470,13 +603,15 @@ def write_plots(results: dict[str, Any], out: Path, dpi: int = 100) -> list[Path
     plt.close(fig)
     written.append(out / "alpha_average.png")
 
-    cols = min(3, len(tasks))
-    nrows = -(-len(tasks) // cols)
+    panels = [(task, "values", "sd", metric) for task in tasks]
+    panels += [(name, "shared", "shared_sd", _shared_metric(results, name)) for name in _shared_tasks(results)]
+    cols = min(3, len(panels))
+    nrows = -(-len(panels) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
-    for ax, task in zip(axes.flat, tasks):
-        _plot_alpha(ax, curves, refs, lambda r, t=task: r["values"].get(t), task, metric,
-                    spread=lambda r, t=task: (r.get("sd") or {}).get(t))
-    for ax in list(axes.flat)[len(tasks):]:
+    for ax, (task, block, spread, shown) in zip(axes.flat, panels):
+        _plot_alpha(ax, curves, refs, lambda r, t=task, b=block: (r.get(b) or {}).get(t), task, shown,
+                    spread=lambda r, t=task, b=spread: (r.get(b) or {}).get(t))
+    for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     if labels:
