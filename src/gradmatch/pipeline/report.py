@@ -603,13 +603,14 @@ def write_plots(results: dict[str, Any], out: Path, dpi: int = 100) -> list[Path
     plt.close(fig)
     written.append(out / "alpha_average.png")
 
-    panels = [(task, "values", "sd", metric) for task in tasks]
-    panels += [(name, "shared", "shared_sd", _shared_metric(results, name)) for name in _shared_tasks(results)]
+    panels = [(task, task, "values", "sd", metric) for task in tasks]
+    panels += [(name, f"{name} (shared)", "shared", "shared_sd", _shared_metric(results, name))
+               for name in _shared_tasks(results)]
     cols = min(3, len(panels))
     nrows = -(-len(panels) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
-    for ax, (task, block, spread, shown) in zip(axes.flat, panels):
-        _plot_alpha(ax, curves, refs, lambda r, t=task, b=block: (r.get(b) or {}).get(t), task, shown,
+    for ax, (task, title, block, spread, shown) in zip(axes.flat, panels):
+        _plot_alpha(ax, curves, refs, lambda r, t=task, b=block: (r.get(b) or {}).get(t), title, shown,
                     spread=lambda r, t=task, b=spread: (r.get(b) or {}).get(t))
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
