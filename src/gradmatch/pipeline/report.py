@@ -349,9 +349,9 @@ def markdown_table(results: dict[str, Any]) -> str:
         if row["kind"] == "merge" and best.get(row["method"]) == row["alpha"] and not generation:
             label, avg = f"**{label}**", f"**{avg}**"
         line = f"| {label} | " + " | ".join(cells) + f" | {avg} |"
-        shared_sd, shared_se = row.get("shared_sd") or {}, row.get("shared_stderr") or {}
-        line += "".join(f" {_fmt((row.get('shared') or {}).get(n), _shared_metric(results, n), _spread(results, shared_sd.get(n), shared_se.get(n)))} |"
-                        for n in shared)
+        values, sds, ses = (row.get(k) or {} for k in ("shared", "shared_sd", "shared_stderr"))
+        for n in shared:
+            line += f" {_fmt(values.get(n), _shared_metric(results, n), _spread(results, sds.get(n), ses.get(n)))} |"
         if generation:
             g = row.get("generation") or {}
             line += f" {_unwanted(row)} | {g['distinct_2']:.3f} |" if g else " — | — |"
