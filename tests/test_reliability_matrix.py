@@ -219,6 +219,17 @@ def _merge_record(w: World, t: Path, text: str) -> Path:
     return merged
 
 
+def _ivon_child_without_hessian(w: World, t: Path) -> Path:
+    """A child trained with IVON but without save_hessian: a model folder with no hessian/ inside."""
+    child = _copy(w.adam_child, t / "ivon-child")
+    shutil.rmtree(child / "hessian")
+    meta = json.loads((child / "training_metadata.json").read_text())
+    meta["config"].update(optimizer_name="IVON", save_hessian=None)
+    meta["hessian"] = None
+    (child / "training_metadata.json").write_text(json.dumps(meta))
+    return child
+
+
 CASES = [
     # ---------------------------------------------------------------- merge (kinds test_merge.py does not cover)
     Case("merge: config file missing", "merge", lambda w, t: ["merge", t / "nope.yaml", t / "out"],
@@ -312,6 +323,13 @@ CASES = [
              "models": [{"model": str(w.adam_child), "hessian": str(w.adam_child), "weight": 1.0}],
              "base_hessian_scale": 8}), t / "out", "--quiet"],
          ["base_hessian", "computed on another model", "--no-check-hessians"]),
+    Case("merge: IVON state missing (a child trained without save_hessian as its own Hessian)", "merge",
+         lambda w, t: ["merge", _yaml(t / "m.yaml", {
+             "method": "gradient_matching", "base": str(w.bert), "base_hessian": str(w.adam_child),
+             "models": [{"model": str(c := _ivon_child_without_hessian(w, t)), "hessian": str(c), "weight": 1.0}],
+             "base_hessian_scale": 8}), t / "out", "--quiet"],
+         ["ivon-child is a model trained by gradmatch train and holds no hessian/ folder",
+          "save_hessian: ivon saves IVON's", "gradmatch fisher --model"]),
     Case("fisher: generated data for a classifier", "fisher",
          lambda w, t: _fisher(w, t, **{"--data": "generated", "--split": None, "--examples": "4"}),
          ["--data generated samples sequences from a causal language model", "bert"]),

@@ -427,6 +427,16 @@ def find_hessian_folder(path: str | os.PathLike) -> Path:
     inner = path / "hessian"
     if inner.is_dir() and weight_layout(inner) is not None:
         return inner
+    if (path / "training_metadata.json").is_file() and not inner.exists():  # a model `gradmatch train` wrote
+        try:
+            optimizer = (json.loads((path / "training_metadata.json").read_text()).get("config") or {}).get(
+                "optimizer_name")
+        except (OSError, ValueError, AttributeError):
+            optimizer = None
+        source = "save_hessian: ivon saves IVON's" if optimizer == "IVON" else "save_hessian: adam saves AdamW's"
+        raise UserError(f"{path} is a model trained by gradmatch train and holds no hessian/ folder: its optimizer's "
+                        f"Hessian was not saved ({source} when it trains), and its weights are not a Hessian; "
+                        f"run `gradmatch fisher --model {path}` for one")
     return path
 
 
