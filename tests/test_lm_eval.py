@@ -200,6 +200,17 @@ def test_bad_input_is_one_line_and_nothing_written(setup, tmp_path, tiny_bert, c
         assert not (tmp_path / "out").exists()
 
 
+def test_the_command_prints_each_tasks_accuracy(setup, tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_name_or_path": str(setup["model"]), "output_dir": str(tmp_path / "o"),
+                                "lm_eval": {"tasks": ["sentiment_imdb"], "batch_size": 4}}))
+    result = subprocess.run([sys.executable, "-m", "gradmatch", "evaluate", str(path), "--data-dir", str(setup["data"]),
+                             "--quiet"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((tmp_path / "o" / "metrics.json").read_text())["lm_eval"]["tasks"]["sentiment_imdb"]
+    assert f"sentiment_imdb: acc {saved['acc']:.4f} ± {saved['acc_stderr']:.4f} on 7 documents" in result.stdout
+
+
 def test_dataset_name_is_optional_only_with_lm_eval(setup, tmp_path):
     with pytest.raises(UserError, match="optional only with an lm_eval block"):
         evaluate({"model_name_or_path": str(setup["model"]), "output_dir": str(tmp_path / "o")})

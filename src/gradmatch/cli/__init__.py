@@ -331,7 +331,14 @@ def _run_evaluate(args) -> int:
         print(f"Fisher written to {result['fisher']}")
         return 0
     shown = [f"{key} {result[key]:.4f}" for key in ("accuracy", "macro_f1", "perplexity") if key in result]
-    print(f"{'  '.join(shown)}  on {result['num_examples']} examples of {result['dataset']} {result['split']}")
+    if "dataset" in result:
+        print(f"{'  '.join(shown)}  on {result['num_examples']} examples of {result['dataset']} {result['split']}")
+    for task, row in (result.get("lm_eval") or {}).get("tasks", {}).items():
+        primary = row.get("primary")
+        if primary is not None and row.get(primary) is not None:
+            stderr = row.get(f"{primary}_stderr")
+            print(f"{task}: {primary} {row[primary]:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
+                  + f" on {row.get('num_documents', '?')} documents")
     generation = result.get("generation")
     if generation:
         rate = (f"unwanted rate {generation['unwanted_rate']:.3f} ± {generation['unwanted_rate_se']:.3f}, "
