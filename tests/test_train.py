@@ -296,11 +296,13 @@ def test_existing_output_folder_is_kept_without_overwrite(tiny_bert, polarity_fo
 
 
 def test_docs_name_every_config_key():
-    from gradmatch.config.run import ORIGINAL_IGNORED_KEYS, EvaluateConfig, LoraSettings, TrainConfig
+    from gradmatch.config.run import (ORIGINAL_IGNORED_KEYS, EvaluateConfig, LmEvalSettings, LoraSettings,
+                                      PromptSettings, TrainConfig)
 
     text = (Path(__file__).parents[1] / "docs" / "config.md").read_text()
     keys = (set(TrainConfig.model_fields) | set(EvaluateConfig.model_fields) | set(ORIGINAL_IGNORED_KEYS)) - {"ignored_keys"}
     keys |= {f"lora.{k}" for k in LoraSettings.model_fields}
+    keys |= {f"prompt.{k}" for k in PromptSettings.model_fields} | {f"lm_eval.{k}" for k in LmEvalSettings.model_fields}
     missing = sorted(k for k in keys if f"`{k}`" not in text)
     assert not missing, f"docs/config.md does not describe: {missing}"
 
@@ -318,3 +320,6 @@ def test_docs_examples_are_valid_configs():
     assert eval_cfg.metric_path() == Path("results/rt-child.metrics.json")
     fisher_cfg = load_evaluate_config(json.loads(blocks[2][1]))
     assert fisher_cfg.is_fisher() and fisher_cfg.output_dir == "fishers/rt-child"
+    (lm_eval,) = [b for kind, b in blocks if kind == "yaml" and b.startswith("# lm-eval.yaml")]
+    lm_cfg = load_evaluate_config(yaml.safe_load(lm_eval))
+    assert lm_cfg.dataset_name is None and lm_cfg.lm_eval.tasks == ["sentiment_sst2", "sentiment_imdb"]
