@@ -92,12 +92,29 @@ def _quiet_harness(progress: bool) -> Iterator[None]:
             if getattr(module, "tqdm", None) is tqdm:
                 patched.append((module, tqdm))
                 module.tqdm = Silent
+    evaluator = importlib.import_module("lm_eval.evaluator")
+    git_hash = getattr(evaluator, "get_git_commit_hash", None)
+    if git_hash is not None:  # it runs `git describe` in the working folder, whose "fatal: not a git repository" is noise
+        evaluator.get_git_commit_hash = _quiet_git_hash
     try:
         yield
     finally:
         logger.setLevel(level)
         for module, original in patched:
             module.tqdm = original
+        if git_hash is not None:
+            evaluator.get_git_commit_hash = git_hash
+
+
+def _quiet_git_hash() -> str | None:
+    """The harness's record of the working folder's git commit, without git's complaint outside a repository."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 @dataclass
