@@ -129,15 +129,16 @@ def _training_size(folder: Path) -> int | None:
 
 
 def _scale(given: float | None, folder: Path, role: str, key: str, default: float | None) -> tuple[float, str]:
-    """N for one model and where it came from: the config, the model's training_metadata.json, or the method's
-    default (the Hessian as stored)."""
+    """N for one model and where it came from: the config, else the method's default — the Hessian as stored
+    (``default``: Fisher averaging, whatever the folder holds, as with the original flags) or the model's
+    training_metadata.json (gradient matching)."""
     if given is not None:
         return float(given), "config"
+    if default is not None:
+        return default, "default (the Hessian as stored)"
     found = _training_size(folder)
     if found is not None:
         return float(found), "training_metadata.json"
-    if default is not None:
-        return default, "default (the Hessian as stored)"
     raise UserError(f"no Hessian scale for {role} {folder}: set {key} (normally its number of training "
                     "examples; it has no training_metadata.json to take it from)")
 
@@ -196,12 +197,12 @@ def _check_owners(plan: MergePlan) -> None:
     """Each Hessian and Gram records (fisher.json, gram.json) a fingerprint of the model folder it was computed
     on; one that names another model than the one it is paired with is refused. Records without one (the
     original code's Hessians) pass with a note."""
-    from gradmatch.checkpoints import folder_fingerprint
+    from gradmatch.checkpoints import folder_fingerprint, fingerprint_matches
 
     pairs = [(plan.parent_hessian, plan.parent, "base_hessian")] + [
         (h, c, f"hessian of models[{i}]") for i, (h, c) in enumerate(zip(plan.hessians, plan.children))]
     pairs += [(g, c, f"gram of models[{i}]") for i, (g, c) in enumerate(zip(plan.grams, plan.children))]
-    fingerprints: dict[Path, str] = {}
+    computed: dict = {}
     for stats, model, role in pairs:
         if stats is None or stats.folder is None:  # none, or base_hessian: prior
             continue
@@ -211,12 +212,10 @@ def _check_owners(plan: MergePlan) -> None:
             log.warning("note: %s %s has no weights_fingerprint in %s: cannot check that it belongs to %s",
                         role, stats.folder, record_file.name, model.folder)
             continue
-        if model.folder not in fingerprints:
-            fingerprints[model.folder] = folder_fingerprint(model.folder)
-        if recorded != fingerprints[model.folder]:
+        if not fingerprint_matches(model.folder, recorded, computed):
             raise UserError(f"{role} {stats.folder} was computed on another model than {model.folder} "
-                            f"(its {record_file.name} names weights {recorded[:19]}…, the model's are "
-                            f"{fingerprints[model.folder][:19]}…); --no-check-hessians merges anyway")
+                            f"(its {record_file.name} names weights {recorded[:30]}…, the model's are "
+                            f"{folder_fingerprint(model.folder)[:30]}…); --no-check-hessians merges anyway")
 
 
 def _read_record(path: Path) -> dict[str, Any]:

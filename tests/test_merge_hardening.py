@@ -1,0 +1,134 @@
+"""Hardening, round four, in the merge engine (pinned before the engine is split into a package): one merge gives
+one answer whichever form asks for it; stored dtypes it cannot compute; folders holding two weight layouts;
+provenance that says what happened; RegMean with its statistics or not at all; path aliases; the ownership check
+of Hessians. Every expected value comes from a float64 formula written here or from transformers' own loading."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from gradmatch.cli import main
+from gradmatch.errors import UserError
+from gradmatch.merge import merge
+
+from test_merge import N_CHILDREN, build_family, load_folder
+
+
+# --------------------------------------------------------------------------- class 1: one merge, one answer
+
+
+def test_fisher_average_yaml_and_original_flags_give_one_answer_the_documented_one(tmp_path, capsys):
+    """Children with training_metadata.json (N_t 500, 120, 60): the YAML form and the original flags both weigh
+    the Fishers as stored (docs/merge.md: hessian_scale default 1.0), = Σ λ_t F_t θ_t / Σ λ_t F_t in float64."""
+    fam = build_family(tmp_path / "fam")
+    weights = (1.0, 0.7, 1.3)
+    config = {"method": "fisher_average", "base": str(fam["parent"]),
+              "models": [{"model": str(c), "hessian": str(h), "weight": w}
+                         for c, h, w in zip(fam["children"], fam["hessians"], weights)]}
+    merge(config, tmp_path / "yaml", progress=False)
+    rc = main(["merge", "--method", "fisher_average", "--pretrained_model_name_or_path", str(fam["parent"]),
+               "--ft_model_name_or_paths", ",".join(map(str, fam["children"])),
+               "--ft_hessian_paths", ",".join(map(str, fam["hessians"])),
+               "--scaling_factors", ",".join(map(str, weights)), "--out_model_path", str(tmp_path / "flags"), "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    from_yaml, from_flags = load_folder(tmp_path / "yaml"), load_folder(tmp_path / "flags")
+    children = [load_folder(c) for c in fam["children"]]
+    fishers = [load_folder(h) for h in fam["hessians"]]
+    for name in ("emb.weight", "layer.weight", "layer.bias"):
+        assert torch.equal(from_yaml[name], from_flags[name]), name
+        num = sum(w * f[name].double() * c[name].double() for w, f, c in zip(weights, fishers, children))
+        den = sum(w * f[name].double() for w, f in zip(weights, fishers))
+        plain = sum(w * c[name].double() for w, c in zip(weights, children)) / sum(weights)
+        expected = torch.where(den > 0, num / torch.where(den > 0, den, 1), plain)
+        assert torch.allclose(from_yaml[name].double(), expected, rtol=1e-5, atol=1e-6), name
+    record = json.loads((tmp_path / "yaml" / "merge.json").read_text())
+    assert set(N_CHILDREN) - {1.0}  # the metadata holds other sizes, which are not used
+    assert all("as stored" in source for key, source in record["scale_sources"].items() if key.startswith("models"))
+
+
+def test_fisher_average_takes_a_given_scale(tmp_path):
+    fam = build_family(tmp_path / "fam")
+    scales = (3.0, 1.0, 0.5)
+    config = {"method": "fisher_average", "base": str(fam["parent"]),
+              "models": [{"model": str(c), "hessian": str(h), "hessian_scale": n}
+                         for c, h, n in zip(fam["children"], fam["hessians"], scales)]}
+    merge(config, tmp_path / "out", progress=False)
+    out, children = load_folder(tmp_path / "out"), [load_folder(c) for c in fam["children"]]
+    fishers = [load_folder(h) for h in fam["hessians"]]
+    name = "layer.weight"
+    den = sum(n * f[name].double() for n, f in zip(scales, fishers))
+    num = sum(n * f[name].double() * c[name].double() for n, f, c in zip(scales, fishers, children))
+    assert torch.allclose(out[name].double(), num / den, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- class 13: the ownership check
+
+
+def _big_family(root: Path) -> dict:
+    """A parent of eight 1 MB tensors and a child that differs from it in one tensor only (a LoRA folded into one
+    projection), away from the start, middle and end of the file; each with a Hessian that records its owner."""
+    from gradmatch.checkpoints import folder_fingerprint
+
+    g = torch.Generator().manual_seed(0)
+    parent = {f"layers.{i}.weight": torch.randn(512, 512, generator=g) for i in range(8)}
+    child = dict(parent)
+    child["layers.2.weight"] = parent["layers.2.weight"] + 0.01 * torch.randn(512, 8, generator=g) @ torch.randn(
+        8, 512, generator=g)
+    out = {}
+    for name, tensors in (("parent", parent), ("child", child)):
+        folder = root / name
+        folder.mkdir(parents=True)
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        (folder / "config.json").write_text(json.dumps({"model_type": "toy"}))
+        hessian = root / f"{name}-fisher" / "hessian"
+        hessian.mkdir(parents=True)
+        save_file({k: torch.rand(v.shape, generator=g) for k, v in tensors.items()}, hessian / "model.safetensors",
+                  metadata={"format": "pt"})
+        (hessian / "config.json").write_text(json.dumps({"model_type": "toy"}))
+        (hessian / "fisher.json").write_text(json.dumps({"estimator": "sampled",
+                                                         "weights_fingerprint": folder_fingerprint(folder)}))
+        out[name], out[f"{name}_hessian"] = folder, root / f"{name}-fisher"
+    return out
+
+
+def test_a_child_that_differs_in_one_tensor_has_its_own_fingerprint(tmp_path):
+    from gradmatch.checkpoints import _legacy_fingerprint, folder_fingerprint
+
+    fam = _big_family(tmp_path)
+    assert _legacy_fingerprint(fam["parent"]) == _legacy_fingerprint(fam["child"])  # the blind spot it had
+    assert folder_fingerprint(fam["parent"]) != folder_fingerprint(fam["child"])
+
+
+def test_a_swapped_parent_and_child_hessian_is_refused(tmp_path):
+    fam = _big_family(tmp_path)
+    swapped = {"method": "gradient_matching", "base": str(fam["parent"]), "base_hessian": str(fam["child_hessian"]),
+               "base_hessian_scale": 10, "parameters": {"delta_0": 1e-12},
+               "models": [{"model": str(fam["child"]), "hessian": str(fam["parent_hessian"]), "hessian_scale": 5}]}
+    with pytest.raises(UserError, match="base_hessian .* was computed on another model than .*parent"):
+        merge(swapped, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    right = {**swapped, "base_hessian": str(fam["parent_hessian"]),
+             "models": [{"model": str(fam["child"]), "hessian": str(fam["child_hessian"]), "hessian_scale": 5}]}
+    merge(right, tmp_path / "ok", progress=False)
+
+
+def test_records_with_the_legacy_fingerprint_are_still_checked(tmp_path):
+    """A Hessian written before the per-tensor fingerprint records the per-file one: it is checked by that one."""
+    from gradmatch.checkpoints import _legacy_fingerprint, fingerprint_matches
+
+    fam = build_family(tmp_path / "fam")
+    assert fingerprint_matches(fam["children"][0], _legacy_fingerprint(fam["children"][0]))
+    assert not fingerprint_matches(fam["children"][0], _legacy_fingerprint(fam["children"][1]))
+    record = fam["parent_hessian"] / "hessian" / "fisher.json"
+    record.write_text(json.dumps({"estimator": "sampled", "weights_fingerprint": _legacy_fingerprint(fam["children"][0])}))
+    from test_merge import gm_config
+
+    with pytest.raises(UserError, match="computed on another model"):
+        merge(gm_config(fam), tmp_path / "out", progress=False)
+    record.write_text(json.dumps({"estimator": "sampled", "weights_fingerprint": _legacy_fingerprint(fam["parent"])}))
+    merge(gm_config(fam), tmp_path / "ok", progress=False)
