@@ -132,3 +132,33 @@ def test_records_with_the_legacy_fingerprint_are_still_checked(tmp_path):
         merge(gm_config(fam), tmp_path / "out", progress=False)
     record.write_text(json.dumps({"estimator": "sampled", "weights_fingerprint": _legacy_fingerprint(fam["parent"])}))
     merge(gm_config(fam), tmp_path / "ok", progress=False)
+
+
+# --------------------------------------------------------------------------- class 3: a folder holding two layouts
+
+
+def test_a_folder_with_two_layouts_is_read_as_transformers_loads_it(tmp_path):
+    """A child holding both a sharded index (stale shards) and a single model.safetensors: the merge reads the
+    tensors transformers' from_pretrained loads (the single file), as fisher, evaluate and train do."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import make_tiny_lm
+
+    parent = make_tiny_lm(tmp_path / "parent", family="llama", tie=False)
+    child = tmp_path / "child"
+    model = AutoModelForCausalLM.from_pretrained(parent)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    model.save_pretrained(child, max_shard_size="20KB")  # the index and its shards: the "stale" layout
+    assert (child / "model.safetensors.index.json").is_file()
+    stale = {k: v for f in child.glob("model-*.safetensors") for k, v in load_file(f).items()}
+    fresh = {k: v + 0.5 for k, v in stale.items()}
+    save_file(fresh, child / "model.safetensors", metadata={"format": "pt"})
+    loaded = AutoModelForCausalLM.from_pretrained(child).state_dict()
+    assert torch.equal(loaded["model.norm.weight"], fresh["model.norm.weight"])  # transformers reads the single file
+    merge({"method": "task_arithmetic", "base": str(parent), "models": [{"model": str(child), "weight": 1.0}]},
+          tmp_path / "out", progress=False)
+    out = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    for name, value in fresh.items():
+        assert torch.allclose(out[name], value, atol=1e-6), name

@@ -30,7 +30,7 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 #: parent (a new head), written by `gradmatch train`; a merge from that parent starts the head from them.
 HEAD_INIT = "head_init"
 #: Where a Hessian folder keeps its weights, in the order looked for.
-WEIGHT_LAYOUTS = (SAFE_INDEX, SAFE_WEIGHTS, BIN_INDEX, BIN_WEIGHTS)
+WEIGHT_LAYOUTS = (SAFE_WEIGHTS, SAFE_INDEX, BIN_WEIGHTS, BIN_INDEX)  # transformers' order of preference
 
 #: safetensors dtype codes: bytes per entry and torch dtype.
 SAFETENSORS_DTYPES: dict[str, tuple[int, torch.dtype]] = {
@@ -156,11 +156,14 @@ def _read_index(path: Path) -> dict[str, str]:
 
 
 def weight_layout(folder: Path) -> str | None:
-    """The weight file (or index) of a Hugging Face folder, or None when it has none."""
-    for name in WEIGHT_LAYOUTS:
-        if (folder / name).is_file():
-            return name
-    return None
+    """The weight file (or index) of a Hugging Face folder, or None when it has none: of several, the one
+    transformers' ``from_pretrained`` loads (``model.safetensors``, then its index, then ``pytorch_model.bin``,
+    then its index), so that a merge reads the tensors that fisher, evaluate and train load."""
+    found = [name for name in WEIGHT_LAYOUTS if (folder / name).is_file()]
+    if len(found) > 1:
+        log.warning("note: %s holds %s; reading %s, as transformers does (the others are ignored)", folder,
+                    " and ".join(found), found[0])
+    return found[0] if found else None
 
 
 class TensorSource:
