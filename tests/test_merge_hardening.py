@@ -162,3 +162,75 @@ def test_a_folder_with_two_layouts_is_read_as_transformers_loads_it(tmp_path):
     out = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
     for name, value in fresh.items():
         assert torch.allclose(out[name], value, atol=1e-6), name
+
+
+# --------------------------------------------------------------------------- class 2: dtypes stored but not computed
+
+
+def _float8_family(root: Path, which: str) -> dict:
+    """The toy family with the parent's (or the first child's) floating tensors stored as float8_e4m3fn."""
+    fam = build_family(root)
+    folder = Path(fam["parent"] if which == "parent" else fam["children"][0])
+    tensors = load_file(folder / "model.safetensors")
+    save_file({k: v.to(torch.float8_e4m3fn) if v.is_floating_point() else v for k, v in tensors.items()},
+              folder / "model.safetensors", metadata={"format": "pt"})
+    return fam
+
+
+@pytest.mark.parametrize("kernel", ["auto", "fused", "reference"])
+def test_a_float8_parent_is_merged_from_its_values_and_written_in_bfloat16(tmp_path, kernel):
+    from test_merge import gm_config
+    from test_methods import ref_gradient_matching
+
+    fam = _float8_family(tmp_path / "fam", "parent")
+    merge(gm_config(fam), tmp_path / "out", progress=False, kernel=kernel)
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    assert out["layer.weight"].dtype == torch.bfloat16
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    p, cs = load_folder(fam["parent"]), [load_folder(c) for c in fam["children"]]
+    f0, fs = load_folder(fam["parent_hessian"] / "hessian"), [load_folder(h) for h in fam["hessians"]]
+    name = "layer.weight"
+    exact = ref_gradient_matching(p[name].float(), [c[name] for c in cs], f0[name], [f[name] for f in fs],
+                                  (1.0, 0.7, 1.3), 2000.0, (500.0, 120.0, 60.0), 1e-12)
+    assert torch.allclose(out[name].double(), exact, rtol=1e-2, atol=1e-2)  # one bfloat16 rounding
+
+
+def test_a_quantized_checkpoint_is_refused(tmp_path):
+    from test_merge import gm_config
+
+    fam = build_family(tmp_path / "fam")
+    config = json.loads((fam["children"][1] / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (fam["children"][1] / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"models\[1\] .* is a quantized checkpoint \(quantization_config: fp8\)"):
+        merge(gm_config(fam), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- class 4: provenance
+
+
+def test_merge_json_names_what_computed_every_block(tmp_path):
+    """A child with some tensors in float8 (the kernels do not read it): with the fused kernel chosen, those
+    tensors' blocks come from the reference formula, and merge.json says so; alone, each path is named."""
+    from test_merge import gm_config
+
+    fam = build_family(tmp_path / "fam")
+    folder = Path(fam["children"][0])
+    tensors = load_file(folder / "model.safetensors")
+    tensors["layer.weight"] = tensors["layer.weight"].to(torch.float8_e4m3fn)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    records = {}
+    for kernel in ("fused", "reference"):
+        merge(gm_config(fam), tmp_path / kernel, progress=False, kernel=kernel)
+        records[kernel] = json.loads((tmp_path / kernel / "merge.json").read_text())
+    fused = records["fused"]
+    assert fused["kernel"] == "mixed" and fused["kernel_requested"] == "fused"
+    assert fused["kernel_fallbacks"] == {"layer.weight": 1}
+    assert fused["kernel_blocks"] == {"fused": 3, "reference": 1}  # emb.weight, layer.bias, scale; layer.weight
+    ref = records["reference"]
+    assert ref["kernel"] == "reference" and ref["kernel_fallbacks"] == {} and ref["kernel_blocks"]["fused"] == 0
+    clean = build_family(tmp_path / "clean")
+    merge(gm_config(clean), tmp_path / "clean-out", progress=False, kernel="fused")
+    whole = json.loads((tmp_path / "clean-out" / "merge.json").read_text())
+    assert whole["kernel"] == "fused" and whole["kernel_blocks"]["reference"] == 0 and not whole["kernel_fallbacks"]

@@ -254,6 +254,8 @@ def plan_merge(config: MergeConfig, *, check_inputs: bool = True, allow_config_m
         raise UserError(f"base model {base.folder} is not a model folder: it has no config.json")
     children = [Checkpoint(_local_model(entry.model, f"models[{i}]"), f"models[{i}]")
                 for i, entry in enumerate(config.models)]
+    for ckpt in (base, *children):
+        _check_not_quantized(ckpt)
     pretrained = _is_pretrained_base(base, children[0])
     for child in children:
         _check_same_architecture(children[0] if pretrained else base, child)
@@ -322,6 +324,17 @@ def plan_merge(config: MergeConfig, *, check_inputs: bool = True, allow_config_m
     if check_inputs:
         _check_owners(plan)
     return plan
+
+
+def _check_not_quantized(ckpt: Checkpoint) -> None:
+    """A quantized checkpoint (``quantization_config``: fp8 with scales, GPTQ, AWQ, bitsandbytes …) stores codes
+    and scales, not its weights: merging the codes would be a silent wrong result."""
+    quant = (ckpt.config or {}).get("quantization_config")
+    if quant:
+        how = quant.get("quant_method") if isinstance(quant, dict) else None
+        raise UserError(f"{ckpt.role} {ckpt.folder} is a quantized checkpoint (quantization_config"
+                        + (f": {how}" if how else "") + "): its stored values are codes and scales, not weights; "
+                        "merge its dequantized weights (load it and save_pretrained in bfloat16)")
 
 
 def _check_hessian(h: Checkpoint | TensorView, output, merged: list[str], method: str) -> None:
@@ -520,6 +533,8 @@ class _Executor:
         self.reader: BlockReader | None = None  # reads the next block's inputs ahead (see start_reader)
         self._ahead: BlockInputs | None = None  # the current block's inputs, read ahead
         self._buffers: dict[Any, np.ndarray] = {}  # the fused path's reused block buffers, per input and output
+        self.computed = {"fused": 0, "reference": 0}  # blocks of merged tensors each path computed
+        self.fallbacks: dict[str, int] = {}  # tensor -> its blocks the reference computed though the kernel was chosen
 
     def _buffer(self, key: Any, nbytes: int) -> np.ndarray:
         """A flat byte array of at least ``nbytes``, reused for ``key``'s next blocks (a fresh one per block costs
@@ -634,6 +649,15 @@ class _Executor:
         self._count(name, stats)
         return torch.from_numpy(out).view(out_dtype).view(shape)  # valid until the next block
 
+    def kernel_record(self, requested: str) -> dict[str, Any]:
+        """What computed the merged tensors, as merge.json records it: ``kernel`` is ``fused`` or ``reference`` when
+        one path computed every block and ``mixed`` when both did (the fused kernel was chosen, and the reference
+        formula computed the blocks it does not take: ``kernel_fallbacks``, tensor → blocks)."""
+        chosen = "fused" if self.fused is not None else "reference"
+        used = [path for path in ("fused", "reference") if self.computed[path]]
+        return {"kernel": used[0] if len(used) == 1 else ("mixed" if used else chosen), "kernel_requested": requested,
+                "kernel_blocks": dict(self.computed), "kernel_fallbacks": dict(self.fallbacks)}
+
     def _count(self, name: str, stats: dict[str, int]) -> None:
         for key, value in stats.items():
             per_tensor = self.stats.setdefault(key, {})
@@ -643,7 +667,10 @@ class _Executor:
         if self.fused is not None:
             result = self._fused(name, rows, out_dtype)
             if result is not None:
+                self.computed["fused"] += 1
                 return result
+            self.fallbacks[name] = self.fallbacks.get(name, 0) + 1
+        self.computed["reference"] += 1
         result = self._compute(name, rows).to("cpu", out_dtype)
         if not _finite(result):  # finite in the compute dtype, but beyond the output dtype's range
             raise UserError(f"{self.method.name}: {_where(name, rows)}: the merged values overflow "
@@ -747,7 +774,7 @@ def _estimator(hessian, prior: bool = False) -> str | None:
 
 
 def _provenance(plan: MergePlan, params: dict[str, Any], precision: str, out_dtype: str | None,
-                statistics: dict[str, Any], kernel: str) -> dict[str, Any]:
+                statistics: dict[str, Any], kernel: dict[str, Any]) -> dict[str, Any]:
     from gradmatch import __version__
 
     c = plan.config
@@ -765,7 +792,7 @@ def _provenance(plan: MergePlan, params: dict[str, Any], precision: str, out_dty
                     "weight": plan.alphas[i], "hessian_scale": plan.scales[i] if plan.scales else None}
                    for i, e in enumerate(c.models)],
         "precision": precision,
-        "kernel": kernel,
+        **kernel,
         "out_dtype": out_dtype,
         "merged_entries": sum(plan.parent.info(name).numel for name in plan.merged),
         "prior_level": plan.prior,
@@ -828,6 +855,7 @@ def merge(
     _check_kernel(kernel, get_method(cfg.method), dev, precision)  # before planning, which may print notes
     plan = plan_merge(cfg, check_inputs=check_inputs, allow_config_mismatch=allow_config_mismatch)
     _check_output_not_input(out, plan)
+    out_dtype = out_dtype or _default_out_dtype(plan)
     params = dict(cfg.parameters)
     executor = _Executor(plan, params, dev, _PRECISIONS[precision], block_rows, threads,
                          _choose_kernel(kernel, plan, dev, precision))
@@ -848,7 +876,7 @@ def merge(
         if prefetch:
             executor.start_reader(pinned=dev.type == "cuda")
         _write(plan, executor, out, overwrite=overwrite, shard_bytes=shard_bytes, out_dtype=out_dtype, params=params,
-               precision=precision, progress=progress, reproduce=reproduce, card=card)
+               precision=precision, progress=progress, reproduce=reproduce, card=card, kernel=kernel)
     finally:
         executor.close()
         for ckpt in plan.inputs:
@@ -858,6 +886,10 @@ def merge(
             gc.enable()
     if dev.type == "cuda":
         log.info("peak GPU memory: %.0f MB", torch.cuda.max_memory_allocated(dev) / 2**20)
+    if kernel == "fused" and executor.fallbacks:
+        log.warning("note: the fused kernel does not take %d of the merged tensors' inputs as stored (e.g. %s): the "
+                    "reference formula computed them (merge.json: kernel_fallbacks)", len(executor.fallbacks),
+                    next(iter(executor.fallbacks)))
     guarded = executor.stats.get("guarded_entries")
     if guarded and sum(guarded.values()):
         total, entries = sum(guarded.values()), sum(plan.parent.info(n).numel for n in plan.merged)
@@ -869,6 +901,19 @@ def merge(
 
 
 _KERNELS = ("auto", "fused", "reference")
+
+
+def _default_out_dtype(plan: MergePlan) -> str | None:
+    """None (each merged tensor keeps the parent's dtype) unless the parent stores merged tensors in a dtype a merge
+    does not write — float8: its values are not a merge's without a scale the format lacks — then bfloat16."""
+    stored = {plan.output.info(name).dtype for name in [*plan.merged, *plan.averaged]}
+    odd = sorted(str(d).removeprefix("torch.") for d in stored if d not in _OUT_DTYPES.values())
+    if not odd:
+        return None
+    log.warning("note: the base model stores %s tensors, which a merge does not write (it computes in float32 and "
+                "float8 holds no scale for its results): writing bfloat16 (--out-dtype chooses another)",
+                ", ".join(odd))
+    return "bfloat16"
 
 
 def _check_kernel(kernel: str, method: MergeMethod, device: torch.device, precision: str) -> None:
@@ -934,7 +979,7 @@ def _keep_freed_memory() -> None:
 
 def _write(plan: MergePlan, executor: _Executor, out: Path, *, overwrite: bool, shard_bytes: int,
            out_dtype: str | None, params: dict[str, Any], precision: str, progress: bool,
-           reproduce: tuple[str, str, str], card: bool) -> None:
+           reproduce: tuple[str, str, str], card: bool, kernel: str) -> None:
     """Stream every tensor, block by block, through the executor into shards in a temporary folder, then
     rename it to ``out``. The shard layout is planned from the parent's names, shapes and output dtypes
     first, so each block goes to its place in its file as soon as it is merged: memory holds one block."""
@@ -967,7 +1012,7 @@ def _write(plan: MergePlan, executor: _Executor, out: Path, *, overwrite: bool, 
             writer.close()
             bar.close()
         record = _provenance(plan, params, precision, out_dtype, _statistics(plan, executor),
-                             "fused" if executor.fused is not None else "reference")
+                             executor.kernel_record(kernel))
         command, config_name, config_text = reproduce
         record["command"] = command
         (tmp / "merge.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
