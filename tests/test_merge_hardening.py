@@ -234,3 +234,55 @@ def test_merge_json_names_what_computed_every_block(tmp_path):
     merge(gm_config(clean), tmp_path / "clean-out", progress=False, kernel="fused")
     whole = json.loads((tmp_path / "clean-out" / "merge.json").read_text())
     assert whole["kernel"] == "fused" and whole["kernel_blocks"]["reference"] == 0 and not whole["kernel_fallbacks"]
+
+
+# --------------------------------------------------------------------------- class 11: RegMean with its statistics
+
+
+@pytest.fixture(scope="module")
+def regmean_world(tmp_path_factory):
+    """test_regmean's tiny BERT parent, two children and their Grams from the CLI, built once here."""
+    from test_regmean import world
+
+    return world.__wrapped__(tmp_path_factory)
+
+
+def _regmean(world, grams):
+    return {"method": "regmean", "base": str(world["parent"]),
+            "models": [{"model": str(c), "gram": str(g)} for c, g in zip(world["children"], grams)]}
+
+
+def _edit_gram(src: Path, dst: Path, drop: str | None = None, zero_positions: bool = False, empty: bool = False):
+    import shutil
+
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "gram.safetensors")
+    record = json.loads((dst / "gram.json").read_text())
+    if empty:
+        tensors = {}
+    if drop is not None:
+        del tensors[drop]
+        if zero_positions:
+            record["positions"][drop] = 0
+        else:
+            record["positions"].pop(drop, None)
+    save_file(tensors, dst / "gram.safetensors", metadata={"format": "pt"})
+    (dst / "gram.json").write_text(json.dumps(record))
+    return dst
+
+
+@pytest.mark.parametrize("case", ["a layer missing", "a layer that saw no input", "an empty Gram"])
+def test_regmean_refuses_grams_that_do_not_cover_its_linear_layers(regmean_world, tmp_path, case):
+    w = regmean_world
+    layer = "bert.encoder.layer.0.attention.self.query.weight"
+    good, other = w["grams"]
+    edits = dict(drop=None if case == "an empty Gram" else layer, zero_positions=case == "a layer that saw no input",
+                 empty=case == "an empty Gram")  # every child's Gram alike: a difference between them is refused already
+    edited = [_edit_gram(Path(g), tmp_path / f"edited{i}", **edits) for i, g in enumerate((good, other))]
+    expected = {"a layer missing": f"has no Gram for 1 Linear layer of the base model \\(e.g. {layer}\\)",
+                "a layer that saw no input": "it saw no input: 0 positions in gram.json",
+                "an empty Gram": "holds no Gram matrices"}[case]
+    with pytest.raises(UserError, match=expected):
+        merge(_regmean(w, edited), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    merge(_regmean(w, [good, other]), tmp_path / "ok", progress=False)  # complete Grams merge

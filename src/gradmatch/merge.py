@@ -485,7 +485,52 @@ def _plan_grams(config: MergeConfig, parent: Checkpoint, merged: list[str]) -> l
             if len(shape) != 2 or info.shape[0] != shape[1]:
                 raise UserError(f"{g.role} {g.path}: the Gram of {name} is {info.shape[0]} × {info.shape[0]} but the "
                                 f"weight's input size is {shape[-1]} (the Gram of another model?)")
+    _check_gram_coverage(grams, parent, merged_set)
     return grams
+
+
+def _linear_weights(parent: Checkpoint) -> set[str] | None:
+    """The checkpoint names of the base model's nn.Linear weights that get a Gram (not tied to an embedding), from
+    its architecture built on the meta device; None when transformers cannot build it from its config.json."""
+    from transformers import AutoConfig
+
+    from gradmatch.gram import embedding_weights
+    from gradmatch.kinds import kind_of_config
+    from gradmatch.models import checkpoint_names
+
+    try:
+        config = AutoConfig.from_pretrained(parent.folder)
+        with torch.device("meta"):
+            skeleton = kind_of_config(config).auto_class().from_config(config)
+        tied = embedding_weights(skeleton)
+        names = [f"{name}.weight" for name, m in skeleton.named_modules()
+                 if isinstance(m, torch.nn.Linear) and id(m.weight) not in tied]
+        return set(checkpoint_names(skeleton, names).values())
+    except Exception:  # noqa: BLE001 - an architecture transformers does not know: the Grams' own records decide
+        return None
+
+
+def _check_gram_coverage(grams: list, parent: Checkpoint, merged: set[str]) -> None:
+    """RegMean needs a Gram for every Linear layer it merges: the layers the base model's architecture has and
+    those each Gram's record lists (gram.json ``positions``, a layer that saw no input included). A layer without
+    one would be averaged while the merge is called regmean; an empty Gram file merges nothing by RegMean."""
+    for g in grams:
+        if not g.tensors:
+            raise UserError(f"{g.role} {g.path} holds no Gram matrices: RegMean would average every tensor "
+                            "(compute it with gradmatch gram on this child)")
+    linear = _linear_weights(parent) or set()
+    for g in grams:
+        recorded = g.record.get("positions") if isinstance(g.record.get("positions"), dict) else {}
+        linear |= set(recorded)
+    for g in grams:
+        missing = sorted((linear & merged) - set(g.tensors))
+        if missing:
+            recorded = g.record.get("positions") if isinstance(g.record.get("positions"), dict) else {}
+            why = (" (it saw no input: 0 positions in gram.json)" if recorded.get(missing[0]) == 0 else "")
+            raise UserError(f"{g.role} {g.path} has no Gram for {len(missing)} Linear layer"
+                            f"{'s' if len(missing) > 1 else ''} of the base model (e.g. {missing[0]}{why}): RegMean "
+                            "would average it silently; compute the Grams with gradmatch gram on data that reaches "
+                            "every layer")
 
 
 def _check_output_not_input(out: Path, plan: MergePlan) -> None:
