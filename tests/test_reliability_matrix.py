@@ -230,6 +230,38 @@ def _ivon_child_without_hessian(w: World, t: Path) -> Path:
     return child
 
 
+def _quantized(child: Path) -> None:
+    config = json.loads((child / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8"}
+    (child / "config.json").write_text(json.dumps(config))
+
+
+def _regmean_grams(w: World, t: Path, tensors: dict, positions: dict) -> list:
+    """A RegMean merge of the toy family whose every child has the Gram file given (tensors, gram.json positions)."""
+    from safetensors.torch import save_file
+
+    models = []
+    for i, child in enumerate(w.fam["children"]):
+        folder = t / f"gram{i}"
+        folder.mkdir(parents=True)
+        save_file(tensors, folder / "gram.safetensors", metadata={"format": "pt"})
+        (folder / "gram.json").write_text(json.dumps({"examples": 4, "positions": positions}))
+        models.append({"model": str(child), "gram": str(folder)})
+    config = {"method": "regmean", "base": str(w.fam["parent"]), "models": models}
+    return ["merge", _yaml(t / "m.yaml", config), t / "out", "--quiet"]
+
+
+def _one_tensor_child_swap(w: World, t: Path) -> list:
+    """A parent and a child that differ in one 1 MB tensor (past the old fingerprint's samples), Hessians swapped."""
+    from test_merge_hardening import _big_family
+
+    fam = _big_family(t / "big")
+    config = {"method": "gradient_matching", "base": str(fam["parent"]), "base_hessian": str(fam["child_hessian"]),
+              "base_hessian_scale": 10, "parameters": {"delta_0": 1e-12},
+              "models": [{"model": str(fam["child"]), "hessian": str(fam["parent_hessian"]), "hessian_scale": 5}]}
+    return ["merge", _yaml(t / "m.yaml", config), t / "out", "--quiet"]
+
+
 CASES = [
     # ---------------------------------------------------------------- merge (kinds test_merge.py does not cover)
     Case("merge: config file missing", "merge", lambda w, t: ["merge", t / "nope.yaml", t / "out"],
@@ -330,6 +362,18 @@ CASES = [
              "base_hessian_scale": 8}), t / "out", "--quiet"],
          ["ivon-child is a model trained by gradmatch train and holds no hessian/ folder",
           "save_hessian: ivon saves IVON's", "gradmatch fisher --model"]),
+    Case("merge: a quantized checkpoint as a child", "merge", lambda w, t: _child_copy(w, t, _quantized),
+         ["models[0]", "child is a quantized checkpoint (quantization_config: fp8)", "codes and scales"]),
+    Case("merge: RegMean Grams without a Linear layer", "merge",
+         lambda w, t: _regmean_grams(w, t, {"emb.weight": torch.eye(8)}, {"emb.weight": 4, "layer.weight": 3}),
+         ["gram0", "has no Gram for 1 Linear layer of the base model (e.g. layer.weight)", "average it silently"]),
+    Case("merge: RegMean Gram of a layer that saw no input", "merge",
+         lambda w, t: _regmean_grams(w, t, {"emb.weight": torch.eye(8)}, {"emb.weight": 4, "layer.weight": 0}),
+         ["layer.weight", "it saw no input: 0 positions in gram.json"]),
+    Case("merge: an empty RegMean Gram", "merge", lambda w, t: _regmean_grams(w, t, {}, {}),
+         ["gram0", "holds no Gram matrices", "would average every tensor"]),
+    Case("merge: Hessians swapped between a parent and a one-tensor child", "merge", _one_tensor_child_swap,
+         ["base_hessian", "child-fisher", "was computed on another model than", "--no-check-hessians"]),
     Case("fisher: generated data for a classifier", "fisher",
          lambda w, t: _fisher(w, t, **{"--data": "generated", "--split": None, "--examples": "4"}),
          ["--data generated samples sequences from a causal language model", "bert"]),
