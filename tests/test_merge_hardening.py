@@ -286,3 +286,26 @@ def test_regmean_refuses_grams_that_do_not_cover_its_linear_layers(regmean_world
         merge(_regmean(w, edited), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
     merge(_regmean(w, [good, other]), tmp_path / "ok", progress=False)  # complete Grams merge
+
+
+# --------------------------------------------------------------------------- decisions: removal through normalize
+
+
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "dare_ties"])
+def test_removal_through_a_normalized_mergekit_recipe_is_refused(tmp_path, method):
+    """mergekit's normalize divides by Σ w_t: with Σ w_t < 0 (w = −1) the task comes back (θ_0 + τ). Refused (mixed
+    weights with a positive sum keep mergekit's semantics, tests/test_mergekit.py's dare_ties); normalize: false
+    removes it (θ_0 − τ for task arithmetic, in float64)."""
+    fam = build_family(tmp_path / "fam")
+    recipe = {"merge_method": method, "base_model": str(fam["parent"]),
+              "models": [{"model": str(fam["children"][0]), "parameters": {"weight": -1.0, "density": 1.0}}],
+              "parameters": {"normalize": True}, "dtype": "float32"}
+    with pytest.raises(UserError, match="add their tasks back instead of removing them"):
+        merge(recipe, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    if method == "task_arithmetic":
+        recipe["parameters"]["normalize"] = False
+        merge(recipe, tmp_path / "removed", progress=False)
+        out, p, c = load_folder(tmp_path / "removed"), load_folder(fam["parent"]), load_folder(fam["children"][0])
+        expected = 2 * p["layer.weight"].double() - c["layer.weight"].double()
+        assert torch.allclose(out["layer.weight"].double(), expected, atol=1e-6)
