@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +26,59 @@ _PIPELINE_TRAIN_KEYS = {
 }
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+#: The longest file name (one path component) the file systems a run folder lives on take: 255 bytes on ext4, XFS,
+#: Btrfs, ZFS, tmpfs, APFS and NTFS (os.pathconf's PC_NAME_MAX on each).
+NAME_MAX = 255
+#: The most characters a task, merge or experiment name may have. A name becomes part of longer file names, the
+#: longest a job's log, ``logs/seed_<seed>_fisher_child_<name>.<kind>-<16 hex>.log`` (Snakemake's rule name plus
+#: the job's hash): 29 characters before the name with a 10-digit seed, 32 after it with the longest kind
+#: (``pretrained``), so 255 − 61 = 194 would fit; 128 leaves room for the jobs built around an experiment in Python.
+MAX_NAME_LENGTH = 128
+
+
+def rule_form(name: str) -> str:
+    """What a name becomes as a Snakemake rule (and in each job's log file name): every character other than a
+    letter, digit or ``_`` (``/``, ``-``, ``.``) becomes ``_``."""
+    return re.sub(r"\W", "_", name)
+
+
+def name_key(name: str) -> str:
+    """Two names are one downstream when their keys are equal: the same rule form, ignoring case (folders that
+    differ only in case are one folder on macOS's and Windows' file systems)."""
+    return rule_form(name).casefold()
+
+
+def name_clash(names: Iterable[str]) -> tuple[str, str] | None:
+    """The first two of ``names`` that are one name downstream (equal, or equal :func:`name_key`), or None."""
+    seen: dict[str, str] = {}
+    for name in names:
+        key = name_key(name)
+        if key in seen:
+            return seen[key], name
+        seen[key] = name
+    return None
+
+
+def _clash_with(name: str, others: Iterable[str]) -> tuple[str, str] | None:
+    """``(other, name)`` for the first of ``others`` that is one name with ``name`` downstream, or None."""
+    return next(((other, name) for other in others if name_key(other) == name_key(name)), None)
+
+
+def clash_message(what: str, pair: tuple[str, str]) -> str:
+    first, second = pair
+    if first == second:
+        return f"{what} must be unique; repeated: {first}"
+    return (f"{what} must be unique as Snakemake rules and folders: {first!r} and {second!r} differ only in "
+            "'-', '_', '.' or case; rename one")
+
+
+def _check_name(value: str, what: str) -> str:
+    if not _NAME_RE.match(value):
+        raise ValueError(f"{what} may hold only letters, digits, '_', '.' and '-' (it names a folder)")
+    if len(value) > MAX_NAME_LENGTH:
+        raise ValueError(f"{what} has {len(value)} characters; at most {MAX_NAME_LENGTH} (it becomes part of file "
+                         f"names, which file systems cap at {NAME_MAX} bytes)")
+    return value
 #: An lm-evaluation-harness task name (its registry's names: letters, digits, ``_``, ``-``, ``.``).
 _LM_TASK_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -90,9 +145,7 @@ class TaskConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not _NAME_RE.match(value):
-            raise ValueError("a task name may hold only letters, digits, '_', '.' and '-'")
-        return value
+        return _check_name(value, "a task name")
 
     _lm_eval = field_validator("lm_eval")(classmethod(lambda cls, v: v if v is None else _lm_task_name(v)))
 
@@ -202,9 +255,7 @@ class MergeSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, value: str | None) -> str | None:
-        if value is not None and not _NAME_RE.match(value):  # it names the folder merges/<name> of the run
-            raise ValueError("a merge name may hold only letters, digits, '_', '.' and '-' (it names a folder)")
-        return value
+        return value if value is None else _check_name(value, "a merge name")  # it names merges/<name> of the run
 
     @property
     def label(self) -> str:
@@ -345,9 +396,7 @@ class ExperimentConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, value: str) -> str:
-        if not _NAME_RE.match(value):  # it names the default run folder runs/<name>
-            raise ValueError("an experiment name may hold only letters, digits, '_', '.' and '-' (it names a folder)")
-        return value
+        return _check_name(value, "an experiment name")  # it names the default run folder runs/<name>
 
     @field_validator("seeds")
     @classmethod
@@ -368,20 +417,73 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _unique(self):
-        names = [self.parent.name] + [c.name for c in self.children]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"task names must be unique; repeated: {', '.join(dupes)}")
-        labels = [m.label for m in self.merges]
-        dupes = sorted({n for n in labels if labels.count(n) > 1})
-        if dupes:
-            raise ValueError(f"merge names must be unique (set `name:` to tell them apart); repeated: {', '.join(dupes)}")
+        self._check_names()
+        self._resolve_paths(Path.cwd())
         if self.seeds is not None and "seed" in self.model_fields_set and self.seed not in self.seeds:
             raise ValueError(f"give seed (one run) or seeds (several), not both (seed {self.seed}, seeds {self.seeds})")
         self._check_lm_eval()
         self._check_training()
         self._check_roles()
         return self
+
+    def _check_names(self) -> None:
+        """Names that become one Snakemake rule or one folder of the run are refused (:func:`name_key`): tasks
+        among themselves and against the models the pipeline names itself, merges among themselves. The job
+        graph checks every job's name the same way before anything runs (graph.check_job_names)."""
+        tasks = [t.name for t in self.tasks]
+        clash = name_clash(tasks)
+        if clash:
+            raise ValueError(clash_message("task names", clash))
+        own = ["parent", *(["multitask"] if self.multitask.enabled else [])]  # models/, eval/, data/multitask-train
+        for task in self.tasks:
+            if _clash_with(task.name, own[1:]):
+                raise ValueError(f"task {task.name!r}: the multitask model's data is data/multitask-train, and this "
+                                 "task's would be too: rename the task (or set multitask: false)")
+        if self.attribute_classifier is not None:  # models/<name>, eval/<name> beside models/child-<t>, models/parent
+            clash = _clash_with(self.attribute_classifier.name, [*own, *tasks, *(f"child-{t}" for t in tasks[1:])])
+            if clash:
+                raise ValueError(f"attribute_classifier.name {clash[1]!r}: the run already names a model or task "
+                                 f"{clash[0]!r} (models/<name>, eval/<name>), equal up to '-', '_', '.' or case; "
+                                 "rename the classifier")
+        clash = name_clash(m.label for m in self.merges)
+        if clash:
+            raise ValueError(clash_message("merge names (set `name:` to tell them apart)", clash))
+
+    def _resolve_paths(self, base: Path) -> None:
+        """Every local path the experiment names, made absolute against ``base`` (the current directory) once, when
+        the experiment is read: the checks before a run, the dry run and every job (which runs in the run folder,
+        on a node of a cluster perhaps) see the same file. Names that are not paths (presets, aliases, built-in
+        models, hub ids) stay as they are."""
+        from gradmatch.data import DIGITS_DOMAINS, resolve_preset
+        from gradmatch.models import BUILTIN_SPECS, MODEL_ALIASES
+
+        def data(name: str) -> str:
+            return name if name in DIGITS_DOMAINS or resolve_preset(name) is not None else local_path(name, base)
+
+        def model(name: str) -> str:
+            return name if name in MODEL_ALIASES or name in BUILTIN_SPECS else local_path(name, base)
+
+        def training(block: dict[str, Any]) -> dict[str, Any]:
+            if isinstance(block.get("cache_dir"), str) and block["cache_dir"]:
+                return {**block, "cache_dir": local_path(block["cache_dir"], base, always=True)}
+            return block
+
+        self.model = model(self.model)
+        self.training = training(self.training)
+        self.multitask.training = training(self.multitask.training)
+        tasks = self.tasks + ([self.attribute_classifier] if self.attribute_classifier is not None else [])
+        for task in tasks:
+            task.dataset = data(task.dataset)
+            task.training = training(task.training)
+            for part in task.extra_train:
+                part.dataset = data(part.dataset)
+        if self.attribute_classifier is not None:
+            self.attribute_classifier.model = model(self.attribute_classifier.model)
+        generation = self.evaluation.generation
+        if generation is not None and isinstance(generation.prompts, str):
+            generation.prompts = local_path(generation.prompts, base, always=True)
+        if self.evaluation.lm_eval is not None and self.evaluation.lm_eval.include_path:
+            self.evaluation.lm_eval.include_path = local_path(self.evaluation.lm_eval.include_path, base, always=True)
 
     def _check_roles(self) -> None:
         from gradmatch.kinds import kind_names
@@ -441,9 +543,9 @@ class ExperimentConfig(_Strict):
 
     @property
     def lm_eval_include_path(self) -> str | None:
-        """``evaluation.lm_eval.include_path`` as an absolute path (jobs run in the run folder)."""
+        """``evaluation.lm_eval.include_path`` (absolute: every path is, once the experiment is read)."""
         given = self.evaluation.lm_eval.include_path if self.evaluation.lm_eval is not None else None
-        return str(Path(given).expanduser().resolve()) if given else None
+        return given or None
 
     def prompt_training(self, task: TaskConfig) -> dict[str, Any]:
         """Train-config keys a trained task's model gets from its ``lm_eval``: trained on that lm-eval task's own
@@ -491,6 +593,22 @@ class ExperimentConfig(_Strict):
     @property
     def tasks(self) -> list[TaskConfig]:
         return [self.parent, *self.children]
+
+
+def local_path(value: str, base: Path, *, always: bool = False) -> str:
+    """``value`` as an absolute path against ``base`` when it is a path: ``always``, or when it names a file or
+    folder there, or when it clearly is one (starts with ``.``, ``/`` or ``~``, has more than one ``/``, or ends in
+    a data file's suffix — what gradmatch.data and gradmatch.models take for a path that must exist). Anything else
+    (a hub id ``owner/name``) is kept. An absolute path is kept as given; ``..`` and symbolic links are left for the
+    operating system to follow, as it would have from ``base``."""
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path)
+    looks_like_path = (value.startswith((".", "~")) or value.count("/") > 1
+                       or path.suffix.lower() in (".json", ".jsonl", ".csv", ".txt", ".parquet"))
+    if always or looks_like_path or (base / path).exists():
+        return os.path.join(base, path) if str(path) != "." else str(base)
+    return value
 
 
 def load_experiment(source: str | Path | dict[str, Any]) -> ExperimentConfig:

@@ -10,12 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
-from gradmatch.config.experiment import (HESSIAN_TRAINING, ExperimentConfig, ExperimentLmEval, Resources,
-                                         TaskConfig, load_experiment)
+from gradmatch.config.experiment import (HESSIAN_TRAINING, NAME_MAX, ExperimentConfig, ExperimentLmEval, Resources,
+                                         TaskConfig, load_experiment, name_key, rule_form)
 from gradmatch.errors import UserError
 from gradmatch.methods import get_method
 
@@ -57,14 +56,38 @@ class Job:
 
     @property
     def rule(self) -> str:
-        """A Snakemake rule name for the job (its alias made an identifier)."""
-        return re.sub(r"\W", "_", self.name.replace("/", "_").replace("-", "_").replace(".", "_"))
+        """A Snakemake rule name for the job (its alias made an identifier; see config.experiment.rule_form)."""
+        return rule_form(self.name)
+
+    def file_names(self) -> list[str]:
+        """Every file name (one path component) the run makes from this job's name: its log
+        ``logs/<rule>.<hash>.log``, SLURM's log folder ``rule_<rule>``, and each component of its readable link
+        with the temporary name it is written under (``.<name>.tmp-<pid>``, a pid of up to 7 digits)."""
+        return [f"{self.rule}.{self.hash}.log", f"rule_{self.rule}",
+                *(f".{part}.tmp-{'0' * 7}" for part in self.name.split("/"))]
 
     def folder(self, workdir: str | os.PathLike) -> Path:
         return Path(workdir) / "work" / self.hash
 
     def __repr__(self) -> str:
         return f"Job({self.kind!r}, {self.name!r}, {self.hash})"
+
+
+def check_job_names(jobs: list[Job]) -> None:
+    """Before anything is written: no two jobs share a Snakemake rule or a readable folder (names equal up to
+    '-', '_', '.', '/' and case: :func:`~gradmatch.config.experiment.name_key`), and every file name a job's name
+    becomes fits in :data:`~gradmatch.config.experiment.NAME_MAX` bytes. One line naming the job(s)."""
+    seen: dict[str, Job] = {}
+    for job in jobs:
+        other = seen.setdefault(name_key(job.name), job)
+        if other is not job and other.hash != job.hash:
+            same = "the same name" if other.name == job.name else "names that differ only in '-', '_', '.' or case"
+            raise UserError(f"jobs {other.name} ({other.kind}) and {job.name} ({job.kind}) have {same}: both would be "
+                            f"Snakemake rule {job.rule} (rename a task or merge)")
+        longest = max(job.file_names(), key=lambda n: len(n.encode()))
+        if len(longest.encode()) > NAME_MAX:
+            raise UserError(f"job {job.name}: its name makes the file name {longest[:40]}… of {len(longest.encode())} "
+                            f"bytes, and file systems take at most {NAME_MAX} (shorten the task, merge or job name)")
 
 
 def toposort(jobs: list[Job]) -> list[Job]:
@@ -108,7 +131,11 @@ def build_jobs(experiment: ExperimentConfig | dict | str | os.PathLike, *, data_
     from gradmatch.models import kind_of
 
     exp = load_experiment(experiment)
-    data_dir = str(Path(data_dir).resolve()) if data_dir else None
+    # the data root as the checks see it, in every job's parameters: a job does not read $GRADMATCH_DATA_DIR itself
+    from gradmatch.data import DATA_DIR_ENV
+
+    data_dir = data_dir or os.environ.get(DATA_DIR_ENV) or None
+    data_dir = str(Path(data_dir).expanduser().resolve()) if data_dir else None
     run_kind = kind_of(exp.model, exp.kind)
     if exp.evaluation.generation is not None and not run_kind.generates:
         raise UserError(f"evaluation.generation: {exp.model} is a {run_kind.name} model, which does not generate text")

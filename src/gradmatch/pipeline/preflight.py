@@ -2,7 +2,8 @@
 estimate what the jobs cost from throughput measured on this project's machine.
 
 The checks read no rows and load no weights: a local data root must hold each preset's folder and the
-split files a job names; a model must be an alias, a built-in spec, a model folder or a hub id. The
+split files a job names; a model must be an alias, a built-in spec, a model folder or a hub id; a prompts
+file is read (it is small). The
 estimate counts each job's examples (local JSON Lines are counted by their lines) and divides by the
 rates below, scaled by the model's size and the sequence length: a rough figure, meant to tell minutes
 from hours.
@@ -73,6 +74,15 @@ def check_inputs(jobs: list[Job], done: Callable[[Job], bool]) -> list[str]:
 
             if importlib.util.find_spec("ivon") is None:
                 raise UserError(f"{job.name}: optimizer_name IVON needs the ivon-opt package (pip install ivon-opt)")
+        prompts = (job.params.get("generation") or {}).get("prompts") if job.kind in ("evaluate", "merge") else None
+        if isinstance(prompts, str) and ("prompts", prompts) not in seen:  # a file: read it now, not hours later
+            seen.add(("prompts", prompts))
+            from gradmatch.evaluate import read_prompts
+
+            try:
+                read_prompts(prompts)
+            except UserError as exc:
+                raise UserError(f"{job.name}: evaluation.generation.prompts: {exc}") from None
         if job.kind in ("evaluate", "merge") and job.params.get("lm_eval"):
             key = ("lm_eval", json.dumps(job.params["lm_eval"], sort_keys=True))
             if key not in seen:

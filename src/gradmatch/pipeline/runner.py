@@ -23,7 +23,8 @@ from gradmatch.config.experiment import load_experiment
 from gradmatch.errors import UserError
 from gradmatch.pipeline import jobserver, preflight
 from gradmatch.fsutil import write_text
-from gradmatch.pipeline.graph import ALIAS_SUBDIR, Job, build_jobs, job_spec, plan_dict, toposort
+from gradmatch.config.experiment import NAME_MAX
+from gradmatch.pipeline.graph import ALIAS_SUBDIR, Job, build_jobs, check_job_names, job_spec, plan_dict, toposort
 
 SNAKEFILE = Path(__file__).with_name("Snakefile.smk")
 #: Lines of a failed job's log shown on the terminal.
@@ -164,13 +165,25 @@ def describe_jobs(jobs: list[Job], workdir: Path) -> str:
     return "\n".join(lines)
 
 
+def check_workdir(workdir: Path) -> None:
+    """A run folder whose path the file system cannot hold is refused before anything is written (a dry run would
+    not notice: it plans in a scratch folder)."""
+    long = next((part for part in workdir.parts if len(part.encode()) > NAME_MAX), None)
+    if long is not None:
+        raise UserError(f"run folder {str(workdir)[:60]}…: the name {long[:20]}… has {len(long.encode())} bytes, and "
+                        f"file systems take at most {NAME_MAX} per name")
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"run folder {workdir} exists and is not a folder")
+
+
 def run_jobs(jobs: list[Job], workdir: str | os.PathLike, *, cores: int | None = None, executor: str = "local",
              dry_run: bool = False, jobs_limit: int | None = None, slurm: SlurmOptions | None = None,
              extra_args: list[str] | None = None, echo=print, job_server: bool | None = None) -> RunResult:
     """Run (or with ``dry_run`` list) ``jobs`` in ``workdir`` with Snakemake; finished jobs are skipped.
 
-    Every data set and model the jobs still to run read is checked first, before anything is written; a dry run
-    of a run folder that does not exist yet leaves none behind (Snakemake plans in a scratch folder).
+    Every data set and model the jobs still to run read is checked first, and so are the jobs' names (one Snakemake
+    rule and one folder each, file names the file system takes), before anything is written; a dry run of a run
+    folder that does not exist yet leaves none behind (Snakemake plans in a scratch folder).
 
     With the local executor, jobs start from a warm job server (:mod:`gradmatch.pipeline.jobserver`)
     unless ``job_server=False`` or ``GRADMATCH_JOB_SERVER=off``.
@@ -179,8 +192,8 @@ def run_jobs(jobs: list[Job], workdir: str | os.PathLike, *, cores: int | None =
         job_server = os.environ.get(jobserver.ENV, "").lower() not in ("off", "0", "no")
     workdir = Path(workdir).resolve()
     jobs = toposort(jobs)
-    if workdir.exists() and not workdir.is_dir():
-        raise UserError(f"run folder {workdir} exists and is not a folder")
+    check_workdir(workdir)
+    check_job_names(jobs)
     # every data set and model the jobs to run read, before anything is written
     notes = preflight.check_inputs(jobs, lambda job: job_done(job, workdir))
     run = dict(cores=cores, executor=executor, dry_run=dry_run, jobs_limit=jobs_limit, slurm=slurm,
