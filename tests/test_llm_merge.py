@@ -215,7 +215,7 @@ def test_the_merge_never_writes_more_than_a_block_at_once(llama, tmp_path, monke
         return original(self, name, tensor, first_row)
 
     monkeypatch.setattr(c.SafetensorsWriter, "write", spy)
-    monkeypatch.setattr(importlib.import_module("gradmatch.merge"), "DEFAULT_BLOCK_ELEMENTS", 256)
+    monkeypatch.setattr(importlib.import_module("gradmatch.engine.blocks"), "DEFAULT_BLOCK_ELEMENTS", 256)
     gradmatch.merge(gm(llama), tmp_path / "out", progress=False)
     embed = LLAMA["vocab_size"] * LLAMA["hidden_size"]
     assert max(n for _, n in sizes) <= 256
@@ -230,11 +230,12 @@ def test_prefetching_reader_gives_the_same_bytes(llama, tmp_path):
     names = sorted(p.name for p in a.glob("*.safetensors"))
     assert names and all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
 
-    from gradmatch.merge import _Executor, plan_merge, load_merge_config
+    from gradmatch.engine.execute import Executor
+    from gradmatch.merge import load_merge_config, plan_merge
 
     plan = plan_merge(load_merge_config(gm(llama)))
     for pinned in (False, True):
-        ex = _Executor(plan, dict(plan.config.parameters), torch.device("cpu"), torch.float32, 3)
+        ex = Executor(plan, dict(plan.config.parameters), torch.device("cpu"), torch.float32, 3)
         ex.start_reader(pinned=pinned)
         try:
             got = {name: torch.cat([blk for _, blk in ex.merged_blocks(name, torch.float32)])
@@ -249,16 +250,17 @@ def test_prefetching_reader_gives_the_same_bytes(llama, tmp_path):
 def test_blocks_are_larger_on_a_gpu(llama, monkeypatch):
     """On a GPU a block holds about GPU_BLOCK_ELEMENTS entries per input, on the CPU DEFAULT_BLOCK_ELEMENTS
     (planning only: no GPU is needed)."""
-    from gradmatch.merge import _Executor, load_merge_config, plan_merge
+    from gradmatch.engine.execute import Executor
+    from gradmatch.merge import load_merge_config, plan_merge
 
-    engine = importlib.import_module("gradmatch.merge")  # the module (the name `gradmatch.merge` is also the function)
-    monkeypatch.setattr(engine, "DEFAULT_BLOCK_ELEMENTS", 64)
-    monkeypatch.setattr(engine, "GPU_BLOCK_ELEMENTS", 256)
+    blocks = importlib.import_module("gradmatch.engine.blocks")
+    monkeypatch.setattr(blocks, "DEFAULT_BLOCK_ELEMENTS", 64)
+    monkeypatch.setattr(blocks, "GPU_BLOCK_ELEMENTS", 256)
     plan = plan_merge(load_merge_config(gm(llama)))
     name = "model.embed_tokens.weight"
     hidden = LLAMA["hidden_size"]
     for device, elements in (("cpu", 64), ("cuda", 256)):
-        ex = _Executor(plan, dict(plan.config.parameters), torch.device(device), torch.float32, None)
+        ex = Executor(plan, dict(plan.config.parameters), torch.device(device), torch.float32, None)
         blocks = ex.row_blocks(name)
         assert all(b.stop - b.start == max(1, elements // hidden) for b in blocks[:-1])
         assert blocks[-1].stop == LLAMA["vocab_size"]
@@ -280,12 +282,13 @@ def test_prefetching_reader_reports_a_file_truncated_while_merging(llama, tmp_pa
     config = gm(llama)
     config["models"][0]["model"] = str(child)
 
-    from gradmatch.merge import _Executor, load_merge_config, plan_merge
+    from gradmatch.engine.execute import Executor
+    from gradmatch.merge import load_merge_config, plan_merge
 
     plan = plan_merge(load_merge_config(config))
     data = (child / "model.safetensors").read_bytes()
     (child / "model.safetensors").write_bytes(data[: len(data) // 2])  # after validation: truncated mid-merge
-    ex = _Executor(plan, dict(plan.config.parameters), torch.device("cpu"), torch.float32, 3)
+    ex = Executor(plan, dict(plan.config.parameters), torch.device("cpu"), torch.float32, 3)
     ex.start_reader(pinned=False)
     with pytest.raises(UserError, match="ended early"):
         for name in plan.merged:

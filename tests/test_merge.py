@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 import gradmatch
 from gradmatch.cli import main
 from gradmatch.errors import UserError
-from gradmatch.merge import _tensor_seed
+from gradmatch.engine.execute import _tensor_seed
 
 from conftest import make_tiny_bert
 from test_methods import original_script_formula, ref_dare, ref_gradient_matching, ref_ties, rel_err

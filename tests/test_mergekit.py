@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import gradmatch
 from gradmatch.cli import main
-from gradmatch.merge import _tensor_seed
+from gradmatch.engine.execute import _tensor_seed
 
 # --------------------------------------------------------------------------- tiny Llama-shaped families
 

@@ -184,7 +184,7 @@ def test_pad_token_id_matters_only_to_classifiers():
     from types import SimpleNamespace
 
     from gradmatch.errors import UserError
-    from gradmatch.merge import _check_same_function
+    from gradmatch.engine.plan import _check_same_function
 
     def ckpt(arch, pad, role):
         return SimpleNamespace(config={"architectures": [arch], "model_type": "gpt2", "pad_token_id": pad,

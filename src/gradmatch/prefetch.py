@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gradmatch.checkpoints import Checkpoint
+from gradmatch.engine.blocks import block_entries
 
 #: One block of a merge: a tensor name and its rows (None: the whole tensor).
 Block = tuple[str, "slice | None"]
@@ -86,7 +87,7 @@ class BlockReader:
     def _buffer(self, ckpt: Checkpoint, name: str, rows: slice | None) -> _Buffer | None:
         """A free pinned buffer of ``ckpt`` large enough for the block (None: read into a fresh tensor)."""
         info = ckpt.info(name)
-        n = info.numel if rows is None else len(range(*rows.indices(info.shape[0]))) * (info.numel // max(1, info.shape[0]))
+        n = block_entries(info.shape, rows)
         pool = self._pools[id(ckpt)]
         while not self._stop.is_set():
             try:
