@@ -371,6 +371,52 @@ def test_generation_past_gpt2_positions_is_refused_before_any_model_work(lms, co
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("generation, words", [
+    ({"do_sample": False, "num_samples": 2}, r"generation: num_samples 2 with do_sample false: greedy decoding gives one"),
+    ({"do_sample": False, "temperature": 0.7}, r"generation: temperature 0\.7 applies to sampling, and do_sample is false"),
+    ({"do_sample": False, "top_p": 0.9}, r"generation: top_p 0\.9 applies to sampling"),
+], ids=["greedy-several-samples", "greedy-temperature", "greedy-top-p"])
+def test_generation_settings_that_contradict_each_other_are_refused_before_any_model_work(
+        lms, corpus, tmp_path, capsys, monkeypatch, generation, words):
+    """On main the first reached model.generate after the perplexity pass and gave a ValueError traceback; the
+    other two were silently ignored."""
+    import re
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the generation settings were checked")
+
+    monkeypatch.setattr("gradmatch.models.load_model", no_model)
+    config = {"model_name_or_path": str(lms["gpt2"]), "dataset_name": str(corpus), "dataset_test_split": "test",
+              "output_dir": str(tmp_path / "out"), "generation": {"prompts": ["the movie"], **generation}}
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(config))
+    code, lines = _in_process(capsys, "evaluate", tmp_path / "eval.yaml", "--quiet")
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("gradmatch: error: "), lines
+    assert re.search(words, lines[0]), lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_greedy_generation_with_its_defaults_spelled_out_is_accepted():
+    from gradmatch.config.run import GenerationSettings
+
+    settings = GenerationSettings(prompts=["a"], do_sample=False, num_samples=1, temperature=1.0, top_p=1.0)
+    assert not settings.do_sample
+
+
+def test_sampling_from_logits_that_overflow_is_one_line(lms, monkeypatch):
+    """Finite weights whose logits overflow give NaN probabilities: torch.multinomial's RuntimeError was a traceback."""
+    from gradmatch.kinds import get_kind
+    from gradmatch.models import load_model
+
+    model, tokenizer = load_model(lms["gpt2"])
+
+    def broken_generate(*args, **kwargs):
+        raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+
+    monkeypatch.setattr(model, "generate", broken_generate)
+    with pytest.raises(UserError, match="next-token probabilities of batch 1 hold NaN or Inf"):
+        get_kind("causal-lm").generate(model, tokenizer, ["the movie"], max_new_tokens=2, progress=False)
+
+
 def test_rotary_llama_generates_past_max_position_embeddings(lms):
     from gradmatch.kinds import get_kind
     from gradmatch.models import load_config, load_model, load_processor

@@ -113,3 +113,59 @@ def test_cli_evaluate_prints_and_fails_cleanly(tiny_bert, toy, tmp_path):
                         capture_output=True, text=True, env=env, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert "on 30 examples" in ok.stdout and (tmp_path / "e" / "predictions.json").is_file()
+
+
+# --------------------------------------------------------------------------- the outputs as one set (issue 25, class 7)
+
+
+@pytest.mark.parametrize("where", ["ancestor-is-a-file", "name-too-long"])
+def test_a_metrics_file_that_cannot_be_written_is_refused_before_the_evaluation(tiny_bert, toy, tmp_path, where):
+    """On main the predictions were written, then the metrics failed: exit 2 said nothing was written, and the
+    predictions stayed. Now the metrics path is checked up front (its nearest existing folder, its name's length)."""
+    (tmp_path / "afile").write_text("mine")
+    metrics = tmp_path / "afile" / "sub" / "m.json" if where == "ancestor-is-a-file" else tmp_path / ("m" * 300)
+    config = {"model_name_or_path": str(tiny_bert), "dataset_name": str(toy), "metric_output_file": str(metrics),
+              "prediction_output_file": str(tmp_path / "out" / "p.json")}
+    with pytest.raises(UserError, match="afile is not a folder|longer than the 255 bytes"):
+        evaluate(config, quiet=True)
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "tiny-bert", "toy"]
+
+
+@pytest.mark.parametrize("failing", ["metrics", "predictions", "generations"])
+def test_a_failure_writing_any_output_leaves_none_of_them(tiny_lm_world, tmp_path, monkeypatch, failing):
+    """Metrics, predictions and generations are one set: a failure while any of them is written (a full disk, an I/O
+    error) leaves none of them behind — on main the files written before the failing one stayed."""
+    import contextlib
+
+    from gradmatch import fsutil
+
+    lm, text = tiny_lm_world
+    out = tmp_path / "ev"
+    paths = {"metrics": out / "metrics.json", "predictions": out / "predictions.json",
+             "generations": out / "generations.jsonl"}
+    real = fsutil.atomic_file
+
+    @contextlib.contextmanager
+    def failing_file(path, *args, **kwargs):
+        with real(path, *args, **kwargs) as fh:
+            if os.path.abspath(path) == os.path.abspath(paths[failing]):
+                raise OSError(5, "Input/output error (injected)")
+            yield fh
+
+    monkeypatch.setattr(fsutil, "atomic_file", failing_file)
+    config = {"model_name_or_path": str(lm), "dataset_name": str(text), "output_dir": str(out),
+              "generation": {"prompts": ["the movie"], "max_new_tokens": 2}}
+    with pytest.raises((OSError, UserError)):
+        evaluate(config, quiet=True)
+    left = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    assert left == [], left
+
+
+@pytest.fixture
+def tiny_lm_world(tmp_path):
+    from conftest import make_tiny_lm
+
+    lm = make_tiny_lm(tmp_path / "lm")
+    text = _write_jsonl(tmp_path / "text" / "test.jsonl", [{"text": f"the movie was good {i}"} for i in range(6)])
+    return lm, text.parent

@@ -558,3 +558,31 @@ def test_outputs_beside_the_inputs_are_allowed(tmp_path, inputs):
     check_not_input(tmp_path / "x", [tmp_path / "model", None, ""])
     with pytest.raises(UserError, match=f"output {tmp_path / 'model'} is the input {tmp_path / 'link'}"):
         check_not_input(tmp_path / "model", [None, tmp_path / "link"])
+
+
+def test_atomic_files_move_a_set_into_place_together_and_the_first_last(tmp_path, monkeypatch):
+    """fsutil.atomic_files (evaluate's metrics, predictions and generations): nothing appears when any file of the set
+    fails, before or while it is written; on success the first path is moved last (the one that says 'complete')."""
+    from gradmatch.fsutil import atomic_files
+
+    a, b = tmp_path / "metrics.json", tmp_path / "sub" / "predictions.json"
+    with pytest.raises(RuntimeError):
+        with atomic_files([a, b]) as (fa, fb):
+            fa.write("m")
+            fb.write("p")
+            raise RuntimeError("the second file's text could not be made")
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == []
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError):
+        with atomic_files([a, tmp_path / "afile" / "p.json"]) as files:
+            files[0].write("m")
+    assert not a.exists() and sorted(p.name for p in tmp_path.iterdir() if p.name != "sub") == ["afile"]
+
+    moved = []
+    real_replace = os.replace
+    monkeypatch.setattr(fsutil.os, "replace", lambda src, dst: (moved.append(Path(dst).name), real_replace(src, dst)))
+    with atomic_files([a, b], encoding="utf-8") as (fa, fb):
+        fa.write("m")
+        fb.write("p")
+    assert moved == ["predictions.json", "metrics.json"]
+    assert a.read_text() == "m" and b.read_text() == "p"

@@ -18,13 +18,17 @@ log = logging.getLogger(__name__)
 
 
 def _check_output_file(path: Path, overwrite: bool) -> None:
+    if len(path.name.encode()) > 255:  # first: stat() of such a name is an OSError
+        raise UserError(f"cannot create {path}: its name is longer than the 255 bytes a file name may have")
     if path.exists() and not overwrite:
         raise UserError(f"output {path} already exists (pass --overwrite to replace it)")
     if path.is_dir():
         raise UserError(f"output {path} is a folder, not a file")
-    parent = path.absolute().parent
-    if parent.exists() and not parent.is_dir():
-        raise UserError(f"cannot create {path}: {parent} is not a folder")
+    ancestor = path.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:  # the folder that would hold the new folders
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"cannot create {path}: {ancestor} is not a folder")
 
 
 def _run_fisher(cfg, data_dir, overwrite: bool, quiet: bool) -> dict[str, Any]:
@@ -187,7 +191,8 @@ def evaluate(config, *, data_dir: str | os.PathLike | None = None, overwrite: bo
         return _run_fisher(cfg, data_dir, overwrite, quiet)
 
     from gradmatch.data import load_split
-    from gradmatch.fsutil import atomic_file, check_not_input
+    from gradmatch.finite import check_model, dumps
+    from gradmatch.fsutil import atomic_files, check_not_input
     from gradmatch.models import BUILTIN_SPECS, kind_of, load_config, load_model, load_processor
 
     outputs = [p for p in (cfg.metric_path(), cfg.prediction_path(), cfg.generation_path()) if p is not None]
@@ -235,6 +240,7 @@ def evaluate(config, *, data_dir: str | os.PathLike | None = None, overwrite: bo
             if cfg.generation.classifier:
                 AttributeClassifier(cfg.generation.classifier, cfg.generation.unwanted_label)
         model, processor = load_model(name, kind=kind)
+        check_model(model, name, "an evaluation")  # a classifier of NaN predicts class 0 and looks plausible
         split_metrics, records = kind.evaluate(model, processor, data, batch_size=cfg.per_device_eval_batch_size,
                                                max_length=cfg.max_input_length, progress=not quiet)
         metrics = {**split_metrics, **metrics, "dataset": cfg.dataset_name,
@@ -253,17 +259,17 @@ def evaluate(config, *, data_dir: str | os.PathLike | None = None, overwrite: bo
             name, settings.tasks, include_path=settings.include_path, data_root=data_dir,
             data_files=settings.data_files, num_fewshot=settings.num_fewshot, batch_size=settings.batch_size,
             limit=settings.limit, progress=not quiet)
+    # The outputs as one set: every text made first, then all written to temporaries and moved into place together,
+    # the metrics last (a failure leaves none of them). Non-finite numbers are strings (gradmatch.finite).
+    texts = {cfg.metric_path(): dumps(metrics, indent=2) + "\n"}
     if records is not None:
-        with atomic_file(cfg.prediction_path()) as fh:
-            json.dump({"model": name, "dataset": cfg.dataset_name, "split": cfg.dataset_test_split,
-                       "predictions": records}, fh)
-            fh.write("\n")
+        texts[cfg.prediction_path()] = dumps({"model": name, "dataset": cfg.dataset_name,
+                                              "split": cfg.dataset_test_split, "predictions": records}) + "\n"
     if generations is not None:
-        with atomic_file(cfg.generation_path()) as fh:
-            fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in generations)
-    with atomic_file(cfg.metric_path()) as fh:
-        json.dump(metrics, fh, indent=2)
-        fh.write("\n")
+        texts[cfg.generation_path()] = "".join(dumps(r, ensure_ascii=False) + "\n" for r in generations)
+    with atomic_files(list(texts), encoding="utf-8") as files:
+        for fh, text in zip(files, texts.values()):
+            fh.write(text)
     if cfg.dataset_name is not None:
         log.info("%s %.4f on %d examples; metrics in %s", kind.primary_metric, metrics[kind.primary_metric],
                  metrics["num_examples"], cfg.metric_path())

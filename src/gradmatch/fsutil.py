@@ -169,6 +169,26 @@ def check_not_input(out: str | os.PathLike, inputs: Mapping[str, str | os.PathLi
         raise UserError(f"{what} {out} {harm} (choose an output outside the inputs)")
 
 
+def canonical(path: str | os.PathLike) -> Path:
+    """The one spelling of a path that two aliases of it share: absolute, links followed, ``..`` and ``.`` taken
+    (as the system would open it: ``a/../b`` with ``a`` a link goes up from the link's target)."""
+    return Path(os.path.realpath(os.path.expanduser(os.fspath(path))))
+
+
+def check_distinct_outputs(outputs: Mapping[str, str | os.PathLike | None], what: str = "outputs") -> None:
+    """Refuse two outputs that are one file under different spellings (``a/../b``, a linked folder, ``./x``):
+    one line naming both."""
+    seen: dict[Path, tuple[str, str | os.PathLike]] = {}
+    for description, path in outputs.items():
+        if path is None:
+            continue
+        key = canonical(path)
+        if key in seen:
+            other, first = seen[key]
+            raise UserError(f"two {what} are the same file: {other} {first} and {description} {path}")
+        seen[key] = (description, path)
+
+
 class Terminated(SystemExit):
     """SIGTERM or SIGHUP arrived while an output was being written (main thread only; Python runs handlers there).
 
@@ -558,3 +578,15 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_files(paths: Iterable[str | os.PathLike], mode: str = "w", **kwargs) -> Iterator[list]:
+    """The outputs of one command as a set: a new hidden file beside each of ``paths`` (as :func:`atomic_file`),
+    yielded as open files in that order. Only when the block and every file's writing succeeded do they replace
+    their paths, one rename each, the *first* path last — name the file that says the set is complete (metrics)
+    first. An error before the renames (in the block, opening or writing any file) removes every temporary, so no file
+    of the set appears; only a failed rename or a kill between the renames (a few microseconds) can leave later files
+    moved, and then the first path is not written."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(atomic_file(path, mode, **kwargs)) for path in paths]

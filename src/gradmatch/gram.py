@@ -195,8 +195,11 @@ class GramStatistic(Statistic):
 
         from gradmatch import __version__
 
+        from gradmatch.finite import check_finite, dumps, model_cause
+
         acc = bound.acc
         grams = acc.means()
+        check_finite(grams, "the Gram matrices", model_cause(loaded.model, f"model {loaded.name}"))
         names = checkpoint_names(loaded.model, [f"{m}.weight" for m in acc.positions], _FUSED)
         positions = {names[f"{m}.weight"]: n for m, n in acc.positions.items()}
         record = {"examples": acc.count, "positions": positions, "normalisation": NORMALISATION, **self.record,
@@ -205,7 +208,7 @@ class GramStatistic(Statistic):
                   "gradmatch_version": __version__}
         save_file({k: v.cpu().contiguous() for k, v in grams.items()}, str(folder / GRAM_FILE),
                   metadata={"format": "pt"})
-        (folder / GRAM_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        (folder / GRAM_RECORD).write_text(dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
 class _BoundGram:

@@ -121,6 +121,9 @@ def load(model: str, spec: SplitSpec, *, max_length: int, kind: str | None = Non
     if spec.max_examples is not None and len(dataset) > int(spec.max_examples):
         dataset = dataset.select(range(int(spec.max_examples)))
     net, processor = load_model(name, kind=model_kind)
+    from gradmatch.finite import check_model
+
+    check_model(net, name, purpose)
     return Loaded(name, model_kind, config, dataset, net, processor, model_max_length(net, max_length), spec)
 
 

@@ -92,6 +92,7 @@ def train(config, *, data_dir: str | os.PathLike | None = None, overwrite: bool 
     """
     from gradmatch.config.run import load_train_config
     from gradmatch.data import load_split
+    from gradmatch.finite import dumps
     from gradmatch.fsutil import atomic_dir, check_not_input, check_output_dir
     from gradmatch.models import kind_of, load_config
 
@@ -131,7 +132,7 @@ def train(config, *, data_dir: str | os.PathLike | None = None, overwrite: bool 
 
     with atomic_dir(out, overwrite) as tmp:
         metadata = _fit(cfg, tmp, train_data, val_data, num_labels, kind, quiet=quiet)
-        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        (tmp / METADATA_FILE).write_text(dumps(metadata, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     log.info("trained model written to %s", out)
     return out
 
@@ -189,6 +190,7 @@ def _fit(cfg, folder: Path, train_data, val_data, num_labels: int | None, kind, 
 
         trainer.remove_callback(PrinterCallback)
     result = trainer.train()
+    _check_converged(trainer, result)
     final_eval = trainer.evaluate() if val_encoded is not None else None
     model = trainer.model
     if cfg.lora is not None:
@@ -240,6 +242,28 @@ def _fit(cfg, folder: Path, train_data, val_data, num_labels: int | None, kind, 
         "head_init": sorted(head_init) or None,
         "config": cfg.model_dump(mode="json"),
     }
+
+
+def _check_converged(trainer, result) -> None:
+    """Refuse a run that diverged — a training loss or a weight that is NaN or ±Inf — before anything is saved: the
+    one line names the first step whose logged loss was not finite and the first tensor that is not."""
+    from gradmatch.finite import describe, non_finite
+
+    steps = [(entry.get("step"), entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
+    bad_step = next(((step, loss) for step, loss in steps if not math.isfinite(float(loss))), None)
+    final = float(result.training_loss)
+    found = non_finite(trainer.model.named_parameters())
+    if not found and bad_step is None and (math.isfinite(final) or not steps):
+        return
+    reasons = []
+    if bad_step is not None:
+        reasons.append(f"the loss was {float(bad_step[1])} at step {bad_step[0]}")
+    elif not math.isfinite(final):
+        reasons.append(f"the mean training loss is {final}")
+    if found:
+        reasons.append(f"the weights hold {describe(found)}")
+    raise UserError(f"training diverged after {trainer.state.global_step} steps: {' and '.join(reasons)}; lower "
+                    "learning_rate, keep max_grad_norm on, or check the data; nothing was written")
 
 
 def _prompted(prompt, data) -> list[tuple[str, str]]:

@@ -242,6 +242,21 @@ class GenerationSettings(BaseModel):
             raise ValueError("must name a prompts file (or be a list of prompts)")
         return value
 
+    @model_validator(mode="after")
+    def _greedy_is_one_continuation(self):
+        """Settings that contradict each other, refused with the config (before any model work): greedy decoding
+        gives one continuation per prompt and has no temperature or nucleus."""
+        if self.do_sample:
+            return self
+        if self.num_samples > 1:
+            raise ValueError(f"num_samples {self.num_samples} with do_sample false: greedy decoding gives one "
+                             "continuation per prompt (set do_sample true, or num_samples 1)")
+        for key in ("top_p", "temperature"):
+            if key in self.model_fields_set and getattr(self, key) != 1.0:
+                raise ValueError(f"{key} {getattr(self, key)} applies to sampling, and do_sample is false (drop "
+                                 f"{key}, or set do_sample true)")
+        return self
+
 
 class LmEvalSettings(BaseModel):
     """lm-evaluation-harness tasks run on a causal LM (its Python API, as the ``lm_eval`` command line runs them)."""

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -29,7 +28,14 @@ def write_hessian(model: nn.Module, fisher: Mapping[str, torch.Tensor], folder: 
     """Write ``folder`` as a Hugging Face model folder whose parameters hold ``fisher`` (float32), plus
     ``fisher.json``. Float buffers in the state dict (e.g. BatchNorm statistics) are written as zeros.
 
-    The model's parameters are replaced by the Fisher: pass a model that is not used afterwards (or a copy)."""
+    The model's parameters are replaced by the Fisher: pass a model that is not used afterwards (or a copy). A Fisher
+    holding NaN or ±Inf is refused here, the one place every Hessian gradmatch writes passes (the split's and the
+    generated Fisher, AdamW's and IVON's): nothing is written, and the line says whether the model's own weights
+    hold them."""
+    from gradmatch.finite import check_finite, dumps, model_cause
+
+    check_finite(((name, fisher[name]) for name, _ in model.named_parameters()), "the Hessian",
+                 model_cause(model, str(metadata.get("model") or "the model")))
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.data = fisher[name].detach().to(device="cpu", dtype=torch.float32)
@@ -44,4 +50,4 @@ def write_hessian(model: nn.Module, fisher: Mapping[str, torch.Tensor], folder: 
 
         folder.mkdir(parents=True, exist_ok=True)
         save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / RECORD_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+    (folder / RECORD_FILE).write_text(dumps(metadata, indent=2) + "\n")

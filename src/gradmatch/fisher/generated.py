@@ -211,6 +211,7 @@ def run_generated_fisher(model: str, *, out: str | os.PathLike, examples: int, m
     from gradmatch import __version__
     from gradmatch.checkpoints import folder_fingerprint
     from gradmatch.evaluate import read_prompts
+    from gradmatch.finite import check_model
     from gradmatch.fsutil import atomic_dir
     from gradmatch.models import BUILTIN_SPECS, kind_of, load_config, load_model, load_processor, resolve_model
 
@@ -234,6 +235,7 @@ def run_generated_fisher(model: str, *, out: str | os.PathLike, examples: int, m
                     prompted=texts is not None)
 
     net, processor = load_model(name, kind=model_kind)
+    check_model(net, name, "the Fisher (sampling sequences from it)")
     with distributed_run(device) as (rank, world, device):
         fingerprint = model_fingerprint(net) if rank == 0 else None
         source = Path(resolve_model(name)) if name not in BUILTIN_SPECS else None

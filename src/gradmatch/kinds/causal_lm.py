@@ -72,6 +72,19 @@ def check_positions(name: str, config, lengths: Sequence[int], max_new_tokens: i
                         f"of model {name} ({key} {limit}): {advice}")
 
 
+def perplexity(nll_sum: float, tokens: int) -> float:
+    """exp(Σ NLL / tokens); ``inf`` where that overflows a float (a mean NLL above ~709 nats: a wrecked model, which
+    a comparison should show as the worst, not fail on); NaN without tokens. Metrics files write both as strings
+    (:mod:`gradmatch.finite`)."""
+    if not tokens:
+        return float("nan")
+    mean = nll_sum / tokens
+    try:
+        return math.exp(mean)
+    except OverflowError:
+        return math.inf
+
+
 def distinct_n(sequences: Sequence[Sequence[int]], n: int) -> float:
     """Distinct-n (Li et al., 2016): unique n-grams over all n-grams of all sequences (0 when there are none)."""
     grams = [tuple(seq[i:i + n]) for seq in sequences for i in range(len(seq) - n + 1)]
@@ -291,7 +304,7 @@ class CausalLM(Kind):
 
     def loss_metrics(self, sums, count, loss_sum):
         tokens = sums.get("tokens", 0.0)
-        return {"perplexity": math.exp(loss_sum / tokens) if tokens else float("nan"), "tokens": int(tokens)}
+        return {"perplexity": perplexity(loss_sum, tokens), "tokens": int(tokens)}
 
     # ------------------------------------------------------------------ evaluation
 
@@ -315,7 +328,7 @@ class CausalLM(Kind):
                     records.append({"index": len(records), "tokens": int(n), "nll": value})
                     total_nll += value
                     total_tokens += int(n)
-        metrics = {"perplexity": math.exp(total_nll / total_tokens), "nll_per_token": total_nll / total_tokens,
+        metrics = {"perplexity": perplexity(total_nll, total_tokens), "nll_per_token": total_nll / total_tokens,
                    "num_examples": len(records), "num_tokens": total_tokens}
         return metrics, records
 
@@ -341,12 +354,18 @@ class CausalLM(Kind):
                 chunk = list(prompts[start:start + batch_size])
                 inputs = tokenizer(chunk, return_tensors="pt", padding=True).to(next(model.parameters()).device)
                 torch.manual_seed((int(seed) * 1_000_003 + n) & 0x7FFFFFFF)
-                with torch.no_grad():
-                    sequences = model.generate(
-                        **inputs, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                        top_p=top_p if do_sample else None, temperature=temperature if do_sample else None,
-                        num_return_sequences=num_samples, pad_token_id=tokenizer.pad_token_id,
-                        top_k=0 if do_sample else None)
+                try:
+                    with torch.no_grad():
+                        sequences = model.generate(
+                            **inputs, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                            top_p=top_p if do_sample else None, temperature=temperature if do_sample else None,
+                            num_return_sequences=num_samples, pad_token_id=tokenizer.pad_token_id,
+                            top_k=0 if do_sample else None)
+                except RuntimeError as exc:  # torch.multinomial on logits that overflowed
+                    if "inf" not in str(exc) and "nan" not in str(exc):
+                        raise
+                    raise UserError(f"generation: the next-token probabilities of batch {n + 1} hold NaN or Inf (the "
+                                    "model's logits overflow), so no token can be sampled; nothing was written") from None
                 new = sequences[:, inputs["input_ids"].shape[1]:]
                 stop = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
                 for row, ids in enumerate(new.tolist()):
