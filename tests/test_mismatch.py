@@ -7,6 +7,7 @@ import math
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,3 +204,124 @@ def test_run_mismatch_takes_the_merges_of_the_seeds_asked_for(tmp_path, monkeypa
     assert len(seen) == 1  # only seed 1's metrics were read
     with pytest.raises(UserError, match="no finished merge of seed 5"):
         mm.run_mismatch(tmp_path, seeds=[5], progress=False)
+
+
+# --------------------------------------------------------------------------- what merge.json names (issue 25, class 10)
+
+
+@pytest.fixture
+def recorded(setup):
+    """A task-arithmetic merge of two children with its merge.json (fingerprints of every input recorded)."""
+    from gradmatch.merge import merge
+
+    tmp, parent, tasks = setup
+    children = [_perturbed(parent, tmp / f"child{i}", 0.02, seed=i) for i in range(2)]
+    merged = merge({"method": "task_arithmetic", "base": str(parent),
+                    "models": [{"model": str(c), "weight": 0.5} for c in children]}, tmp / "merged", progress=False)
+    return tmp, parent, tasks, children, merged
+
+
+def _edit_record(merged, edit):
+    record = json.loads((merged / "merge.json").read_text())
+    edit(record)
+    (merged / "merge.json").write_text(json.dumps(record))
+
+
+def test_a_child_replaced_since_the_merge_is_refused_by_its_fingerprint(recorded):
+    """On main the other weights at the recorded path were measured without a word."""
+    tmp, parent, tasks, children, merged = recorded
+    replacement = _perturbed(parent, tmp / "retrained", 0.05, seed=9)
+    shutil.rmtree(children[1])
+    shutil.copytree(replacement, children[1])
+    with pytest.raises(UserError, match=r"models\[1\] .*child1 is not the model .*merged was merged from: its weights "
+                                        r"differ from the fingerprint .*merge.json records .*--children"):
+        gradient_mismatch(merged, data=tasks, split="train", progress=False)
+    # naming the models explicitly measures them on purpose
+    result = gradient_mismatch(merged, children=[str(c) for c in children], alphas=[0.5, 0.5], data=tasks,
+                               split="train", progress=False)
+    assert len(result.tasks) == 2
+
+
+def test_a_recorded_child_that_is_gone_is_one_line(recorded):
+    tmp, parent, tasks, children, merged = recorded
+    shutil.rmtree(children[0])
+    with pytest.raises(UserError, match=r"names models\[0\] .*child0, which does not exist .*--children"):
+        gradient_mismatch(merged, data=tasks, split="train", progress=False)
+
+
+def test_a_record_without_fingerprints_is_measured_with_a_note(recorded, caplog):
+    tmp, parent, tasks, children, merged = recorded
+    _edit_record(merged, lambda r: r.pop("inputs"))
+    with caplog.at_level("WARNING"):
+        result = gradient_mismatch(merged, data=tasks, split="train", progress=False)
+    assert len(result.tasks) == 2 and "records no fingerprint of models[0], models[1]" in caplog.text
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda r: r.update(parameters="fast"), r"merge.json .*parameters: Input should be a valid dictionary"),
+    (lambda r: r.update(parameters={"delta_0": "tiny"}), r"parameters.delta_0: Input should be a valid number"),
+    (lambda r: r.update(models=[]), r"models: List should have at least 1 item"),
+    (lambda r: r["models"][0].update(weight=True), r"models.0.weight: Input should be a valid number"),
+    (lambda r: r["models"][1].update(weight=float("nan")), r"models.1.weight: Input should be a finite number"),
+    (lambda r: r["models"][0].update(hessian_scale="abc"), r"models.0.hessian_scale: Input should be a valid number"),
+    (lambda r: r["models"][0].update(model=""), r"models.0.model: String should have at least 1 character"),
+    (lambda r: r.update(prior_level="high"), r"prior_level: Input should be a valid number"),
+    (lambda r: r.update(base_hessian_scale=-3), r"base_hessian_scale: Input should be greater than 0"),
+    (lambda r: r.update(inputs={"models[0]": "somewhere"}), r"inputs.models\[0\]: Input should be a valid dictionary"),
+], ids=["parameters-string", "delta-string", "no-models", "weight-bool", "weight-nan", "scale-string", "model-empty",
+        "prior-level-string", "negative-scale", "inputs-mangled"])
+def test_an_edited_record_is_one_line_naming_the_key(recorded, edit, words):
+    """On main several of these were tracebacks (AttributeError, ValueError from float()), one measured nothing
+    and exited 0 (no models), and a weight true was taken as 1."""
+    import re
+
+    tmp, parent, tasks, children, merged = recorded
+    _edit_record(merged, edit)
+    with pytest.raises(UserError) as info:
+        gradient_mismatch(merged, data=tasks, split="train", progress=False)
+    assert re.search(words, str(info.value)), str(info.value)
+    assert "not a merge record gradmatch can read" in str(info.value)
+
+
+def test_a_record_that_is_a_list_is_one_line(recorded):
+    tmp, parent, tasks, children, merged = recorded
+    (merged / "merge.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="merge.json is not a merge record gradmatch can read: it holds a list"):
+        gradient_mismatch(merged, data=tasks, split="train", progress=False)
+
+
+@pytest.mark.parametrize("target", ["record", "child-weights", "data", "inside-merge"])
+def test_out_may_not_be_any_input(recorded, target):
+    """On main `--out merged/merge.json --overwrite` replaced the merge's own record (and a child's weights, a data
+    file the same way)."""
+    tmp, parent, tasks, children, merged = recorded
+    out = {"record": merged / "merge.json", "child-weights": children[0] / "model.safetensors",
+           "data": tasks[0], "inside-merge": merged / "mismatch.json"}[target]
+    before = {p: p.read_bytes() for p in [merged / "merge.json", children[0] / "model.safetensors", Path(tasks[0])]}
+    proc = _cli(str(merged), "--data", tasks[0], "--data", tasks[1], "--split", "train", "--out", str(out),
+                "--overwrite")
+    assert proc.returncode == 2, proc.stderr
+    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("gradmatch: error:")]
+    assert len(line) == 1 and "--out" in line[0] and ("would replace" in line[0] or "would change" in line[0]), line
+    assert "Traceback" not in proc.stderr
+    assert {p: p.read_bytes() for p in before} == before
+    assert not (merged / "mismatch.json").exists()
+
+
+def test_run_out_may_not_be_the_run_or_one_of_its_jobs(tmp_path):
+    from gradmatch.mismatch import write_run_mismatch
+
+    run = tmp_path / "run"
+    job = run / "work" / "abc"
+    job.mkdir(parents=True)
+    (run / "jobs").mkdir()
+    (run / "jobs" / "m.json").write_text(json.dumps({"kind": "merge", "name": "merges/ta", "out": str(job),
+                                                      "inputs": {"parent": str(run / "work" / "p")}}))
+    (run / "plan.json").write_text(json.dumps({"jobs": [{"kind": "merge", "spec": str(run / "jobs" / "m.json")}]}))
+    with pytest.raises(UserError, match="is or contains the run"):
+        write_run_mismatch(run, run, overwrite=True)
+    with pytest.raises(UserError, match="is or contains the run"):
+        write_run_mismatch(run, tmp_path, overwrite=True)
+    with pytest.raises(UserError, match="--out .*abc is the folder of the merge job merges/ta"):
+        write_run_mismatch(run, job, overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == ["jobs", "plan.json", "work"]

@@ -10,7 +10,9 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from gradmatch.errors import UserError
 
@@ -137,6 +139,11 @@ def loss_gradient(model, batches: Iterable[Mapping[str, Any]], kind=None
     model.zero_grad(set_to_none=True)
     if count == 0:
         raise UserError("no examples to measure the gradient mismatch on")
+    from gradmatch.finite import check_finite
+
+    name = getattr(getattr(model, "config", None), "name_or_path", None) or type(model).__name__
+    check_finite(sums, f"the loss gradient of model {name}", "its loss overflowed on these examples (a wrecked merge?) "
+                 "and the mismatch would not be finite")
     return {n: s / count for n, s in sums.items()}, total_loss / count, kind.loss_metrics(extra, count, total_loss), count
 
 
@@ -219,23 +226,107 @@ class MergeMismatch:
         return data
 
 
+_Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+_Positive = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0)]
+_Name = Annotated[str, Field(min_length=1)]
+
+
+class _RecordedInput(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    path: _Name
+    fingerprint: _Name
+
+
+class _RecordedChild(BaseModel):
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    model: _Name
+    weight: _Number
+    hessian: _Name | None = None
+    hessian_scale: _Positive | None = None
+
+
+class _RecordedParameters(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    delta_0: Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0)] | None = None
+
+
+class MergeRecord(BaseModel):
+    """The part of ``merge.json`` (written by gradmatch merge) that `mismatch` reads; the rest is not checked."""
+
+    model_config = ConfigDict(extra="allow")
+
+    models: list[_RecordedChild] = Field(min_length=1)
+    base: _Name | None = None
+    base_hessian: _Name | None = None
+    base_hessian_scale: _Positive | None = None
+    parameters: _RecordedParameters | None = None
+    prior_level: Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0)] | None = None
+    inputs: dict[str, _RecordedInput] | None = None
+
+
 def merge_record(merged: str | os.PathLike) -> dict[str, Any]:
-    """A merged folder's ``merge.json`` (written by gradmatch merge)."""
+    """A merged folder's ``merge.json`` (written by gradmatch merge), its schema checked (:class:`MergeRecord`): a
+    record that is not JSON or was edited into another shape is one line naming the key."""
+    from gradmatch.config import validate
+
     record = Path(merged) / "merge.json"
     if not record.is_file():
         raise UserError(f"{merged} has no merge.json: give the children and alphas explicitly")
     try:
         info = json.loads(record.read_text(encoding="utf-8"))
-        [(str(m["model"]), float(m["weight"])) for m in info["models"]]
-        return info
-    except (ValueError, KeyError, TypeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise UserError(f"{record} is not a merge record gradmatch can read: {exc}") from None
+    if not isinstance(info, dict):
+        raise UserError(f"{record} is not a merge record gradmatch can read: it holds a {type(info).__name__}, not "
+                        "a mapping")
+    validate(MergeRecord, info, f"{record} (not a merge record gradmatch can read)")
+    return info
 
 
 def merge_sources(merged: str | os.PathLike) -> tuple[list[str], list[float]]:
     """The children and α_t recorded in a merged folder's ``merge.json``."""
     models = merge_record(merged)["models"]
     return [str(m["model"]) for m in models], [float(m["weight"]) for m in models]
+
+
+def _recorded(record: dict[str, Any], role: str, name: str | None) -> str | None:
+    """Where the input ``role`` of a merge is: the absolute path its record's ``inputs`` holds, else ``name``."""
+    entry = (record.get("inputs") or {}).get(role)
+    return str(entry["path"]) if entry else name
+
+
+def verify_recorded(merged: str | os.PathLike, record: dict[str, Any], roles: Mapping[str, str]) -> None:
+    """Every input ``roles`` (role in merge.json → the folder that will be read) holds the weights the merge read:
+    its fingerprint equals the one ``merge.json`` records (checkpoints.fingerprint_matches). A child, parent or
+    Hessian replaced since the merge is one line naming it and how to measure other models on purpose; a record
+    without fingerprints (written before they were) gets a note."""
+    import logging
+
+    from gradmatch.checkpoints import fingerprint_matches
+
+    recorded = record.get("inputs") or {}
+    where = Path(merged) / "merge.json"
+    unchecked = []
+    for role, folder in roles.items():
+        entry = recorded.get(role)
+        if not Path(folder).exists():
+            raise UserError(f"{where} names {role} {folder}, which does not exist (moved or deleted since the merge); "
+                            "give the models explicitly (--children, --parent, --base-hessian, --hessians)")
+        if entry is None:
+            unchecked.append(role)
+            continue
+        if not Path(folder).is_dir() or not fingerprint_matches(folder, entry["fingerprint"]):
+            flag = {"base": "--parent", "base_hessian": "--base-hessian"}.get(role, "--hessians" if role.endswith(
+                ".hessian") else "--children")
+            raise UserError(f"{role} {folder} is not the model {merged} was merged from: its weights differ from the "
+                            f"fingerprint {where} records ({entry['fingerprint'][:23]}…; replaced or retrained since "
+                            f"the merge); to measure other models on purpose, name them with {flag}")
+    if unchecked:
+        logging.getLogger(__name__).warning("note: %s records no fingerprint of %s: cannot check that they are the "
+                                            "models it was merged from", where, ", ".join(unchecked))
 
 
 def child_task(child: str | os.PathLike) -> str:
@@ -254,6 +345,123 @@ def _training_size(model: str | os.PathLike) -> int | None:
     meta = read_training_metadata(model) or {}
     value = meta.get("num_train_examples")
     return int(value) if isinstance(value, int) and value > 0 else None
+
+
+@dataclass
+class MismatchPlan:
+    """What one `mismatch` measures, resolved and checked before any model loads: the merge, each child with its
+    data set, α_t and N_t, and — for the residual — the parent, F_0 (a folder or ``prior`` with its level), N_0, δ
+    and the children's F_t."""
+
+    merged: str
+    children: list[str]
+    data: list[str]
+    alphas: list[float]
+    scales: list[float | None]
+    parent: str | None
+    base_hessian: str | None
+    base_hessian_scale: float | None
+    delta_0: float
+    hessians: list[str] | None
+    prior_level: float | None
+    residual_wanted: bool
+
+    def inputs(self) -> dict[str, str]:
+        """Every file or folder the measurement reads (description → path), for the check that --out is none."""
+        found = {"the merged model": self.merged}
+        found.update({f"child {i + 1}": c for i, c in enumerate(self.children)})
+        found.update({f"the data of child {i + 1}": d for i, d in enumerate(self.data)})
+        if self.residual_wanted:
+            found["the parent"] = str(self.parent)
+            from gradmatch.config.merge import PRIOR
+
+            if self.base_hessian != PRIOR:
+                found["the parent's Hessian"] = str(self.base_hessian)
+            found.update({f"the Hessian of child {i + 1}": h for i, h in enumerate(self.hessians or [])})
+        return found
+
+
+def plan_mismatch(
+    merged: str | os.PathLike,
+    *,
+    children: Sequence[str] | None = None,
+    data: Sequence[str] | None = None,
+    alphas: Sequence[float] | None = None,
+    parent: str | None = None,
+    base_hessian: str | None = None,
+    base_hessian_scale: float | None = None,
+    scales: Sequence[float] | None = None,
+    hessians: Sequence[str] | None = None,
+    delta_0: float | None = None,
+    max_length: int = 128,
+    batch_size: int = 16,
+    max_examples: int | None = None,
+) -> MismatchPlan:
+    """Resolve what :func:`gradient_mismatch` measures (defaults from ``merge.json``, see there) and check it: the
+    record's schema, the counts and sizes, and that every model taken from the record is the one the merge read
+    (:func:`verify_recorded`)."""
+    from gradmatch.config.merge import PRIOR
+
+    record = merge_record(merged) if (children is None or alphas is None or parent is None
+                                      or base_hessian == PRIOR) and (Path(merged) / "merge.json").is_file() else {}
+    if (children is None or alphas is None) and not record:
+        merge_record(merged)  # the one-line error
+    models = record.get("models", [])
+    from_record: dict[str, str] = {}  # role in merge.json -> the folder read for it
+    if children is None:
+        children = [_recorded(record, f"models[{i}]", str(m["model"])) for i, m in enumerate(models)]
+        from_record.update({f"models[{i}]": c for i, c in enumerate(children)})
+    children = [str(c) for c in children]
+    if record:  # before a child's training metadata is read for its data set
+        verify_recorded(merged, record, dict(from_record))
+    alphas = [float(a) for a in (alphas if alphas is not None else [m["weight"] for m in models])]
+    if len(alphas) != len(children):
+        raise UserError(f"{len(alphas)} alphas given for {len(children)} children")
+    if not all(math.isfinite(a) for a in alphas):
+        raise UserError(f"every alpha must be a finite number (got {', '.join(f'{a:g}' for a in alphas)})")
+    if batch_size <= 0 or max_length <= 0 or (max_examples is not None and max_examples <= 0):
+        raise UserError("batch size, max length and max examples must be positive")
+    data = [str(d) for d in data] if data is not None else [child_task(c) for c in children]
+    if len(data) != len(children):
+        raise UserError(f"{len(data)} data sets given for {len(children)} children")
+    if parent is None and record.get("base") is not None:
+        parent = from_record["base"] = _recorded(record, "base", str(record["base"]))
+    if base_hessian is None and record.get("base_hessian") is not None:
+        base_hessian = str(record["base_hessian"])
+        if base_hessian != PRIOR:
+            base_hessian = from_record["base_hessian"] = _recorded(record, "base_hessian", base_hessian)
+    base_hessian_scale = base_hessian_scale if base_hessian_scale is not None else record.get("base_hessian_scale")
+    if delta_0 is None:
+        recorded_delta = (record.get("parameters") or {}).get("delta_0")
+        delta_0 = float(recorded_delta) if recorded_delta is not None else 1e-12
+    recorded_scales = [m.get("hessian_scale") for m in models] if models else [None] * len(children)
+    if scales is None:
+        scales = [s if s is not None else _training_size(c) for s, c in zip(recorded_scales, children)]
+    if len(scales) != len(children):
+        raise UserError(f"{len(scales)} scales given for {len(children)} children")
+    if hessians is None and models and all(m.get("hessian") for m in models):
+        hessians = [_recorded(record, f"models[{i}].hessian", str(m["hessian"])) for i, m in enumerate(models)]
+        from_record.update({f"models[{i}].hessian": h for i, h in enumerate(hessians)})
+    hessians = [str(h) for h in hessians] if hessians is not None else None
+    if hessians is not None and len(hessians) != len(children):
+        raise UserError(f"{len(hessians)} Hessians given for {len(children)} children")
+    residual_wanted = base_hessian is not None and parent is not None
+    if residual_wanted:
+        if base_hessian_scale is None:
+            base_hessian_scale = _training_size(parent)
+        if base_hessian_scale is None or any(s is None for s in scales):
+            raise UserError("the residual needs N_0 and every N_t (the Hessians' scales): give --base-hessian-scale and "
+                            "--scales, or children and a parent with training_metadata.json")
+        if base_hessian == PRIOR and record.get("prior_level") is None:
+            raise UserError(f"base_hessian {PRIOR} needs the prior's level c, which {merged}/merge.json "
+                            "does not record: give --base-hessian a Hessian folder")
+    else:  # the parent and the Hessians are not read
+        from_record = {role: f for role, f in from_record.items() if role.startswith("models[") and "." not in role}
+    if record:
+        verify_recorded(merged, record, {r: f for r, f in from_record.items() if not r.startswith("models[")
+                                         or "." in r})
+    return MismatchPlan(str(merged), children, data, alphas, list(scales), parent, base_hessian, base_hessian_scale,
+                        float(delta_0), hessians, record.get("prior_level"), residual_wanted)
 
 
 def gradient_mismatch(
@@ -280,78 +488,56 @@ def gradient_mismatch(
     known, the residual r(θ̄) of the paper's target objective and its terms (:class:`ResidualAccumulator`).
 
     Children, α_t, the parent, its Hessian F_0, N_0, δ and N_t default to the merge's own record
-    (``merge.json``); N_t otherwise to the children's training-set sizes; data sets to each child's training
-    data set. Without a parent Hessian (e.g. a task-arithmetic merge made outside a run) only the plain
-    mismatch is measured. ``hessians`` (the children's F_t) add ‖H̄⁻¹ r‖. ``child_gradients``, a dict kept
-    by the caller, caches ∇L_t(θ_t) across calls.
+    (``merge.json``), whose fingerprints must match the models found there now; N_t otherwise to the children's
+    training-set sizes; data sets to each child's training data set. Without a parent Hessian (e.g. a
+    task-arithmetic merge made outside a run) only the plain mismatch is measured. ``hessians`` (the children's
+    F_t) add ‖H̄⁻¹ r‖. ``child_gradients``, a dict kept by the caller, caches ∇L_t(θ_t) across calls.
     """
+    plan = plan_mismatch(merged, children=children, data=data, alphas=alphas, parent=parent,
+                         base_hessian=base_hessian, base_hessian_scale=base_hessian_scale, scales=scales,
+                         hessians=hessians, delta_0=delta_0, max_length=max_length, batch_size=batch_size,
+                         max_examples=max_examples)
+    return measure(plan, split=split, max_length=max_length, batch_size=batch_size, data_dir=data_dir,
+                   max_examples=max_examples, child_gradients=child_gradients, progress=progress)
+
+
+def measure(plan: MismatchPlan, *, split: str = "test", max_length: int = 128, batch_size: int = 16,
+            data_dir: str | os.PathLike | None = None, max_examples: int | None = None,
+            child_gradients: dict | None = None, progress: bool = True) -> MergeMismatch:
+    """Measure a :class:`MismatchPlan` (see :func:`gradient_mismatch`)."""
     import torch
     from tqdm.auto import tqdm
 
     from gradmatch.config.merge import PRIOR
 
-    record = merge_record(merged) if (children is None or alphas is None or parent is None
-                                      or base_hessian == PRIOR) and (Path(merged) / "merge.json").is_file() else {}
-    if (children is None or alphas is None) and not record:
-        merge_record(merged)  # the one-line error
-    models = record.get("models", [])
-    children = list(children) if children is not None else [str(m["model"]) for m in models]
-    alphas = [float(a) for a in (alphas if alphas is not None else [m["weight"] for m in models])]
-    if len(alphas) != len(children):
-        raise UserError(f"{len(alphas)} alphas given for {len(children)} children")
-    data = list(data) if data is not None else [child_task(c) for c in children]
-    if len(data) != len(children):
-        raise UserError(f"{len(data)} data sets given for {len(children)} children")
-    if batch_size <= 0 or max_length <= 0 or (max_examples is not None and max_examples <= 0):
-        raise UserError("batch size, max length and max examples must be positive")
-    parent = parent or record.get("base")
-    base_hessian = base_hessian or record.get("base_hessian")
-    base_hessian_scale = base_hessian_scale if base_hessian_scale is not None else record.get("base_hessian_scale")
-    if delta_0 is None:
-        delta_0 = float((record.get("parameters") or {}).get("delta_0", 1e-12))
-    recorded_scales = [m.get("hessian_scale") for m in models] if models else [None] * len(children)
-    if scales is None:
-        scales = [s if s is not None else _training_size(c) for s, c in zip(recorded_scales, children)]
-    hessians = list(hessians) if hessians is not None else (
-        [m.get("hessian") for m in models] if models and all(m.get("hessian") for m in models) else None)
-    residual_wanted = base_hessian is not None and parent is not None
-    if residual_wanted:
-        if base_hessian_scale is None:
-            base_hessian_scale = _training_size(parent)
-        if base_hessian_scale is None or any(s is None for s in scales):
-            raise UserError("the residual needs N_0 and every N_t (the Hessians' scales): give --base-hessian-scale and "
-                            "--scales, or children and a parent with training_metadata.json")
+    merged, parent, base_hessian, delta_0 = plan.merged, plan.parent, plan.base_hessian, plan.delta_0
     if child_gradients is None:
         child_gradients = {}
-
     result = MergeMismatch(merged=str(merged), split=split, scales={
-        "base_hessian": base_hessian, "base_hessian_scale": base_hessian_scale, "delta_0": delta_0,
-        "hessian_scales": list(scales)})
+        "base_hessian": base_hessian, "base_hessian_scale": plan.base_hessian_scale, "delta_0": delta_0,
+        "hessian_scales": list(plan.scales)})
     cache: dict = {}
     accumulator = theta_0 = None
-    bar = tqdm(list(zip(children, data, alphas, scales)), desc="gradient mismatch", unit="task",
+    bar = tqdm(list(zip(plan.children, plan.data, plan.alphas, plan.scales)), desc="gradient mismatch", unit="task",
                disable=None if progress else True)
     for t, (child, task, alpha, scale) in enumerate(bar):
         child_key = (str(child), task, split, max_length, max_examples)
         model, loader, kind = _batches(str(merged), task, split, max_length=max_length, batch_size=batch_size,
                                        data_dir=data_dir, max_examples=max_examples, cache=cache)
-        if accumulator is None and residual_wanted:
+        if accumulator is None and plan.residual_wanted:
             theta_bar = _parameters(model)
             parent_model, _, _ = _batches(str(parent), task, split, max_length=max_length, batch_size=batch_size,
                                           data_dir=data_dir, max_examples=max_examples, cache=cache)
             theta_0 = _parameters(parent_model)
             if base_hessian == PRIOR:  # the merge's isotropic prior: H_0 = N_0·c + δ, c from merge.json
-                level = record.get("prior_level")
-                if level is None:
-                    raise UserError(f"base_hessian {PRIOR} needs the prior's level c, which {merged}/merge.json "
-                                    "does not record: give --base-hessian a Hessian folder")
-                H_0 = {n: torch.full_like(p, float(base_hessian_scale) * float(level) + delta_0, dtype=torch.float64)
+                level = float(plan.prior_level)
+                H_0 = {n: torch.full_like(p, float(plan.base_hessian_scale) * level + delta_0, dtype=torch.float64)
                        for n, p in theta_bar.items()}
             else:
                 F_0 = _hessian(base_hessian, kind)
                 if F_0.keys() != theta_bar.keys():
                     raise UserError(f"the Hessian {base_hessian} and the merge {merged} have different parameters")
-                H_0 = {n: float(base_hessian_scale) * F_0[n].double() + delta_0 for n in F_0}
+                H_0 = {n: float(plan.base_hessian_scale) * F_0[n].double() + delta_0 for n in F_0}
             accumulator = ResidualAccumulator(theta_bar, theta_0, H_0)
             del parent_model
         g_merged, loss, metrics, n = loss_gradient(model, loader, kind)
@@ -368,7 +554,7 @@ def gradient_mismatch(
             raise UserError(f"{merged} and {child} have different parameters")
         plain = math.sqrt(sum(float((alpha * (g_merged[k] - g_child[k])).square().sum()) for k in g_merged))
         if accumulator is not None:
-            fisher_t = _hessian(hessians[t], kind) if hessians else None
+            fisher_t = _hessian(plan.hessians[t], kind) if plan.hessians else None
             accumulator.add_task(alpha, float(scale), theta_t, g_merged, g_child, fisher_t)
         result.tasks.append(TaskMismatch(
             task=task, child=str(child), alpha=alpha, scale=float(scale) if scale is not None else float("nan"),
@@ -384,6 +570,34 @@ def gradient_mismatch(
     result.total_mismatch = _norm(total.values()) if result.tasks else 0.0
     if accumulator is not None:
         result.residual = accumulator.result()
+    return result
+
+
+def write_mismatch(merged: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
+                   **kwargs) -> MergeMismatch:
+    """:func:`gradient_mismatch` written to the JSON file ``out`` (atomically; non-finite numbers as strings, see
+    :mod:`gradmatch.finite`). ``out`` is checked before any model loads: new unless ``overwrite``, not a folder, and
+    none of the files and folders the measurement reads (the merge and its merge.json, a child, the parent, a
+    Hessian, a data file)."""
+    from gradmatch.finite import dumps
+    from gradmatch.fsutil import atomic_file, check_not_input
+
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"cannot write {out}: it is a folder")
+    if os.path.lexists(out) and not overwrite:
+        raise UserError(f"output {out} already exists (pass --overwrite to replace it)")
+    ancestor = out.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"cannot write {out}: {ancestor} is not a folder, so its parent is not one")
+    run = {k: kwargs.pop(k) for k in ("split", "data_dir", "child_gradients", "progress") if k in kwargs}
+    plan = plan_mismatch(merged, **kwargs)
+    check_not_input(out, plan.inputs(), "--out")
+    result = measure(plan, **run, **{k: kwargs[k] for k in ("max_length", "batch_size", "max_examples") if k in kwargs})
+    with atomic_file(out, encoding="utf-8") as fh:
+        fh.write(dumps(result.to_json(), indent=2) + "\n")
     return result
 
 
@@ -533,14 +747,26 @@ def write_run_mismatch(run_dir: str | os.PathLike, out: str | os.PathLike | None
                        **kwargs) -> Path:
     """Measure every merge of a run (:func:`run_mismatch`) and write ``mismatch.json`` (rows and rank correlations)
     and the plot to ``out`` (default ``RUN_DIR/mismatch``), atomically."""
-    from gradmatch.fsutil import atomic_dir, check_output_dir
+    from gradmatch.finite import dumps
+    from gradmatch.fsutil import atomic_dir, check_not_input, check_output_dir
+    from gradmatch.pipeline.graph import read_run_specs
 
     out = Path(out) if out is not None else Path(run_dir) / "mismatch"
     check_output_dir(out, overwrite)
+    real_out, real_run = Path(os.path.realpath(out)), Path(os.path.realpath(run_dir))
+    if real_out == real_run or real_out in real_run.parents:
+        raise UserError(f"--out {out} is or contains the run {run_dir}: replacing it would delete the run (choose a "
+                        "folder outside it, or the default RUN_DIR/mismatch)")
+    inputs = {}
+    for spec in read_run_specs(run_dir):  # the jobs' folders: a merge, a child, a data set, the report
+        job = f"the {spec.get('kind', '')} job {spec.get('name', '')}"
+        inputs[f"the folder of {job}"] = spec.get("out")
+        inputs.update({f"the input {role} of {job}": path for role, path in spec["inputs"].items()})
+    check_not_input(out, inputs, "--out")
     rows = run_mismatch(run_dir, **kwargs)
     record = {"run": str(run_dir), "quantities": QUANTITIES, "rank_correlation_with_error": rank_correlations(rows),
               "merges": rows}
     with atomic_dir(out, overwrite) as tmp:
-        (tmp / "mismatch.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        (tmp / "mismatch.json").write_text(dumps(record, indent=2) + "\n", encoding="utf-8")
         plot_mismatch(rows, tmp / "mismatch_vs_error.png")
     return out

@@ -551,8 +551,7 @@ def _numbers(text: str | None, flag: str) -> list[float] | None:
 def _run_mismatch(args) -> int:
     import json
 
-    from gradmatch.fsutil import atomic_file
-    from gradmatch.mismatch import gradient_mismatch, write_run_mismatch
+    from gradmatch.mismatch import gradient_mismatch, write_mismatch, write_run_mismatch
 
     if (args.merged is None) == (args.run is None):
         raise UserError("give either a merged model folder or --run RUN_DIR")
@@ -563,25 +562,24 @@ def _run_mismatch(args) -> int:
         record = json.loads((out / "mismatch.json").read_text(encoding="utf-8"))
         print(f"{'merge':<28} {'alpha':>6} {'plain':>10} {'residual':>10} {'test error':>10}")
         for r in record["merges"]:
-            residual = "—" if r.get("residual") is None else f"{r['residual']:.4g}"
-            print(f"{r['label'][:28]:<28} {r['alpha']:>6.3g} {r['plain_mismatch']:>10.4g} {residual:>10} "
-                  f"{r['mean_test_error']:>10.3f}")
-        shown = ", ".join(f"{k} {v:+.2f}" for k, v in record["rank_correlation_with_error"].items() if v is not None)
+            residual = "—" if r.get("residual") is None else f"{float(r['residual']):.4g}"  # "Infinity": a string
+            print(f"{r['label'][:28]:<28} {r['alpha']:>6.3g} {float(r['plain_mismatch']):>10.4g} {residual:>10} "
+                  f"{float(r['mean_test_error']):>10.3f}")
+        shown = ", ".join(f"{k} {float(v):+.2f}" for k, v in record["rank_correlation_with_error"].items()
+                          if v is not None)
         print(f"Spearman correlation with the test error: {shown}")
         print(f"written to {out / 'mismatch.json'} and {out / 'mismatch_vs_error.png'}")
         return 0
-    if args.out and os.path.exists(args.out) and not args.overwrite:
-        raise UserError(f"output {args.out} already exists (pass --overwrite to replace it)")
-    if args.out and (os.path.isdir(args.out) or os.path.exists(os.path.dirname(os.path.abspath(args.out)))
-                     and not os.path.isdir(os.path.dirname(os.path.abspath(args.out)))):
-        raise UserError(f"cannot write {args.out}: it is a folder or its parent is not one")
     split_list = (lambda text: [c.strip() for c in text.split(",")] if text else None)
-    result = gradient_mismatch(args.merged, children=split_list(args.children), data=args.data,
-                               alphas=_numbers(args.alphas, "--alphas"), parent=args.parent,
-                               base_hessian=args.base_hessian, base_hessian_scale=args.base_hessian_scale,
-                               scales=_numbers(args.scales, "--scales"), hessians=split_list(args.hessians),
-                               delta_0=args.delta_0, split=args.split, max_length=args.max_length,
-                               batch_size=args.batch_size, data_dir=args.data_dir, max_examples=args.max_examples)
+    settings = dict(children=split_list(args.children), data=args.data, alphas=_numbers(args.alphas, "--alphas"),
+                    parent=args.parent, base_hessian=args.base_hessian, base_hessian_scale=args.base_hessian_scale,
+                    scales=_numbers(args.scales, "--scales"), hessians=split_list(args.hessians),
+                    delta_0=args.delta_0, split=args.split, max_length=args.max_length, batch_size=args.batch_size,
+                    data_dir=args.data_dir, max_examples=args.max_examples)
+    if args.out:  # the output checked against every input before any model loads; written atomically
+        result = write_mismatch(args.merged, args.out, overwrite=args.overwrite, **settings)
+    else:
+        result = gradient_mismatch(args.merged, **settings)
     print(f"{'task':<24} {'alpha':>6} {'mismatch':>10} {'loss':>9}  metrics of the merged model")
     for t in result.tasks:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in t.metrics_merged.items())
@@ -591,8 +589,6 @@ def _run_mismatch(args) -> int:
     if result.residual:
         print("residual " + ", ".join(f"{k} {v:.4g}" for k, v in result.residual.items() if v is not None))
     if args.out:
-        with atomic_file(args.out) as fh:
-            json.dump(result.to_json(), fh, indent=2)
         print(f"written to {args.out}")
     return 0
 
