@@ -540,7 +540,90 @@ CASES = [
                                 "--data", w.data, "--data", w.data), ["have different parameters"]),
     Case("mismatch: split the data lacks", "mismatch",
          lambda w, t: ["mismatch", w.merged, "--split", "validation"], ["validation"]),
+    # ---------------------------------------------------------------- issue 25: non-finite results (class 5), settings
+    # that contradict (6), outputs as a set (7), what merge.json names (10)
+    Case("train: a learning rate that diverges", "train", lambda w, t: _train(w, t, learning_rate=1e30, max_grad_norm=0),
+         ["training diverged", "NaN", "learning_rate", "nothing was written"]),
+    Case("fisher: model holding NaN", "fisher", lambda w, t: _fisher(w, t, **{"--model": _nan_copy(w.bert, t)}),
+         ["nan-model", "holds NaN in 1 tensor", "the Fisher", "nothing was written"]),
+    Case("evaluate: model holding NaN", "evaluate",
+         lambda w, t: _evaluate(w, t, model_name_or_path=str(_nan_copy(w.bert, t))),
+         ["nan-model", "holds NaN", "an evaluation", "nothing was written"]),
+    Case("evaluate: greedy decoding with several samples", "evaluate",
+         lambda w, t: _lm_evaluate(w, t, do_sample=False, num_samples=2),
+         ["eval.json", "generation: num_samples 2 with do_sample false", "one continuation per prompt"]),
+    Case("evaluate: a temperature with greedy decoding", "evaluate",
+         lambda w, t: _lm_evaluate(w, t, do_sample=False, temperature=0.7),
+         ["generation: temperature 0.7 applies to sampling, and do_sample is false"]),
+    Case("evaluate: metrics two folders under a file", "evaluate",
+         lambda w, t: _evaluate(w, t, output_dir=None, prediction_output_file=str(t / "p.json"),
+                                metric_output_file=str(_write(t / "f", "x") / "a" / "b" / "m.json")),
+         ["m.json", "f is not a folder"]),
+    Case("evaluate: metrics name longer than a file name may be", "evaluate",
+         lambda w, t: _evaluate(w, t, output_dir=None, prediction_output_file=str(t / "p.json"),
+                                metric_output_file=str(t / ("m" * 300))),
+         ["longer than the 255 bytes"]),
+    Case("mismatch: a child replaced since the merge", "mismatch", lambda w, t: _mismatch(w, t, merged=_replaced(w, t)),
+         ["models[0]", "is not the model", "merge.json records", "--children"]),
+    Case("mismatch: a recorded child gone", "mismatch", lambda w, t: _mismatch(w, t, merged=_replaced(w, t, gone=True)),
+         ["merge.json names models[0]", "which does not exist", "--children"]),
+    Case("mismatch: a weight edited into text", "mismatch",
+         lambda w, t: _mismatch(w, t, merged=_edited(w, t, lambda r: r["models"][0].update(weight="half"))),
+         ["merge.json", "models.0.weight", "valid number"]),
+    Case("mismatch: parameters edited into text", "mismatch",
+         lambda w, t: _mismatch(w, t, merged=_edited(w, t, lambda r: r.update(parameters="fast"))),
+         ["merge.json", "parameters", "valid dictionary"]),
+    Case("mismatch: a record without children", "mismatch",
+         lambda w, t: _mismatch(w, t, merged=_edited(w, t, lambda r: r.update(models=[]))),
+         ["merge.json", "models", "at least 1 item"]),
+    Case("mismatch: --out is the merge record", "mismatch",
+         lambda w, t: _mismatch(w, t, "--out", w.merged / "merge.json", "--overwrite"),
+         ["--out", "merge.json", "lies inside the merged model"]),
+    Case("mismatch: --out is a child's weights", "mismatch",
+         lambda w, t: _mismatch(w, t, "--out", w.children[0] / "model.safetensors", "--overwrite"),
+         ["--out", "model.safetensors", "lies inside child 1"]),
+    Case("mismatch: --out is the run folder", "mismatch",
+         lambda w, t: ["mismatch", "--run", w.run, "--out", w.run, "--overwrite"], ["is or contains the run"]),
 ]
+
+
+def _nan_copy(model: Path, t: Path) -> Path:
+    """A copy of ``model`` with one NaN in its classifier's weight."""
+    copy = _copy(model, t / "nan-model")
+    weights = load_file(copy / "model.safetensors")
+    name = next(k for k in sorted(weights) if "classifier" in k and weights[k].is_floating_point())
+    weights[name] = weights[name].clone()
+    weights[name].view(-1)[0] = float("nan")
+    save_file(weights, copy / "model.safetensors", metadata={"format": "pt"})
+    return copy
+
+
+def _lm_evaluate(w: World, t: Path, **generation) -> list:
+    from conftest import make_tiny_lm
+
+    return _evaluate(w, t, model_name_or_path=str(make_tiny_lm(t / "lm")),
+                     generation={"prompts": ["the movie"], **generation})
+
+
+def _edited(w: World, t: Path, edit) -> Path:
+    merged = _copy(w.merged, t / "merged")
+    record = json.loads((merged / "merge.json").read_text())
+    edit(record)
+    (merged / "merge.json").write_text(json.dumps(record))
+    return merged
+
+
+def _replaced(w: World, t: Path, gone: bool = False) -> Path:
+    """The world's merge with its first child moved to a folder that now holds other weights (or nothing)."""
+    other = t / "child0"
+    if not gone:
+        _perturb(w.children[0], other, seed=11, metadata={"num_train_examples": 8, "dataset_name": str(w.data)})
+
+    def point(record):
+        record["models"][0]["model"] = str(other)
+        record["inputs"]["models[0]"]["path"] = str(other)
+
+    return _edited(w, t, point)
 
 
 def _truncated_model(w: World, t: Path) -> Path:
@@ -578,6 +661,8 @@ def test_bad_input(world, tmp_path, capfd, case):
     after = snapshot(tmp_path), snapshot(world.root)
     if case.id == "run: another run holds the folder":  # the refused run opened the lock file to try it
         before[0].pop("case/workdir/.gradmatch-run.lock"), after[0].pop("case/workdir/.gradmatch-run.lock")
+    if case.id == "train: a learning rate that diverges":  # it trained in a hidden folder beside its output (gone
+        before[0].pop("case"), after[0].pop("case")       # now): the case folder's modification time changed
     assert after == before  # nothing written, nothing overwritten
 
 
