@@ -192,15 +192,12 @@ def evaluate(config, *, data_dir: str | os.PathLike | None = None, overwrite: bo
 
     from gradmatch.data import load_split
     from gradmatch.finite import check_model, dumps
-    from gradmatch.fsutil import atomic_files, check_not_input
+    from gradmatch.fsutil import atomic_files, check_distinct_outputs, check_not_input
     from gradmatch.models import BUILTIN_SPECS, kind_of, load_config, load_model, load_processor
 
     outputs = [p for p in (cfg.metric_path(), cfg.prediction_path(), cfg.generation_path()) if p is not None]
-    seen: set[Path] = set()
-    for path in outputs:
-        if path.absolute() in seen:
-            raise UserError(f"two outputs of this evaluation (metrics, predictions, generations) are the same file: {path}")
-        seen.add(path.absolute())
+    check_distinct_outputs({"the metrics file": cfg.metric_path(), "the predictions file": cfg.prediction_path(),
+                            "the generations file": cfg.generation_path()}, "outputs of this evaluation")
     inputs = {"the model": cfg.model_name_or_path}
     if cfg.dataset_name is not None:
         inputs["the data"] = cfg.dataset_name
