@@ -202,7 +202,10 @@ def _executor_kwargs(args) -> dict:
         extra = shlex.split(args.snakemake_args)
     except ValueError as exc:
         raise UserError(f"--snakemake-args: {exc}") from exc
-    return dict(cores=args.cores, executor=args.executor, jobs_limit=args.jobs, slurm=slurm, extra_args=extra)
+    # what the run shows while it works: one progress display; Snakemake's own log with -v; nothing with -q
+    output = "quiet" if args.quiet else "log" if args.verbose else "progress"
+    return dict(cores=args.cores, executor=args.executor, jobs_limit=args.jobs, slurm=slurm, extra_args=extra,
+                output=output)
 
 
 def _add_run(sub) -> None:

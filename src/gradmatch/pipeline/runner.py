@@ -2,7 +2,8 @@
 
 The run folder holds ``plan.json`` (what the Snakefile reads), ``jobs/<hash>.json`` (one spec per
 job), ``work/<hash>/`` (finished jobs), ``logs/`` and readable links (``models/child-sst2``,
-``merges/gradient_matching``, ``report``) to finished jobs' folders.
+``merges/gradient_matching``, ``report``) to finished jobs' folders. Snakemake's own output goes to
+``logs/snakemake.log``; the terminal gets one progress display (:mod:`gradmatch.pipeline.progress`).
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import contextlib
 import fcntl
 import json
 import os
+import queue
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +32,13 @@ from gradmatch.pipeline.graph import ALIAS_SUBDIR, Job, build_jobs, check_job_na
 SNAKEFILE = Path(__file__).with_name("Snakefile.smk")
 #: Lines of a failed job's log shown on the terminal.
 LOG_TAIL_LINES = 20
+#: Where a run's Snakemake output goes (each real run replaces it; .snakemake/log/ keeps Snakemake's own per run).
+SNAKEMAKE_LOG = Path("logs") / "snakemake.log"
+#: What a run shows while it works: ``progress`` (one display: a bar on a terminal, else a line per finished job),
+#: ``log`` (Snakemake's own output, as it comes: -v) or ``quiet`` (nothing until the end: -q).
+OUTPUTS = ("progress", "log", "quiet")
+#: Seconds Snakemake gets to stop its jobs after Ctrl-C (it receives the same SIGINT) before it is killed.
+INTERRUPT_GRACE = 5.0
 
 
 @dataclass
@@ -93,7 +103,8 @@ def snakemake_command(plan_path: Path, workdir: Path, *, cores: int | None, exec
                       jobs_limit: int | None, slurm: SlurmOptions | None, extra_args: list[str]) -> list[str]:
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
            "--config", f"plan={plan_path}", "--ignore-incomplete", "--keep-going", "--rerun-triggers", "input",
-           "--nocolor", "--quiet", "host", "reason", "rules"]
+           # its output goes to logs/snakemake.log, read by the progress display: it names each job as it starts
+           "--nocolor", "--quiet", "host", "reason"]
     if dry_run:
         cmd += ["--dry-run"]
     if executor == "local":
@@ -178,18 +189,22 @@ def check_workdir(workdir: Path) -> None:
 
 def run_jobs(jobs: list[Job], workdir: str | os.PathLike, *, cores: int | None = None, executor: str = "local",
              dry_run: bool = False, jobs_limit: int | None = None, slurm: SlurmOptions | None = None,
-             extra_args: list[str] | None = None, echo=print, job_server: bool | None = None) -> RunResult:
+             extra_args: list[str] | None = None, echo=print, job_server: bool | None = None,
+             output: str = "progress") -> RunResult:
     """Run (or with ``dry_run`` list) ``jobs`` in ``workdir`` with Snakemake; finished jobs are skipped.
 
     Every data set and model the jobs still to run read is checked first, and so are the jobs' names (one Snakemake
     rule and one folder each, file names the file system takes), before anything is written; a dry run of a run
-    folder that does not exist yet leaves none behind (Snakemake plans in a scratch folder).
+    folder that does not exist yet leaves none behind (Snakemake plans in a scratch folder). ``output`` says what
+    the run shows while it works (:data:`OUTPUTS`); Snakemake's own output is kept in ``workdir/logs/snakemake.log``.
 
     With the local executor, jobs start from a warm job server (:mod:`gradmatch.pipeline.jobserver`)
     unless ``job_server=False`` or ``GRADMATCH_JOB_SERVER=off``.
     """
     if job_server is None:
         job_server = os.environ.get(jobserver.ENV, "").lower() not in ("off", "0", "no")
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, not {output!r}")
     workdir = Path(workdir).resolve()
     jobs = toposort(jobs)
     check_workdir(workdir)
@@ -197,7 +212,7 @@ def run_jobs(jobs: list[Job], workdir: str | os.PathLike, *, cores: int | None =
     # every data set and model the jobs to run read, before anything is written
     notes = preflight.check_inputs(jobs, lambda job: job_done(job, workdir))
     run = dict(cores=cores, executor=executor, dry_run=dry_run, jobs_limit=jobs_limit, slurm=slurm,
-               extra_args=extra_args, job_server=job_server, notes=notes)
+               extra_args=extra_args, job_server=job_server, notes=notes, output=output)
     if dry_run and not workdir.exists():  # a new run's dry run leaves no run folder: Snakemake plans in a scratch one
         with tempfile.TemporaryDirectory(prefix="gradmatch-dry-run-") as scratch:
             scratch = Path(scratch).resolve()
@@ -208,7 +223,7 @@ def run_jobs(jobs: list[Job], workdir: str | os.PathLike, *, cores: int | None =
 
 def _run_in(jobs: list[Job], workdir: Path, *, cores: int | None, executor: str, dry_run: bool,
             jobs_limit: int | None, slurm: SlurmOptions | None, extra_args: list[str] | None, echo,
-            job_server: bool, notes: list[str]) -> RunResult:
+            job_server: bool, notes: list[str], output: str) -> RunResult:
     """:func:`run_jobs` in ``workdir`` (made if missing) once the inputs are checked (``notes``: their remarks)."""
     workdir.mkdir(parents=True, exist_ok=True)
     with _run_lock(workdir):
@@ -232,21 +247,76 @@ def _run_in(jobs: list[Job], workdir: Path, *, cores: int | None, executor: str,
         started = time.time()
         warm = executor == "local" and not dry_run and job_server and sum(not job_done(j, workdir) for j in jobs) > 1
         with (jobserver.running(env) if warm else contextlib.nullcontext()):
-            # A dry run shows gradmatch's table; Snakemake's own (printed twice, counting its target rule as a
-            # job) only when it finds a problem in the job graph.
-            proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=dry_run, text=True)
-        if dry_run and proc.returncode:
-            echo((proc.stdout or "") + (proc.stderr or ""))
+            if dry_run:
+                # A dry run shows gradmatch's table; Snakemake's own (printed twice, counting its target rule as a
+                # job) only when it finds a problem in the job graph.
+                proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+                if proc.returncode:
+                    echo((proc.stdout or "") + (proc.stderr or ""))
+                returncode = proc.returncode
+            else:
+                to_run = [j for j in jobs if j not in finished]
+                returncode = _follow(cmd, env, workdir, to_run, output)
         if not dry_run:
             refresh_links(jobs, workdir)
         failed = [j for j in jobs if not job_done(j, workdir) and _log_of(j, workdir).exists()
                   and _log_of(j, workdir).stat().st_mtime >= started - 1]
-        if proc.returncode != 0 or failed:
+        if returncode != 0 or failed:
             for job in failed:
                 echo(f"\njob {job.name} ({job.kind}) failed; log: {_log_of(job, workdir)}\n{_tail(_log_of(job, workdir))}")
             if not failed:
-                echo(f"\nSnakemake failed (exit {proc.returncode}); see its messages above and {workdir / '.snakemake' / 'log'}")
-        return RunResult(workdir, jobs, done, failed, proc.returncode or (1 if failed else 0))
+                log = workdir / SNAKEMAKE_LOG
+                echo(f"\nSnakemake failed (exit {returncode}); its log: {log}\n{_tail(log)}" if log.is_file()
+                     else f"\nSnakemake failed (exit {returncode}); see {workdir / '.snakemake' / 'log'}")
+        return RunResult(workdir, jobs, done, failed, returncode or (1 if failed else 0))
+
+
+def _follow(cmd: list[str], env: dict[str, str], workdir: Path, to_run: list[Job], output: str) -> int:
+    """Run Snakemake with its output into ``workdir/logs/snakemake.log`` (and, with ``output="log"``, onto stderr as
+    it comes), showing the progress of ``to_run`` meanwhile; returns its exit status."""
+    from gradmatch.pipeline.progress import RunProgress
+
+    log_path = workdir / SNAKEMAKE_LOG
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    progress = RunProgress(to_run, lambda job: _log_of(job, workdir)) if output == "progress" else None
+    lines: queue.Queue[str | None] = queue.Queue()
+    with open(log_path, "w", encoding="utf-8", buffering=1) as log:
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1)
+
+        def read() -> None:
+            for line in proc.stdout:
+                lines.put(line)
+            lines.put(None)
+
+        threading.Thread(target=read, daemon=True).start()
+        try:
+            while True:
+                try:
+                    line = lines.get(timeout=1.0)
+                except queue.Empty:  # a long job: only the clock moves
+                    if progress is not None:
+                        progress.tick()
+                    continue
+                if line is None:
+                    break
+                log.write(line)
+                if output == "log":
+                    sys.stderr.write(line)
+                    sys.stderr.flush()
+                elif progress is not None:
+                    progress.feed(line)
+            return proc.wait()
+        except KeyboardInterrupt:  # Snakemake got the same SIGINT: it stops its jobs, then it is made to stop
+            try:
+                proc.wait(timeout=INTERRUPT_GRACE)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise
+        finally:
+            if progress is not None:
+                progress.close()
 
 
 def _log_of(job: Job, workdir: Path) -> Path:
