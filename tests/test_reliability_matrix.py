@@ -175,6 +175,16 @@ def _train(w: World, t: Path, name="train.json", **changes) -> list:
     return ["train", path, "--quiet"]
 
 
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _link(target: Path, link: Path) -> Path:
+    link.symlink_to(target, target_is_directory=True)
+    return link
+
+
 def _evaluate(w: World, t: Path, **changes) -> list:
     config = {"model_name_or_path": str(w.bert), "dataset_name": str(w.data), "output_dir": str(t / "evaluated")}
     config.update(changes)
@@ -406,6 +416,14 @@ CASES = [
     Case("evaluate: metrics and predictions in one file", "evaluate",
          lambda w, t: _evaluate(w, t, output_dir=None, metric_output_file=str(t / "m.json"),
                                 prediction_output_file=str(t / "m.json")), ["same file", "m.json"]),
+    Case("evaluate: metrics and predictions one file through '..'", "evaluate",
+         lambda w, t: _evaluate(w, t, output_dir=None, metric_output_file=str(t / "m.json"),
+                                prediction_output_file=str(_mkdir(t / "sub") / ".." / "m.json")),
+         ["two outputs of this evaluation are the same file", "the metrics file", "the predictions file"]),
+    Case("evaluate: metrics and predictions one file through a linked folder", "evaluate",
+         lambda w, t: _evaluate(w, t, output_dir=None, metric_output_file=str(t / "m.json"),
+                                prediction_output_file=str(_link(t, t / "alias") / "m.json")),
+         ["two outputs of this evaluation are the same file", "alias"]),
     Case("evaluate: metrics under a file", "evaluate",
          lambda w, t: _evaluate(w, t, output_dir=None, metric_output_file=str(_write(t / "f", "x") / "m.json")),
          ["m.json", "is not a folder"]),
