@@ -312,7 +312,9 @@ def test_the_cli_writes_a_hessian_with_its_record(lms, tmp_path, capsys):
     assert meta["estimator"] == "generated" and meta["num_examples"] == meta["examples"] == 6
     assert meta["max_length"] == 5 and meta["seed"] == 3 and meta["kind"] == "causal-lm"
     assert meta["prompts"] == str(prompts) and meta["num_prompts"] == 2 and meta["num_processes"] == 1
-    assert meta["model_fingerprint"].startswith("sha256:") and meta["weights_fingerprint"].startswith("sha256:")
+    from gradmatch.checkpoints import FINGERPRINT_PREFIX
+
+    assert meta["model_fingerprint"].startswith("sha256:") and meta["weights_fingerprint"].startswith(FINGERPRINT_PREFIX)
     assert meta["quantity"] == "mean over sampled sequences of squared per-sequence gradients of log p(new tokens | prompt)"
     assert set(meta) >= {"model", "gradmatch_version", "num_tokens"}
     from transformers import AutoModelForCausalLM

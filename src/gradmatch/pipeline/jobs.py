@@ -51,7 +51,10 @@ def _fisher(folder: str | Path) -> str:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    write_text(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+    """JSON with non-finite numbers as the strings NaN, Infinity, -Infinity (gradmatch.finite: bare NaN is not JSON)."""
+    from gradmatch.finite import dumps
+
+    write_text(path, dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
 # --------------------------------------------------------------------------- prepare
