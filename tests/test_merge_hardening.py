@@ -309,3 +309,44 @@ def test_removal_through_a_normalized_mergekit_recipe_is_refused(tmp_path, metho
         out, p, c = load_folder(tmp_path / "removed"), load_folder(fam["parent"]), load_folder(fam["children"][0])
         expected = 2 * p["layer.weight"].double() - c["layer.weight"].double()
         assert torch.allclose(out["layer.weight"].double(), expected, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- found by the hostile pass
+
+
+def test_a_tensor_of_no_entries_is_merged_and_written(tmp_path):
+    """A zero-size tensor beside others (its header entry, no bytes) was 'written after its shard was complete'."""
+    for name, value in (("parent", 0.0), ("child", 0.1)):
+        folder = tmp_path / name
+        folder.mkdir()
+        save_file({"a.weight": torch.full((8, 4), value), "z.empty": torch.zeros(0, 4)}, folder / "model.safetensors",
+                  metadata={"format": "pt"})
+        (folder / "config.json").write_text(json.dumps({"model_type": "toy"}))
+    merge({"method": "task_arithmetic", "base": str(tmp_path / "parent"),
+           "models": [{"model": str(tmp_path / "child"), "weight": 0.5}]}, tmp_path / "out", progress=False)
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    assert out["z.empty"].shape == (0, 4) and torch.allclose(out["a.weight"], torch.full((8, 4), 0.05))
+
+
+def test_a_regmean_output_may_not_be_one_of_its_grams(regmean_world, tmp_path):
+    import shutil
+
+    w = regmean_world
+    gram = shutil.copytree(w["grams"][0], tmp_path / "g0")
+    with pytest.raises(UserError, match="is the input gram of models\\[0\\]"):
+        merge(_regmean(w, [gram, w["grams"][1]]), gram, overwrite=True, progress=False)
+    assert (gram / "gram.safetensors").is_file()
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool])
+def test_a_child_storing_a_merged_weight_as_integers_is_refused(tmp_path, dtype):
+    from test_merge import gm_config
+
+    fam = build_family(tmp_path / "fam")
+    folder = Path(fam["children"][1])
+    tensors = load_file(folder / "model.safetensors")
+    tensors["layer.weight"] = (tensors["layer.weight"] > 0).to(dtype)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match="'layer.weight' is .* in .* but float32 in the base model"):
+        merge(gm_config(fam), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -37,3 +37,15 @@ def test_evaluate_refuses_two_outputs_that_are_one_file(tiny_bert, tmp_path, ali
     with pytest.raises(UserError, match="two outputs of this evaluation are the same file"):
         evaluate(config, quiet=True)
     assert not (tmp_path / "out" / "m.json").exists()
+
+
+def test_an_input_spelled_with_a_tilde_is_still_an_input(tmp_path, monkeypatch):
+    """`--model '~/m' --out $HOME/m`: the input is found where the system opens it, so the output is refused."""
+    from gradmatch.fsutil import check_not_input
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "m").mkdir()
+    with pytest.raises(UserError, match="is the model ~/m: writing it would replace the model"):
+        check_not_input(tmp_path / "m", {"the model": "~/m"}, "--out")
+    with pytest.raises(UserError, match="lies inside the model ~/m"):
+        check_not_input(tmp_path / "m" / "child", {"the model": "~/m"}, "output_dir")

@@ -153,11 +153,11 @@ def check_not_input(out: str | os.PathLike, inputs: Mapping[str, str | os.PathLi
     model") to a path, or plain paths. Paths are compared resolved (links followed); inputs that are None or do
     not exist (a hub name) are skipped. One line names both: "output X lies inside the model Y: ..."."""
     items = inputs.items() if isinstance(inputs, Mapping) else (("the input", p) for p in inputs)
-    real_out = Path(os.path.realpath(out))
-    for description, path in items:
-        if path is None or str(path) == "" or not os.path.lexists(path):
+    real_out = canonical(out)
+    for description, path in items:  # both spelled as the system opens them: `~` expanded, links followed, `..` taken
+        if path is None or str(path) == "" or not os.path.lexists(os.path.expanduser(os.fspath(path))):
             continue
-        real_in = Path(os.path.realpath(path))
+        real_in = canonical(path)
         if real_out == real_in or (real_out.exists() and os.path.samefile(real_out, real_in)):
             harm = f"is {description} {path}: writing it would replace {description}"
         elif real_in in real_out.parents:

@@ -167,6 +167,7 @@ class SafetensorsWriter:
         self.shards = plan_shards(list(specs), max_shard_bytes)
         self.names = shard_file_names(len(self.shards))
         self._shard_of = {spec.name: i for i, shard in enumerate(self.shards) for spec in shard}
+        self._empty = {spec.name for shard in self.shards for spec in shard if spec.nbytes == 0}
         self._open: dict[int, _ShardFile] = {}
         self._done: set[int] = set()
         self.total_bytes = sum(spec.nbytes for shard in self.shards for spec in shard)
@@ -177,6 +178,8 @@ class SafetensorsWriter:
     def write(self, name: str, tensor: torch.Tensor, first_row: int = 0) -> None:
         """Write ``tensor`` as rows ``first_row:first_row + len(tensor)`` of tensor ``name`` (all of it by default)."""
         i = self._shard_of[name]
+        if name in self._empty:  # a tensor of no entries has its header entry and no bytes: nothing to write
+            return
         shard = self._open.get(i)
         if shard is None:
             if i in self._done:

@@ -135,7 +135,7 @@ class MergeConfig(_MergeSchema):
         normalized = self.parameters.get("normalize") is True or self.parameters.get("disjoint_mean") == "weights"
         if method.signed_weights and normalized and sum(self.weights()) < 0:
             raise ValueError(f"{self.method} with normalize (the sum divided by the weights' sum, mergekit's normalize: "
-                             f"true and its default) and weights summing to {sum(self.weights()):g} < 0: the negative "
+                             f"true, its default for ties) and weights summing to {sum(self.weights()):g} < 0: the negative "
                              "weights divide themselves out and add their tasks back instead of removing them "
                              "(mergekit computes the same); to remove a task set normalize: false")
         if not method.signed_weights:

@@ -221,6 +221,10 @@ def _check_tensors(ckpt: Checkpoint, parent: Checkpoint, merged: list[str], why_
         if info.shape != parent.info(name).shape:
             raise UserError(f"tensor {name!r} has shape {list(info.shape)} in {info.file} "
                             f"but {list(parent.info(name).shape)} in the base model {parent.info(name).file}")
+        if not info.dtype.is_floating_point:  # integer or boolean codes of a weight the base stores as numbers
+            raise UserError(f"tensor {name!r} is {str(info.dtype).removeprefix('torch.')} in {info.file} but "
+                            f"{str(parent.info(name).dtype).removeprefix('torch.')} in the base model: its stored "
+                            "values are not the weights to merge")
 
 
 def plan_merge(config: MergeConfig, *, check_inputs: bool = True, allow_config_mismatch: bool = False) -> MergePlan:
@@ -421,7 +425,9 @@ def check_output_not_input(out: Path, plan: MergePlan) -> None:
     """Refuse an output that is, contains or lies inside an input folder (one line naming both)."""
     from gradmatch.fsutil import check_not_input
 
-    check_not_input(out, {f"the input {ckpt.role}": ckpt.folder for ckpt in plan.inputs}, "output")
+    inputs = {f"the input {ckpt.role}": ckpt.folder for ckpt in plan.inputs}
+    inputs.update({f"the input {g.role}": g.folder for g in plan.grams})  # RegMean's Gram folders are inputs too
+    check_not_input(out, inputs, "output")
 
 
 def default_out_dtype(plan: MergePlan) -> str | None:
