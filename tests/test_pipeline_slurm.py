@@ -51,9 +51,11 @@ def test_tiny_experiment_runs_on_slurm(slurm, tmp_path):
     cmd = [sys.executable, "-m", "gradmatch", "run", str(exp), "--workdir", str(workdir), "--executor", "slurm",
            "--jobs", "4", "--snakemake-args", "--seconds-between-status-checks 2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    # every job went through sbatch, with the resources the experiment asked for
+    shown = proc.stdout + proc.stderr
+    assert proc.returncode == 0, shown[-4000:]
+    assert shown.count("] done ") == 12, shown[-4000:]  # one plain line per finished job (stderr is not a terminal)
+    # every job went through sbatch, with the resources the experiment asked for (Snakemake's own log, kept in the run)
+    out = (workdir / "logs" / "snakemake.log").read_text()
     assert out.count("has been submitted with SLURM jobid") == 12, out[-4000:]
     # the sbatch request of the parent's training job, as the controller recorded it
     jobid = re.search(r"SLURM jobid (\d+) \(log: [^)]*rule_models_parent", out)
