@@ -221,7 +221,14 @@ def _check_tensors(ckpt: Checkpoint, parent: Checkpoint, merged: list[str], why_
         if info.shape != parent.info(name).shape:
             raise UserError(f"tensor {name!r} has shape {list(info.shape)} in {info.file} "
                             f"but {list(parent.info(name).shape)} in the base model {parent.info(name).file}")
-        if not info.dtype.is_floating_point:  # integer or boolean codes of a weight the base stores as numbers
+
+
+def _check_floating(child: Checkpoint, parent: Checkpoint, merged: list[str]) -> None:
+    """A child stores every merged weight as numbers: integer or boolean codes of a weight the base stores as floating
+    point are not the weights to merge."""
+    for name in merged:
+        info = child.info(name)
+        if not info.dtype.is_floating_point:
             raise UserError(f"tensor {name!r} is {str(info.dtype).removeprefix('torch.')} in {info.file} but "
                             f"{str(parent.info(name).dtype).removeprefix('torch.')} in the base model: its stored "
                             "values are not the weights to merge")
@@ -264,6 +271,7 @@ def plan_merge(config: MergeConfig, *, check_inputs: bool = True, allow_config_m
     averaged = [name for name, info in output.tensors.items() if name not in parent and _is_mergeable(name, info.dtype)]
     for child in children:
         _check_tensors(child, output, merged + averaged, f"of the base model {base.folder}")
+        _check_floating(child, output, merged + averaged)
     for h in hessians:
         if h is not None:
             _check_hessian(h, output, merged, method.name)
