@@ -94,9 +94,8 @@ def _legacy_fingerprint(folder: Path) -> str:
         size = path.stat().st_size
         h.update(f"{path.name}|{size}\n".encode())
         with open(path, "rb") as fh:
-            for start in sorted({0, max(0, size // 2 - _SAMPLE // 2), max(0, size - _SAMPLE)}):
-                fh.seek(start)
-                h.update(fh.read(_SAMPLE))
+            for sample in _samples(fh, 0, size, _SAMPLE):
+                h.update(sample)
     return "sha256:" + h.hexdigest()
 
 
