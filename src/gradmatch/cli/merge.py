@@ -3,11 +3,88 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
+from gradmatch.cli._base import Removed, command
 from gradmatch.errors import UserError
-from gradmatch.methods import get_method
+from gradmatch.methods import get_method, method_names
+
+
+def add(sub) -> None:
+    p = command(
+        sub, "merge",
+        help="merge fine-tuned children of a common parent",
+        description="Merge models fine-tuned from one parent into one Hugging Face model folder. Give a merge YAML "
+        "(gradmatch's own, or a mergekit YAML for the methods both have) and an output folder, or the original "
+        "scripts' flags. Methods, parameters and guarantees: docs/merge.md.",
+        examples=["gradmatch merge merge.yaml merged/",
+                  "gradmatch merge mergekit.yaml merged/ --out-dtype bfloat16",
+                  "gradmatch merge --pretrained-model-name-or-path parent --pretrained-hessian-path parent-fisher \\",
+                  "    --ft-model-name-or-paths a,b --ft-hessian-paths a-fisher,b-fisher --scaling-factor-pt 2000 \\",
+                  "    --scaling-factors-ft 1000,1000 --delta-0 1e-12 --out-model-path merged/"],
+    )
+    p.add_argument("config", nargs="?", help="merge YAML (method, base, models, parameters)")
+    p.add_argument("out", nargs="?", help="output folder (Hugging Face model folder)")
+    orig = p.add_argument_group(
+        "the original scripts' flags",
+        "uncertainty_based_gradient_matching.py and task_arithmetic.py, same meaning and defaults (their underscore "
+        "spellings are accepted too, e.g. --pretrained_model_name_or_path)")
+
+    def flag(name: str, *more: str, **kwargs):
+        orig.add_argument(f"--{name.replace('_', '-')}", f"--{name}", *more, dest=name, **kwargs)
+
+    flag("pretrained_model_name_or_path", "--pretrained-model", metavar="PATH",
+         help="the parent θ_0 (folder, hub id, or an alias: minilm, smollm2)")
+    flag("pretrained_hessian_path", metavar="PATH", help="the parent's Hessian F_0: a fisher output folder or its hessian/")
+    flag("ft_model_name_or_paths", metavar="A,B,...", help="comma-separated fine-tuned children θ_t")
+    flag("ft_hessian_paths", metavar="HA,HB,...", help="comma-separated Hessians F_t of the children, in the same order")
+    flag("scaling_factor_pt", type=float, metavar="N0", help="N_0, the scale of the parent's Hessian (the original's "
+         "default 1.0; give the parent's training-set size)")
+    flag("scaling_factors_ft", metavar="N1,N2,...", help="N_t, the scales of the children's Hessians (default 1.0 "
+         "each; give their training-set sizes)")
+    flag("delta_0", type=float, metavar="DELTA", help="prior precision δ added to N_0·F_0 (the original's default 0.0; "
+         "1e-12 works well)")
+    flag("scaling_factor", type=float, metavar="ALPHA", help="α, one weight for every task vector (default 1.0)")
+    flag("scaling_factors", metavar="A1,A2,...", help="comma-separated α_t, one per child (instead of --scaling-factor)")
+    flag("out_model_path", metavar="OUT", help="the output folder")
+    flag("task_type", default="SEQ_CLS", help="accepted for compatibility; the merge reads weight files whatever the head")
+    orig.add_argument("--method", default=None, choices=method_names(),
+                      help="the method (default: gradient_matching when Hessians are given, else task_arithmetic)")
+    exe = p.add_argument_group("execution")
+    exe.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
+    exe.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    exe.add_argument("--precision", choices=["float32", "float64"], default="float32", help="compute dtype")
+    exe.add_argument("--out-dtype", default=None, choices=["float32", "float16", "bfloat16", "float64"],
+                     help="dtype of the merged floating tensors (default: the parent's stored dtype)")
+    exe.add_argument("--max-shard-size", default="5GB", help="safetensors shard size, e.g. 2GB, 500MB")
+    exe.add_argument("--block-rows", type=int, default=None,
+                     help="rows per block for methods that stream a tensor (default: about 2^17 entries per input)")
+    exe.add_argument("--clamp-denominator", action=Removed, help=argparse.SUPPRESS,
+                     message="--clamp-denominator was replaced by the removal guard: set parameters: "
+                     "{max_update_ratio: R} in the merge YAML (see docs/merge.md, Removal)")
+    exe.add_argument("--threads", type=int, default=1,
+                     help="CPU threads for torch and the fused kernels (merging is memory-bound; more can be slower on "
+                          "shared machines)")
+    exe.add_argument("--kernel", choices=["auto", "fused", "reference"], default="auto",
+                     help="fused: one compiled pass over the inputs as stored (gradient_matching, task_arithmetic; "
+                          "CPU, float32); reference: the torch formula; auto (default): fused for merges that read "
+                          "2 GiB or more")
+    exe.add_argument("--no-check-hessians", dest="check_inputs", action="store_false",
+                     help="accept Hessians and Grams whose record names another model (fisher.json / gram.json)")
+    exe.add_argument("--allow-config-mismatch", action="store_true",
+                     help="merge children whose config differs from the parent's in a way that changes the function")
+    exe.add_argument("--no-card", dest="no_card", action="store_true",
+                     help="write no model card (README.md: method, formula, inputs, how to reproduce)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    out = merge_from_args(args)
+    print(f"merged model written to {out}")
+    return 0
+
 
 _ORIGINAL_FLAGS = ("pretrained_model_name_or_path", "pretrained_hessian_path", "ft_model_name_or_paths",
                    "ft_hessian_paths", "scaling_factor_pt", "scaling_factors_ft", "delta_0", "scaling_factor",
@@ -98,9 +175,9 @@ def merge_from_args(args) -> Path:
         config, out = args.config, args.out
     else:
         config, out = config_from_original_flags(args)
-    from gradmatch.merge import merge
-
     import gc
+
+    from gradmatch.merge import merge
 
     gc.freeze()  # the command exits after merging: spare the interpreter's final pass over torch's objects (0.3 s)
     try:
