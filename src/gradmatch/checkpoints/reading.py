@@ -159,11 +159,17 @@ def _read_index(path: Path) -> dict[str, str]:
     return weight_map
 
 
+def weight_layouts(folder: Path) -> list[str]:
+    """Every weight file (or index) of a Hugging Face folder, in transformers' order of preference (the first is
+    the one :func:`weight_layout` reads)."""
+    return [name for name in WEIGHT_LAYOUTS if (Path(folder) / name).is_file()]
+
+
 def weight_layout(folder: Path) -> str | None:
     """The weight file (or index) of a Hugging Face folder, or None when it has none: of several, the one
     transformers' ``from_pretrained`` loads (``model.safetensors``, then its index, then ``pytorch_model.bin``,
     then its index), so that a merge reads the tensors that fisher, evaluate and train load."""
-    found = [name for name in WEIGHT_LAYOUTS if (folder / name).is_file()]
+    found = weight_layouts(folder)
     if len(found) > 1:
         log.warning("note: %s holds %s; reading %s, as transformers does (the others are ignored)", folder,
                     " and ".join(found), found[0])

@@ -178,7 +178,7 @@ def _check_owners(plan: MergePlan) -> None:
     """Each Hessian and Gram records (fisher.json, gram.json) a fingerprint of the model folder it was computed
     on; one that names another model than the one it is paired with is refused. Records without one (the
     original code's Hessians) pass with a note."""
-    from gradmatch.checkpoints import fingerprint_matches, folder_fingerprint
+    from gradmatch.checkpoints import FINGERPRINT_PREFIX, fingerprint_by, fingerprint_matches
 
     pairs = [(plan.parent_hessian, plan.parent, "base_hessian")] + [
         (h, c, f"hessian of models[{i}]") for i, (h, c) in enumerate(zip(plan.hessians, plan.children))]
@@ -194,9 +194,13 @@ def _check_owners(plan: MergePlan) -> None:
                         role, stats.folder, record_file.name, model.folder)
             continue
         if not fingerprint_matches(model.folder, recorded, computed):
+            older = "" if recorded.startswith(FINGERPRINT_PREFIX) else (
+                f", by the older sampled scheme {recorded.split(':', 1)[0]}:, which also differs when the same tensors "
+                "are saved again in another order or beside another weight file: compute it again to check it by its "
+                "tensors")
             raise UserError(f"{role} {stats.folder} was computed on another model than {model.folder} "
                             f"(its {record_file.name} names weights {recorded[:30]}…, the model's are "
-                            f"{folder_fingerprint(model.folder)[:30]}…); --no-check-hessians merges anyway")
+                            f"{fingerprint_by(model.folder, recorded)[:30]}…{older}); --no-check-hessians merges anyway")
 
 
 def read_record(path: Path) -> dict[str, Any]:
