@@ -85,6 +85,19 @@ def _load(a, i):
     return None
 
 
+def is_negative(a, i, f):  # pragma: no cover - replaced by the overload inside compiled code
+    """Whether entry ``i`` of ``a`` (``f``: its float32 value) is negative as stored: a float64 entry is judged
+    before conversion (−1e-300 is −0 in float32); the other dtypes convert to float32 exactly."""
+    raise NotImplementedError
+
+
+@overload(is_negative, inline="always")
+def _negative(a, i, f):
+    if a.dtype == types.float64:
+        return lambda a, i, f: a[i] < 0
+    return lambda a, i, f: f < 0
+
+
 def store(out, i, x):  # pragma: no cover - replaced by the overload inside compiled code
     """Write float32 ``x`` into ``out[i]`` in ``out``'s dtype; 1 if the stored value is not finite, else 0."""
     raise NotImplementedError
@@ -150,7 +163,7 @@ def _gradient_matching(out, parent, children, parent_fisher, fishers, alphas, sc
         neg = 0
         for j in range(m):
             f = load(f0, j)
-            neg += f < 0
+            neg += is_negative(f0, j, f)
             h = f * parent_scale + delta_0  # H_0 = N_0 F_0 + δ
             theta0[j] = load(p0, j)
             H0[j] = h
@@ -165,7 +178,7 @@ def _gradient_matching(out, parent, children, parent_fisher, fishers, alphas, sc
             aS = alpha_scales[t]
             for j in range(m):
                 f = load(ft, j)
-                neg += f < 0
+                neg += is_negative(ft, j, f)
                 tau = load(c, j) - theta0[j]
                 D[j] += aS * f  # + α_t N_t F_t
                 num[j] += a * ((H0[j] + s * f) * tau)  # + α_t (H_0 + H_t) τ_t

@@ -41,7 +41,7 @@ class BlockReader:
     ``pinned``: read into page-locked host buffers, ``ahead + 2`` per checkpoint, reused; a buffer is
     refilled only after the copy that :meth:`to_device` started from it has finished (a CUDA event), so
     the copies to the GPU can be asynchronous. Without it every block gets fresh tensors, converted to
-    ``convert`` (the compute dtype) on the reader thread when given.
+    ``convert`` (the compute dtype) on the reader thread when given and the stored dtype is not wider.
     Errors of the thread (a file that cannot be read) are raised where the block is taken.
     """
 
@@ -74,7 +74,9 @@ class BlockReader:
                     if buffer is not None:
                         item.buffers[id(ckpt)] = buffer
                     tensor = ckpt.read(name, rows, out=None if buffer is None else buffer.data)
-                    item.tensors[id(ckpt)] = tensor if self.convert is None else tensor.to(self.convert)
+                    # a float64 input computed in float32 stays as stored: its values are judged before conversion
+                    narrowing = self.convert is not None and tensor.dtype.itemsize > self.convert.itemsize
+                    item.tensors[id(ckpt)] = tensor if self.convert is None or narrowing else tensor.to(self.convert)
                 if not self._put(item):
                     return
         except _Stopped:

@@ -33,6 +33,10 @@ def _where(name: str, rows: slice | None) -> str:
     return f"tensor {name!r}" + (f" (rows {rows.start}:{rows.stop})" if rows is not None else "")
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _finite(tensor: torch.Tensor) -> bool:
     """No NaN or Inf in ``tensor``: min and max propagate NaN, and are much faster than isfinite().all().
     One aminmax pass: 10x faster than min() and max() on a 2^16-entry block here (53 vs 527 µs)."""
@@ -84,22 +88,68 @@ class Executor:
         return buffer[: ckpt.read_into(name, rows, buffer)].view(bits)
 
     def _load(self, ckpt: Checkpoint, name: str, rows: slice | None, hessian: bool) -> torch.Tensor:
+        """Block ``rows`` of ``ckpt``'s tensor ``name`` in the compute dtype, a Hessian's values judged as stored: a
+        float64 input computed in float32 is converted only after that (−1e-300 would be −0 then, and 1e300 inf)."""
+        narrowing = ckpt.info(name).dtype.itemsize > self.compute.itemsize  # float64 stored, float32 computed
+        dtype = None if narrowing else self.compute
         tensor = None
         if self._ahead is not None:
-            tensor = self.reader.to_device(self._ahead, ckpt, self.device, self.compute)
+            tensor = self.reader.to_device(self._ahead, ckpt, self.device, dtype)
         if tensor is None:
-            tensor = ckpt.read(name, rows).to(self.device, self.compute)
-        self._loaded.append((ckpt, tensor))
-        if hessian and tensor.numel() and float(torch.aminmax(tensor).min) < 0:  # NaN: caught as non-finite
+            tensor = ckpt.read(name, rows).to(self.device, dtype)
+        stored = tensor if narrowing else None
+        if narrowing:
+            tensor = tensor.to(self.compute)
+        self._loaded.append((ckpt, tensor, stored))
+        judged = tensor if stored is None else stored
+        if hessian and judged.numel() and float(torch.aminmax(judged).min) < 0:  # NaN: caught as non-finite
             raise UserError(f"{_where(name, rows)} of {ckpt.info(name).file} has negative values (down to "
-                            f"{float(tensor.min()):.3g}), which a Hessian (a Fisher: mean of squared gradients) cannot have")
+                            f"{float(judged.min()):.3g}), which a Hessian (a Fisher: mean of squared gradients) cannot have")
         return tensor
 
     def _blame_non_finite(self, name: str, rows: slice | None) -> None:
-        """Name the first input block holding NaN or Inf, if any."""
-        for ckpt, tensor in self._loaded:
-            if not _finite(tensor):
+        """Name the first input block holding NaN or Inf as stored, if any."""
+        for ckpt, tensor, stored in self._loaded:
+            if not _finite(tensor if stored is None else stored):
                 raise UserError(f"{_where(name, rows)} of {ckpt.info(name).file} holds NaN or Inf values")
+
+    def _overflow(self, name: str, rows: slice | None, out_dtype: torch.dtype) -> UserError:
+        """What a block whose merged values are not finite, from finite inputs, ran into: the compute precision
+        (float32) where float64 merges it — the block computed again in float64 says — or float64's range too."""
+        where = f"{self.method.name}: {_where(name, rows)}"
+        if self.compute == torch.float64:
+            return UserError(f"{where}: the merged values overflow to NaN or Inf in float64")
+        precision, largest = _dtype_name(self.compute), torch.finfo(self.compute).max
+        beyond = [(ckpt, stored) for ckpt, tensor, stored in self._loaded if stored is not None and not _finite(tensor)]
+        cause = (f"{beyond[0][0].info(name).file} holds {float(beyond[0][1].abs().max()):.3g}, beyond"
+                 if beyond else "an intermediate value such as N·F exceeds") + f" {precision}'s largest {largest:.3g}"
+        wide = self._in_float64(name, rows)
+        if wide is None or not _finite(wide):
+            return UserError(f"{where}: the merged values overflow to NaN or Inf, in {precision} ({cause}) and in "
+                             "float64 too")
+        peak = float(wide.abs().max()) if wide.numel() else 0.0
+        if not _finite(wide.to(out_dtype)):
+            hint = (f"in float64 the merged values reach {peak:.3g}, beyond the output dtype "
+                    f"{_dtype_name(out_dtype)}: --precision float64 with --out-dtype float64 merges it")
+        else:
+            hint = f"in float64 the merged values are finite (largest {peak:.3g}): --precision float64 merges it"
+        return UserError(f"{where}: the computation overflows {precision}, the compute precision ({cause}); {hint}")
+
+    def _in_float64(self, name: str, rows: slice | None) -> torch.Tensor | None:
+        """The block merged again in float64 from its stored inputs (None where the method refuses it), to say what
+        float64 would do; the executor's state is as before afterwards."""
+        saved = self.compute, self._ahead, self._loaded, self._cache_name, self._cache
+        self.compute, self._ahead, self._cache_name = torch.float64, None, None
+        try:
+            self._loaded = []
+            kwargs = self._inputs(name, rows)
+            if "stats" in self.method.inputs:
+                kwargs["stats"] = {}
+            return self.method.function(**kwargs, **self.call_params)
+        except (MethodError, UserError):
+            return None
+        finally:
+            self.compute, self._ahead, self._loaded, self._cache_name, self._cache = saved
 
     def _inputs(self, name: str, rows: slice | None, stored: bool = False) -> dict[str, Any]:
         """The engine inputs the method takes (see gradmatch.methods.base.ENGINE_INPUTS), for one block
@@ -133,23 +183,28 @@ class Executor:
             kwargs["cache"] = self._cache
         return {k: v for k, v in kwargs.items() if k in wanted}
 
-    def _compute(self, name: str, rows: slice | None) -> torch.Tensor:
-        self._loaded: list[tuple[Checkpoint, torch.Tensor]] = []
+    def _compute(self, name: str, rows: slice | None, out_dtype: torch.dtype) -> torch.Tensor:
+        # (checkpoint, block in the compute dtype, block as stored where converting it narrowed, else None)
+        self._loaded: list[tuple[Checkpoint, torch.Tensor, torch.Tensor | None]] = []
         kwargs = self._inputs(name, rows)
         stats: dict[str, int] = {}
         if "stats" in self.method.inputs:
             kwargs["stats"] = stats
         if not self.method.propagates_nan:
             self._blame_non_finite(name, rows)
+            if not all(_finite(tensor) for _, tensor, _ in self._loaded):  # finite as stored, not once converted
+                raise self._overflow(name, rows, out_dtype)
         where = _where(name, rows)
         try:
             result = self.method.function(**kwargs, **self.call_params)
         except MethodError as exc:
             self._blame_non_finite(name, rows)
+            if not all(_finite(tensor) for _, tensor, _ in self._loaded):
+                raise self._overflow(name, rows, out_dtype) from None
             raise UserError(f"{self.method.name}: {where} of {self.plan.parent.info(name).file}: {exc}") from None
         if not _finite(result):
             self._blame_non_finite(name, rows)
-            raise UserError(f"{self.method.name}: {where}: the merged values overflow to NaN or Inf")
+            raise self._overflow(name, rows, out_dtype)
         self._count(name, stats)
         self._loaded = []
         return result
@@ -197,7 +252,7 @@ class Executor:
                 return result
             self.fallbacks[name] = self.fallbacks.get(name, 0) + 1
         self.computed["reference"] += 1
-        result = self._compute(name, rows).to("cpu", out_dtype)
+        result = self._compute(name, rows, out_dtype).to("cpu", out_dtype)
         if not _finite(result):  # finite in the compute dtype, but beyond the output dtype's range
             raise UserError(f"{self.method.name}: {_where(name, rows)}: the merged values overflow "
                             f"{str(out_dtype).removeprefix('torch.')} (largest {torch.finfo(out_dtype).max:.4g}); "
