@@ -265,6 +265,15 @@ def load_model(
     return kind.prepare_model(model, processor), processor
 
 
+def skeleton(config, kind):
+    """``kind``'s architecture for ``config`` built on the meta device: its modules, names and shapes, with no
+    weights and no memory (for checks before anything loads). Raises what transformers raises when it cannot."""
+    import torch
+
+    with torch.device("meta"):
+        return kind.auto_class().from_config(config)
+
+
 def load_processor(name_or_path: str | os.PathLike, *, kind=None):
     """The tokenizer or image processor :func:`load_model` would return with the model, without loading the
     weights (for checks that need the tokens of some text before the model loads)."""

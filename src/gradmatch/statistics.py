@@ -100,11 +100,23 @@ class Loaded:
 
 
 def load(model: str, spec: SplitSpec, *, max_length: int, kind: str | None = None, purpose: str,
-         alternatives: str = "fine-tune it first", labels: bool = True, check_model=None) -> Loaded:
+         alternatives: str = "fine-tune it first", labels: bool = True, check_model=None,
+         weights: bool = True) -> Loaded:
     """Check ``model`` and its split (kind, head for ``purpose``, columns, labels) before its weights load, take the
-    first ``spec.max_examples`` examples, then load the model. ``check_model(config, kind)`` may refuse more, early."""
+    first ``spec.max_examples`` examples, then load the model. ``check_model(config, kind)`` may refuse more, early.
+    Without ``weights`` only the tokenizer loads (``model`` is None: a sharded run loads its own rows later)."""
+    from types import SimpleNamespace
+
     from gradmatch.data import load_split
-    from gradmatch.models import BUILTIN_SPECS, kind_of, load_config, load_model, model_max_length
+    from gradmatch.models import (
+        BUILTIN_SPECS,
+        is_lora_adapter,
+        kind_of,
+        load_config,
+        load_model,
+        load_processor,
+        model_max_length,
+    )
 
     name = str(model)
     config = load_config(name)
@@ -120,6 +132,12 @@ def load(model: str, spec: SplitSpec, *, max_length: int, kind: str | None = Non
         model_kind.check_labels(dataset, spec.label, int(config.num_labels))
     if spec.max_examples is not None and len(dataset) > int(spec.max_examples):
         dataset = dataset.select(range(int(spec.max_examples)))
+    if not weights:
+        if is_lora_adapter(name):
+            raise UserError(f"model {name} is a LoRA adapter: sharded runs read full checkpoints (fold it into its "
+                            "base first, or run without --shard)")
+        return Loaded(name, model_kind, config, dataset, None, load_processor(name, kind=model_kind),
+                      model_max_length(SimpleNamespace(config=config), max_length), spec)
     net, processor = load_model(name, kind=model_kind)
     from gradmatch.finite import check_model
 
@@ -204,16 +222,35 @@ class Statistic:
     def before(self, loaded: Loaded, rank: int) -> None:
         """Runs on every process before the model moves to its device (e.g. fingerprint the weights as loaded)."""
 
+    #: Whether the statistic runs over a model FSDP sharded (`--shard`): then it implements the three below.
+    shardable: bool = False
+
+    def before_sharded(self, loaded: Loaded, rank: int, world: int, group) -> None:
+        """As :meth:`before`, for the sharded model (every process takes part)."""
+
+    def sharded_accumulator(self, loaded: Loaded, group):
+        raise NotImplementedError
+
+    def write_sharded(self, acc, loaded: Loaded, folder: Path | None, *, world: int) -> None:
+        """Write the result; every process takes part, ``folder`` is None on all but rank 0."""
+        raise NotImplementedError
+
 
 def run(statistic: Statistic, loaded: Loaded, *, out: Path, overwrite: bool, batch_size: int,
-        device: str | None, progress: bool) -> Path:
+        device: str | None, progress: bool, shard: bool = False) -> Path:
     """Accumulate ``statistic`` over ``loaded``'s examples — shared out over torchrun processes (rank r takes
-    examples r, r+W, …), combined with the statistic's all-reduce — and let rank 0 write OUT atomically."""
+    examples r, r+W, …), combined with the statistic's all-reduce — and let rank 0 write OUT atomically.
+    With ``shard`` (``loaded`` without its weights) the model is FSDP-sharded over the processes instead of copied
+    into each (:mod:`gradmatch.fisher.sharded`)."""
     from gradmatch.fisher.accumulator import progress_bar
     from gradmatch.fsutil import atomic_dir
 
     with distributed_run(device) as (rank, world, device):
         encoded = loaded.encoded()
+        if shard:
+            _run_sharded(statistic, loaded, out=out, overwrite=overwrite, batch_size=int(batch_size), device=device,
+                         progress=progress, rank=rank, world=world)
+            return Path(out)
         statistic.before(loaded, rank)
         loaded.model.to(device)
         indices = list(range(rank, len(encoded), world))
@@ -227,3 +264,39 @@ def run(statistic: Statistic, loaded: Loaded, *, out: Path, overwrite: bool, bat
             with atomic_dir(out, overwrite) as tmp:
                 statistic.write(acc, loaded, tmp, world=world)
     return Path(out)
+
+
+def _run_sharded(statistic: Statistic, loaded: Loaded, *, out: Path, overwrite: bool, batch_size: int, device: str,
+                 progress: bool, rank: int, world: int) -> None:
+    import math
+
+    from gradmatch.fisher.accumulator import progress_bar
+    from gradmatch.fisher.sharded import (
+        check_sharded_model,
+        load_sharded,
+        lockstep_batches,
+        reduction_group,
+    )
+    from gradmatch.fsutil import atomic_dir
+
+    encoded = loaded.encoded()
+    with reduction_group() as group:
+        loaded.model = load_sharded(loaded.name, loaded.config, loaded.kind, loaded.processor, device=device,
+                                    rank=rank, world=world)
+        check_sharded_model(loaded.model, loaded.name, statistic.desc)
+        statistic.before_sharded(loaded, rank, world, group)
+        indices = list(range(rank, len(encoded), world))
+        collate = loaded.kind.collator(loaded.processor)
+        total = math.ceil(math.ceil(len(encoded) / world) / batch_size)  # rank 0's share is the largest
+        filler = next(batches(encoded, collate, indices[:1] or [0], 1))
+        acc = statistic.sharded_accumulator(loaded, group)
+        own = batches(encoded, collate, indices, batch_size)
+        with acc, progress_bar(len(indices), progress and rank == 0, statistic.desc) as bar:
+            for batch, live in lockstep_batches(own, filler, total):
+                bar.update(acc.add(batch, live=live))
+        acc.all_reduce()
+        if rank == 0:
+            with atomic_dir(out, overwrite) as tmp:
+                statistic.write_sharded(acc, loaded, tmp, world=world)
+        else:
+            statistic.write_sharded(acc, loaded, None, world=world)

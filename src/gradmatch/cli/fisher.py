@@ -6,6 +6,7 @@ import os
 
 from gradmatch.cli._base import DATA_DIR_HELP, command, filters
 from gradmatch.config.fisher import ESTIMATORS
+from gradmatch.config.merge import OUT_DTYPES
 from gradmatch.errors import UserError
 from gradmatch.kinds import kind_names
 
@@ -19,10 +20,13 @@ def add(sub) -> None:
         "Σ_i log p(x_i | x_<i) for causal LMs), plus fisher.json. `--data generated` needs no data: it samples "
         "--examples sequences of up to --max-length new tokens from the causal LM itself (from BOS or --prompts) "
         "and scores their new tokens. Under `torchrun --nproc_per_node K -m gradmatch "
-        "fisher ...` the examples are shared out across processes with the same result. See docs/fisher.md.",
+        "fisher ...` the examples are shared out across processes with the same result; with --shard the model "
+        "and the sums are too (FSDP2). See docs/fisher.md.",
         examples=['gradmatch fisher --model runs/child-sst2 --data sst2 --split "train[:200]" --out runs/child-sst2-fisher',
                   'gradmatch fisher --model smollm2 --data imdb --split "train[:64]" --filter label=0 --out neg-fisher',
-                  'gradmatch fisher --model smollm2 --data generated --examples 256 --max-length 64 --out smollm2-fisher'],
+                  'gradmatch fisher --model smollm2 --data generated --examples 256 --max-length 64 --out smollm2-fisher',
+                  'torchrun --nproc_per_node 8 -m gradmatch fisher --shard --model MODEL --data imdb '
+                  '--split "train[:1000]" --gradient-checkpointing --out model-fisher'],
     )
     p.add_argument("--model", required=True, help="a classifier or causal LM: Hugging Face folder, hub id or alias "
                    "(minilm, smollm2)")
@@ -51,6 +55,15 @@ def add(sub) -> None:
     p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     p.add_argument("--config-name", default=None, help="the data set's configuration name (hub data sets)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when present)")
+    p.add_argument("--out-dtype", choices=OUT_DTYPES, default=None,
+                   help="dtype the Fisher is stored in (sums are float32 whatever it is; default bfloat16 for a "
+                   "bfloat16 model, else float32; float16 turns entries below 6e-8 into 0)")
+    p.add_argument("--shard", action="store_true",
+                   help="under torchrun: shard the model and the sums over the processes with FSDP2 (each holds 1/W "
+                   "of them) instead of a whole copy in each; the same result")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each layer's activations in backward instead of keeping them (less memory for "
+                   "long sequences, about one more forward pass of time)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
     p.set_defaults(func=run)
 
@@ -77,7 +90,8 @@ def run(args) -> int:
                          batch_size=args.batch_size, max_examples=args.max_examples, max_length=args.max_length,
                          seed=args.seed, data_dir=args.data_dir, overwrite=args.overwrite,
                          config_name=args.config_name, device=args.device, progress=not args.quiet, kind=args.kind,
-                         filters=filters(args.filter))
+                         filters=filters(args.filter), out_dtype=args.out_dtype, shard=args.shard,
+                         gradient_checkpointing=args.gradient_checkpointing)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"Fisher written to {out}/hessian")
     return 0
@@ -99,4 +113,6 @@ def _generated(args):
 
     return run_generated_fisher(args.model, out=args.out, examples=args.examples, max_length=args.max_length,
                                 prompts=args.prompts, seed=args.seed, batch_size=args.batch_size, device=args.device,
-                                overwrite=args.overwrite, progress=not args.quiet, kind=args.kind)
+                                overwrite=args.overwrite, progress=not args.quiet, kind=args.kind,
+                                out_dtype=args.out_dtype, gradient_checkpointing=args.gradient_checkpointing,
+                                shard=args.shard)

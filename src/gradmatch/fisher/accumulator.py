@@ -8,6 +8,7 @@ import contextlib
 from collections.abc import Iterable, Mapping
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from gradmatch.errors import UserError
@@ -47,16 +48,16 @@ class FisherAccumulator:
     output gradient.
     """
 
-    def __init__(self, model: nn.Module, *, kind=None, estimator: str = "sampled", seed: int = 0):
+    def __init__(self, model: nn.Module, *, kind=None, estimator: str = "sampled", seed: int = 0,
+                 gradient_checkpointing: bool = False):
         self.targets = _targets(estimator)
+        self.checkpointed_layers = checkpoint_layers(model) if gradient_checkpointing else []
         self.model, self.kind, self.estimator, self.seed = model, _kind_of(model, kind), estimator, int(seed)
         self.count = 0
         canonical = {}  # id(parameter) -> its name (the first one named_parameters gives a shared tensor)
         for name, p in model.named_parameters():
             canonical.setdefault(id(p), name)
-        self.sums: dict[str, torch.Tensor] = {
-            name: torch.zeros(p.shape, dtype=_acc_dtype(p), device=p.device) for name, p in model.named_parameters()
-        }
+        self.sums: dict[str, torch.Tensor] = self._allocate(model)
         self._owner: dict[nn.Module, list[tuple[str, str]]] = {}  # module -> [(attribute, parameter name)]
         self._rule: dict[nn.Module, LayerRule | None] = {}
         uses: dict[str, list[nn.Module]] = {}
@@ -83,6 +84,31 @@ class FisherAccumulator:
         self._deferred: list[tuple] = []
         self._shared_uses: dict[str, list[tuple]] = {}
         self._suspended = False
+        self._live = True  # False: a batch run only to keep processes in step (sharded); it adds nothing
+        self._recomputing = False
+        self._in_checkpoint = False
+        self._ran: set[nn.Module] = set()
+        self._recomputed: dict[nn.Module, tuple] = {}
+        self._waiting: dict[nn.Module, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ where sums go
+
+    def _allocate(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The float32 sums, one per parameter name (a sharded accumulator holds only its process's rows)."""
+        return {name: torch.zeros(p.shape, dtype=_acc_dtype(p), device=p.device) for name, p in model.named_parameters()}
+
+    def _targets_of(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """attribute -> the tensor a layer rule adds this batch's Σ_b g_b² into (here: the sums themselves)."""
+        return {attr: self.sums[full] for attr, full in self._owner[module]}
+
+    def _commit(self, module: nn.Module, targets: dict[str, torch.Tensor | None]) -> None:
+        """After a rule added into ``targets`` (nothing to do when they are the sums)."""
+
+    def _shared_target(self, full: str) -> torch.Tensor:
+        return self.sums[full]
+
+    def _commit_shared(self, full: str, target: torch.Tensor) -> None:
+        """After the shared matrix ``full`` was added into ``target``."""
 
     # ------------------------------------------------------------------ hooks
 
@@ -101,10 +127,36 @@ class FisherAccumulator:
     def _on_forward(self, module, args, kwargs, out):
         if self._suspended:
             return None
+        if self._recomputing:  # a checkpointed layer's forward again, in backward: keep what its rule needs now
+            saved = self._save(module, args, kwargs, out)[1:]
+            if module in self._waiting:  # its output gradient came first (nothing between it and the layer's end)
+                self._on_backward(module, *saved, self._waiting.pop(module))
+            else:
+                self._recomputed[module] = saved
+            return None
         self._calls[module] = self._calls.get(module, 0) + 1
         if self._calls[module] > 1:
             raise UserError(f"module {self._name(module)} runs more than once per forward pass (shared weights): "
                             "exact per-example Fisher is not supported for it")
+        out, rule, saved = self._save(module, args, kwargs, out, keep=not self._in_checkpoint)
+        if not out.requires_grad:
+            out = out.detach().requires_grad_()
+            self._leaves.append(out)
+        if self._in_checkpoint:  # its inputs are not kept: the recomputed forward saves them, just before this runs
+            out.register_hook(lambda g: self._after_recompute(module, g))
+        else:
+            out.register_hook(lambda g: self._on_backward(module, rule, saved, g))
+        return out
+
+    def _after_recompute(self, module, G) -> None:
+        if module in self._recomputed:
+            self._on_backward(module, *self._recomputed.pop(module), G)
+        else:  # the layer has not been recomputed yet: its forward hook takes G then
+            self._waiting[module] = G.detach()
+
+    def _save(self, module, args, kwargs, out, keep: bool = True):
+        """(the output with the batch first, the rule that applies — None: recompute the module —, what its
+        backward needs; None when ``keep`` is False)."""
         if not isinstance(out, torch.Tensor):
             raise UserError(f"module {self._name(module)} ({type(module).__name__}) owns parameters but does not "
                             "return one tensor: exact per-example Fisher is not supported for it")
@@ -118,14 +170,16 @@ class FisherAccumulator:
         if out.shape[0] != B or (rule is not None and x.shape[0] != B):
             raise UserError(f"module {self._name(module)} does not keep the batch in its first dimension: "
                             "exact per-example Fisher is not supported for it")
+        if not keep:
+            return out, rule, None
         saved = rule.save(module, x, out) if rule is not None else None
         if saved is None:
             rule, saved = None, (_detach_tree(args), _detach_tree(kwargs))
-        if not out.requires_grad:
-            out = out.detach().requires_grad_()
-            self._leaves.append(out)
-        out.register_hook(lambda g: self._on_backward(module, rule, saved, g))
-        return out
+            self._no_rule(module)
+        return out, rule, saved
+
+    def _no_rule(self, module: nn.Module) -> None:
+        """``module`` has no closed form this batch and will be recomputed alone (a sharded accumulator refuses)."""
 
     def _on_backward(self, module, rule: LayerRule | None, saved, G) -> None:
         if rule is None:
@@ -134,18 +188,19 @@ class FisherAccumulator:
         if rule.modified(saved):
             raise UserError(f"the input of {self._name(module)} was modified in place after its forward; "
                             "cannot form per-example gradients")
-        acc = {attr: self.sums[full] for attr, full in self._owner[module]}
+        acc = self._targets_of(module)
         G = G.detach().to(next(iter(acc.values())).dtype)
         for attr, full in self._owner[module]:
             if full in self._shared:  # summed over its uses before squaring (_finish_shared)
                 self._shared_uses.setdefault(full, []).append((rule, module, saved, G))
                 acc[attr] = None
         rule.accumulate(module, saved, G, acc)
+        self._commit(module, acc)
 
     def _finish_shared(self) -> None:
         """Each shared matrix: per example, the sum of its uses' gradients, squared — by blocks of rows."""
         for full, uses in self._shared_uses.items():
-            acc = self.sums[full]
+            acc = self._shared_target(full)
             B = uses[0][3].shape[0]
             row_numel = max(1, acc.numel() // acc.shape[0])
             step = max(1, max_block(acc) // (B * row_numel))
@@ -156,6 +211,7 @@ class FisherAccumulator:
                     part = rule.rows(module, saved, G, rows)
                     per_example = part if per_example is None else per_example.add_(part)
                 acc[rows].add_(sum_of_squares(per_example))
+            self._commit_shared(full, acc)
         self._shared_uses.clear()
 
     def _run_deferred(self) -> None:
@@ -199,10 +255,17 @@ class FisherAccumulator:
         index = batch.get(INDEX_KEY)
         index = list(range(self.count, self.count + B)) if index is None else [int(i) for i in index]
         self._batch_size, self._calls, self._leaves, self._shared_uses = B, {}, [], {}
-        total = self.kind.log_likelihood(self.model, batch, targets=self.targets, seed=self.seed, index=index)
-        if self._leaves:
-            torch.autograd.grad(total, self._leaves, allow_unused=True)
+        self._ran, self._recomputed, self._waiting = set(), {}, {}
+        # A checkpointed layer is recomputed whole (not only up to the last tensor its backward needs), so that
+        # every module in it saves its input for its rule.
+        with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+            total = self.kind.log_likelihood(self.model, batch, targets=self.targets, seed=self.seed, index=index)
+            if self._leaves:
+                torch.autograd.grad(total, self._leaves, allow_unused=True)
         self._leaves = []
+        if self._recomputed or self._waiting:
+            raise RuntimeError(f"{len(self._recomputed) + len(self._waiting)} checkpointed modules were not both "
+                               "recomputed and back-propagated through")
         self._finish_shared()
         self._run_deferred()
         self.count += B
@@ -218,13 +281,47 @@ class FisherAccumulator:
         for p in model.parameters():
             p.requires_grad_(False)
         self._install()
+        originals = [(layer, layer.__dict__.get("forward")) for layer in self.checkpointed_layers]
+        config = getattr(model, "config", None)
+        use_cache = getattr(config, "use_cache", None)
+        if self.checkpointed_layers and use_cache:  # a recomputed layer would append to the KV cache twice
+            config.use_cache = False
+        for layer in self.checkpointed_layers:
+            layer.forward = self._checkpointed(layer, layer.forward)
         try:
             yield self
         finally:
+            if self.checkpointed_layers and use_cache:
+                config.use_cache = use_cache
+            for layer, forward in originals:
+                if forward is None:
+                    del layer.forward
+                else:
+                    layer.forward = forward
             self._remove()
             for name, p in model.named_parameters():
                 p.requires_grad_(flags[name])
             model.train(was_training)
+
+    def _checkpointed(self, layer: nn.Module, forward):
+        """``layer``'s forward under non-reentrant activation checkpointing: its activations are dropped after the
+        forward and recomputed in backward; the hooks tell the two passes apart (the second saves the inputs)."""
+        from torch.utils.checkpoint import checkpoint
+
+        def run(*args, **kwargs):
+            recomputing = layer in self._ran
+            self._ran.add(layer)
+            before = self._recomputing, self._in_checkpoint
+            self._recomputing, self._in_checkpoint = recomputing, not recomputing
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                self._recomputing, self._in_checkpoint = before
+
+        def checkpointed(*args, **kwargs):
+            return checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+        return checkpointed
 
     def __enter__(self):
         self._attachment = self.attached()
@@ -248,6 +345,35 @@ class FisherAccumulator:
         if self.count == 0:
             raise UserError("no examples: the Fisher estimate needs at least one")
         return {name: s / self.count for name, s in self.sums.items()}
+
+
+def repeated_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a Hugging Face model (decoder or encoder layers: transformers'
+    ``GradientCheckpointingLayer``s, the unit it checkpoints), the unit of activation checkpointing and of FSDP
+    sharding here; empty when it has none (an architecture from before transformers 4.52, or not from it)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def checkpoint_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers recomputed under ``--gradient-checkpointing``; one line when the model has none."""
+    layers = repeated_layers(model)
+    if not layers:
+        raise UserError(f"{type(model).__name__} has no layers transformers can recompute (GradientCheckpointingLayer "
+                        "blocks): drop --gradient-checkpointing")
+    return layers
+
+
+def check_checkpointable(config, kind, name: str) -> None:
+    """:func:`checkpoint_layers` on ``name``'s architecture alone (built on the meta device), before anything loads."""
+    from gradmatch.models import skeleton
+
+    try:
+        model = skeleton(config, kind)
+    except Exception:  # noqa: BLE001 - an architecture transformers cannot build so: checked when it loads
+        return
+    checkpoint_layers(model)
 
 
 def _acc_dtype(p: torch.Tensor) -> torch.dtype:

@@ -14,8 +14,15 @@ import torch
 from torch import nn
 
 from gradmatch.errors import UserError
-from gradmatch.fisher import (FisherAccumulator, check_statistics_arguments, distributed_run, model_fingerprint,
-                              write_hessian)
+from gradmatch.fisher import (
+    FisherAccumulator,
+    check_statistics_arguments,
+    distributed_run,
+    model_fingerprint,
+    write_hessian,
+)
+from gradmatch.fisher.accumulator import check_checkpointable
+from gradmatch.fisher.files import hessian_dtype
 from gradmatch.kinds._classifier import example_uniforms
 from gradmatch.kinds.base import INDEX_KEY
 
@@ -199,26 +206,43 @@ def _batches(records: list[dict[str, Any]], collate, batch_size: int):
 
 def run_generated_fisher(model: str, *, out: str | os.PathLike, examples: int, max_length: int,
                          prompts: str | None = None, seed: int = 0, batch_size: int = 16, device: str | None = None,
-                         overwrite: bool = False, progress: bool = True, kind: str | None = None) -> Path:
+                         overwrite: bool = False, progress: bool = True, kind: str | None = None,
+                         out_dtype: str | None = None, gradient_checkpointing: bool = False,
+                         shard: bool = False) -> Path:
     """The Fisher of causal LM ``model`` over its own distribution of sequences: draw ``examples`` sequences of up
     to ``max_length`` new tokens (from BOS, or continuing the prompts of the file ``prompts``: JSON Lines with
     "prompt" or "text", else one per line; see :func:`sample_sequences`), and write ``OUT/hessian/`` holding the
     mean of their squared per-sequence gradients of log p(new tokens | prompt), atomically.
 
     Under torchrun process r draws and scores sequences r, r + W, ...; the sums are all-reduced and rank 0 writes:
-    the same sequences, and the same result up to float rounding, as one process. Returns ``out``.
+    the same sequences, and the same result up to float rounding, as one process. ``out_dtype`` and
+    ``gradient_checkpointing`` as :func:`gradmatch.fisher.run.run_fisher`; ``shard`` is refused (each process
+    samples its sequences with the whole model). Returns ``out``.
     """
     from gradmatch import __version__
     from gradmatch.checkpoints import folder_fingerprint
     from gradmatch.evaluate import read_prompts
     from gradmatch.finite import check_model
     from gradmatch.fsutil import atomic_dir
-    from gradmatch.models import BUILTIN_SPECS, kind_of, load_config, load_model, load_processor, resolve_model
+    from gradmatch.models import (
+        BUILTIN_SPECS,
+        kind_of,
+        load_config,
+        load_model,
+        load_processor,
+        resolve_model,
+    )
 
     out = check_statistics_arguments(model, prompts, out, overwrite=overwrite, batch_size=batch_size,
                                      max_length=max_length, max_examples=None, device=device, seed=seed)
     if int(examples) < 1:
         raise UserError(f"--examples must be at least 1 (got {examples})")
+    if shard:
+        raise UserError("--shard does not apply to --data generated: sampling a sequence needs the whole model in "
+                        "each process (FSDP would gather every layer for every new token, and processes whose "
+                        "sequences end at different lengths would fall out of step); run it without --shard, "
+                        "with --gradient-checkpointing to save memory")
+    hessian_dtype(torch.float32, out_dtype)
 
     # Everything the user can get wrong is checked before the weights load (and before any output).
     name = str(model)
@@ -229,6 +253,8 @@ def run_generated_fisher(model: str, *, out: str | os.PathLike, examples: int, m
                         f"{model_kind.name} model")
     if name not in BUILTIN_SPECS:
         model_kind.check_head(name, config, "sampling sequences (--data generated)", _NO_LM_HEAD)
+    if gradient_checkpointing:
+        check_checkpointable(config, model_kind, name)
     texts = read_prompts(str(prompts)) if prompts is not None else None
     tokenizer = load_processor(name, kind=model_kind)
     check_positions(name, config, [len(p) for p in prefixes(tokenizer, config, texts)], int(max_length),
@@ -249,7 +275,8 @@ def run_generated_fisher(model: str, *, out: str | os.PathLike, examples: int, m
         tokens = sum(sum(1 for y in r["labels"] if y != -100) for r in records)
         # The table's "generated" entry scores the data's own targets (as "empirical" does): here the sampled
         # tokens themselves; the prompt's labels are -100, so only the new tokens are scored.
-        acc = FisherAccumulator(net, kind=model_kind, estimator="generated", seed=seed)
+        acc = FisherAccumulator(net, kind=model_kind, estimator="generated", seed=seed,
+                                gradient_checkpointing=gradient_checkpointing)
         with acc.attached(), _progress(len(records), shown, "fisher") as bar:
             for batch in _batches(records, model_kind.collator(processor), int(batch_size)):
                 bar.update(acc.add(batch))
@@ -261,6 +288,7 @@ def run_generated_fisher(model: str, *, out: str | os.PathLike, examples: int, m
             dist.all_reduce(total)
             tokens = int(total.item())
         fisher = acc.mean()
+        dtype = hessian_dtype(net, out_dtype)
         if rank == 0:
             metadata = {
                 "estimator": "generated", "num_examples": acc.count, "examples": int(examples),
@@ -268,9 +296,10 @@ def run_generated_fisher(model: str, *, out: str | os.PathLike, examples: int, m
                 "prompts": str(prompts) if prompts is not None else None,
                 "num_prompts": len(texts) if texts is not None else 0, "seed": int(seed),
                 "model": name, "kind": model_kind.name, "model_fingerprint": fingerprint,
-                "weights_fingerprint": weights, "num_processes": world, "quantity": QUANTITY,
-                "gradmatch_version": __version__,
+                "weights_fingerprint": weights, "num_processes": world, "sharded": False,
+                "dtype": str(dtype).removeprefix("torch."), "gradient_checkpointing": bool(gradient_checkpointing),
+                "quantity": QUANTITY, "gradmatch_version": __version__,
             }
             with atomic_dir(out, overwrite) as tmp:
-                write_hessian(net, fisher, tmp / "hessian", metadata)
+                write_hessian(net, fisher, tmp / "hessian", metadata, dtype)
     return Path(out)

@@ -204,8 +204,9 @@ class LayerNormRule(LayerRule):
 
 
 class RMSNormRule(LayerRule):
-    """y = w·x̂, x̂ = x/√(mean x² + ε) in float32 (Llama, Qwen, Mistral, SmolLM2): per-example token sums of G·x̂.
-    A variant whose output is not w·x̂ (within 1e-4; e.g. (1 + w)·x̂) is recomputed instead."""
+    """y = w·x̂, x̂ = x/√(mean x² + ε) computed in float32 and cast back to the input's dtype, as transformers' Llama,
+    Qwen, Mistral and SmolLM2 norms do: per-example token sums of G·x̂. A variant whose output is not w·x̂ (e.g.
+    (1 + w)·x̂) is recomputed instead."""
 
     name = "rmsnorm"
 
@@ -218,11 +219,13 @@ class RMSNormRule(LayerRule):
         eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", None) \
             or torch.finfo(torch.float32).eps
         x32 = x.float()
-        return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
     def save(self, module, x, out):
         x_hat = self.normalise(x.detach(), module)
-        if not torch.allclose(out.detach().float(), module.weight.detach().float() * x_hat, rtol=1e-4, atol=1e-6):
+        expected = module.weight.detach() * x_hat
+        # The same operations in the same dtype give the same values; within 1e-4 allows another order of them.
+        if not torch.allclose(out.detach().float(), expected.float(), rtol=1e-4, atol=1e-6):
             return None
         return x_hat, None
 

@@ -1,0 +1,272 @@
+"""The Fisher at LLM scale: `--shard` (FSDP2 over torchrun processes) gives one process's result, gradient
+checkpointing gives the plain pass's, the stored dtype is the one asked for, and each new flag's bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+TEXTS = ["a fine film", "the worst thing I have ever seen, truly awful from start to end", "ok then", "bad bad bad",
+         "meh, it was fine I guess, though the second half drags", "an utterly charming, clever and warm comedy",
+         "dull and long", "I laughed, I cried, I left early", "two hours I will not get back"]
+
+
+def _env(**extra):
+    return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
+                TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore", **extra)
+
+
+def _fisher(*args, processes: int = 0, **env):
+    """`gradmatch fisher ARGS`, alone or under torchrun with ``processes`` processes on this machine."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] \
+        if processes else [sys.executable]
+    return subprocess.run([*launcher, "-m", "gradmatch", "fisher", *map(str, args)], capture_output=True, text=True,
+                          env=_env(**env), timeout=600)
+
+
+def _tensors(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "hessian" / "model.safetensors"))
+
+
+def _record(out: Path) -> dict:
+    return json.loads((out / "hessian" / "fisher.json").read_text())
+
+
+def _worst_relative(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max() / a[k].double().abs().max().clamp_min(1e-30))
+               for k in a)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from conftest import make_tiny_lm
+
+    root = tmp_path_factory.mktemp("sharded")
+    data = root / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps({"text": t, "label": i % 2}) + "\n" for i, t in enumerate(TEXTS)))
+    return {"root": root, "data": data / "train.jsonl",
+            "llama": make_tiny_lm(root / "llama", family="llama", tie=True),
+            "llama-untied": make_tiny_lm(root / "llama-untied", family="llama", tie=False, seed=3),
+            "gpt2": make_tiny_lm(root / "gpt2", family="gpt2", tie=True)}
+
+
+# --------------------------------------------------------------------------- sharded = one process
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family, processes, extra", [
+    # 8 texts of 2+ tokens, 2 processes, batches of 2: 2 batches each; tied embeddings; checkpointing too.
+    ("llama", 2, ["--estimator", "empirical", "--batch-size", "2", "--gradient-checkpointing"]),
+    # 3 processes and 2 examples: the third process has none and runs a filler batch only; Conv1D, positions.
+    ("gpt2", 3, ["--estimator", "empirical", "--batch-size", "1", "--max-examples", "2"]),
+    # batches of 3 over 4 examples each: one full batch and one of 1 per process; sampled next tokens.
+    ("llama-untied", 2, ["--estimator", "sampled", "--batch-size", "3"]),
+])
+def test_sharded_fisher_equals_one_process(setup, family, processes, extra, tmp_path):
+    common = ["--model", setup[family], "--data", setup["data"], "--split", "train", "--max-length", "32", *extra]
+    alone = _fisher(*[a for a in common if a != "--gradient-checkpointing"], "--out", tmp_path / "one")
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    sharded = _fisher(*common, "--shard", "--out", tmp_path / "two", processes=processes)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert _worst_relative(_tensors(tmp_path / "one"), _tensors(tmp_path / "two")) <= 1e-5
+    one, two = _record(tmp_path / "one"), _record(tmp_path / "two")
+    assert (two["sharded"], two["num_processes"], one["sharded"]) == (True, processes, False)
+    differ = {k for k in one.keys() | two.keys() if one.get(k) != two.get(k)}
+    assert differ <= {"sharded", "num_processes", "gradient_checkpointing"}, differ  # fingerprints included
+    files = sorted(p.name for p in (tmp_path / "one" / "hessian").iterdir())
+    assert sorted(p.name for p in (tmp_path / "two" / "hessian").iterdir()) == files
+    assert json.loads((tmp_path / "two" / "hessian" / "config.json").read_text()) == \
+        json.loads((tmp_path / "one" / "hessian" / "config.json").read_text())
+
+
+@pytest.mark.slow
+def test_sharded_fisher_matches_the_one_example_loop_in_float64(setup, tmp_path):
+    """Against the original's method (one example at a time, its whole gradient squared) on a float64 copy."""
+    from transformers import AutoModelForCausalLM
+
+    from gradmatch.fisher import estimate_fisher_reference
+    from gradmatch.kinds import kind_of_config
+    from gradmatch.models import load_processor
+    from gradmatch.statistics import batches
+
+    result = _fisher("--model", setup["llama"], "--data", setup["data"], "--split", "train", "--max-length", "32",
+                     "--estimator", "empirical", "--batch-size", "3", "--shard", "--out", tmp_path / "two", processes=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = AutoModelForCausalLM.from_pretrained(setup["llama"]).double()
+    kind = kind_of_config(model.config)
+    tokenizer = load_processor(str(setup["llama"]), kind=kind)
+    import datasets
+
+    encoded = kind.encode(datasets.Dataset.from_list([{"text": t} for t in TEXTS]), tokenizer, 32)
+    expected = estimate_fisher_reference(model, batches(encoded, kind.collator(tokenizer), list(range(len(encoded))), 4),
+                                         kind=kind, estimator="empirical")
+    got = _tensors(tmp_path / "two")
+    assert _record(tmp_path / "two")["num_examples"] == len(encoded)
+    canonical = {n for n, _ in model.named_parameters()}
+    assert _worst_relative({k: expected[k] for k in canonical}, got) <= 1e-5
+
+
+@pytest.mark.slow
+def test_sharded_fisher_of_smollm2_equals_one_process(tmp_path, sentiment_root):
+    common = ["--model", "smollm2", "--data", "sst2", "--split", "train[:6]", "--data-dir", sentiment_root,
+              "--max-length", "24", "--estimator", "empirical", "--batch-size", "2"]
+    alone = _fisher(*common, "--out", tmp_path / "one")
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    sharded = _fisher(*common, "--shard", "--out", tmp_path / "two", processes=2)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert _worst_relative(_tensors(tmp_path / "one"), _tensors(tmp_path / "two")) <= 1e-5
+
+
+# --------------------------------------------------------------------------- checkpointing, dtypes, rules
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_gradient_checkpointing_gives_the_plain_pass_bit_for_bit(setup, family, one_thread):
+    """Recomputed activations are the same numbers: in float64 the two passes agree exactly."""
+    from transformers import AutoModelForCausalLM
+
+    from gradmatch.fisher import FisherAccumulator
+    from gradmatch.kinds import kind_of_config
+
+    model = AutoModelForCausalLM.from_pretrained(setup[family]).double()
+    kind = kind_of_config(model.config)
+    torch.manual_seed(0)
+    ids = torch.randint(1, 50, (3, 11))
+    attention = torch.ones_like(ids)
+    attention[1, 7:] = 0
+    batch = {"input_ids": ids, "attention_mask": attention, "labels": ids.clone()}
+    results = []
+    for checkpointing in (False, True):
+        acc = FisherAccumulator(model, kind=kind, estimator="sampled", seed=4, gradient_checkpointing=checkpointing)
+        with acc:
+            acc.add(batch)
+        results.append(acc.mean())
+    for name in results[0]:
+        assert torch.equal(results[0][name], results[1][name]), name
+
+
+def test_bfloat16_rmsnorm_takes_its_closed_form(setup):
+    """A bf16 Llama's norms fit the rule (transformers casts x̂ back to bf16 before the weight multiplies it): no
+    module falls back to the per-example recompute, and the result is the one-example loop's within bf16 rounding."""
+    from transformers import AutoModelForCausalLM
+
+    from gradmatch.fisher import FisherAccumulator, estimate_fisher_reference
+    from gradmatch.fisher.layers import RMSNormRule
+    from gradmatch.kinds import kind_of_config
+
+    model = AutoModelForCausalLM.from_pretrained(setup["llama"]).to(torch.bfloat16)
+    kind = kind_of_config(model.config)
+    torch.manual_seed(1)
+    ids = torch.randint(1, 50, (2, 9))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    acc = FisherAccumulator(model, kind=kind, estimator="empirical")
+    fallbacks = []
+    acc._no_rule = fallbacks.append
+    with acc:
+        acc.add(batch)
+    assert not fallbacks and sum(isinstance(r, RMSNormRule) for r in acc._rule.values()) == 5
+    expected = estimate_fisher_reference(model, [batch], kind=kind, estimator="empirical")
+    for name, value in acc.mean().items():
+        if "norm" in name:
+            scale = expected[name].double().abs().max()
+            assert float((value.double() - expected[name].double()).abs().max() / scale) < 0.03, name
+
+
+@pytest.mark.slow
+def test_stored_dtype_follows_the_model_or_the_flag(setup, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(setup["llama"]).to(torch.bfloat16).save_pretrained(bf16)
+    from shutil import copy
+
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        copy(setup["llama"] / f, bf16 / f)
+    common = ["--data", setup["data"], "--split", "train", "--max-length", "16", "--estimator", "empirical"]
+    for model, flag, expected in ((bf16, [], torch.bfloat16), (setup["llama"], [], torch.float32),
+                                  (setup["llama"], ["--out-dtype", "bfloat16"], torch.bfloat16),
+                                  (bf16, ["--out-dtype", "float32"], torch.float32)):
+        out = tmp_path / f"out-{len(list(tmp_path.iterdir()))}"
+        result = _fisher("--model", model, *common, *flag, "--out", out)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert {t.dtype for t in _tensors(out).values()} == {expected}
+        assert _record(out)["dtype"] == str(expected).removeprefix("torch.")
+    # bf16 storage is the float32 Fisher rounded to bf16 (relative change at most 2^-8 per entry)
+    f32, b16 = _tensors(tmp_path / "out-2"), _tensors(tmp_path / "out-3")
+    for name in f32:
+        assert torch.equal(f32[name].to(torch.bfloat16), b16[name]), name
+
+
+def test_float16_storage_refuses_entries_beyond_its_range(tmp_path):
+    from gradmatch.errors import UserError
+    from gradmatch.fisher.files import check_storable, write_hessian
+
+    model = torch.nn.Linear(3, 2)
+    fisher = {"weight": torch.full((2, 3), 7e4), "bias": torch.full((2,), 1e-9)}
+    assert check_storable(fisher.items(), torch.bfloat16) is None
+    with pytest.raises(UserError, match="float16's largest value 6.55e"):
+        write_hessian(model, fisher, tmp_path / "h", {}, torch.float16)
+    assert not (tmp_path / "h").exists()
+    fisher["weight"] = torch.full((2, 3), 1e-3)
+    write_hessian(torch.nn.Linear(3, 2), fisher, tmp_path / "h", {}, torch.float16)
+    from safetensors.torch import load_file
+
+    stored = load_file(str(tmp_path / "h" / "model.safetensors"))
+    assert stored["bias"].dtype == torch.float16 and float(stored["bias"].abs().max()) == 0.0  # below 6e-8: 0
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_the_new_flags_refuse_bad_input_in_one_line(setup, tmp_path):
+    out = tmp_path / "out"
+    base = ["--data", setup["data"], "--split", "train", "--out", out]
+    cases = {
+        "WORLD_SIZE is not set": ["--model", setup["llama"], *base, "--shard"],
+        "invalid choice: 'int8'": ["--model", setup["llama"], *base, "--out-dtype", "int8"],
+        "--shard does not apply to --data generated": ["--model", setup["llama"], "--data", "generated", "--examples",
+                                                         "2", "--out", out, "--shard"],
+    }
+    for expected, args in cases.items():
+        result = _fisher(*args)
+        assert result.returncode == 2, (expected, result.stderr[-2000:])
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0] and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert not out.exists()
+    # a model without layers transformers can recompute
+    from gradmatch.errors import UserError
+    from gradmatch.fisher.accumulator import checkpoint_layers
+
+    with pytest.raises(UserError, match="drop --gradient-checkpointing"):
+        checkpoint_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+@pytest.mark.slow
+def test_shard_refuses_a_module_without_a_closed_form_in_one_line(setup, tmp_path):
+    """A module that owns parameters and has no layer rule would be recomputed after FSDP resharded it."""
+    # w·x̂ + x is not w·x̂: a variant the RMSNorm rule leaves to the recompute — made so by patching the forward
+    code = (
+        "import sys, transformers.models.llama.modeling_llama as m\n"
+        "f = m.LlamaRMSNorm.forward\n"
+        "m.LlamaRMSNorm.forward = lambda self, x: f(self, x) + x\n"
+        "from gradmatch.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    script = tmp_path / "odd_fisher.py"
+    script.write_text(code)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), "fisher", "--model", str(setup["llama"]), "--data", str(setup["data"]), "--split",
+                             "train", "--shard", "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                            env=_env(), timeout=600)
+    assert result.returncode != 0
+    assert "has no closed-form rule" in result.stderr and "run without --shard" in result.stderr
+    assert not (tmp_path / "out").exists()
