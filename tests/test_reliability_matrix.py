@@ -291,7 +291,7 @@ CASES = [
     Case("merge: bad shard size", "merge", lambda w, t: ["merge", w.merge_yaml, t / "out", "--max-shard-size", "5 parsecs"],
          ["cannot read the size", "5 parsecs"]),
     Case("merge: zero block rows", "merge", lambda w, t: ["merge", w.merge_yaml, t / "out", "--block-rows", "0"],
-         ["block rows must be positive"]),
+         ["--block-rows must be positive"]),
     Case("merge: output inside a child's folder", "merge",
          lambda w, t: ["merge", w.merge_yaml, Path(w.fam["children"][0]) / "merged", "--quiet"],
          ["lies inside the input models[0]", "would change the input models[0]"]),

@@ -16,17 +16,23 @@ import torch
 
 from gradmatch.checkpoints import parse_size
 from gradmatch.config.merge import MergeConfig, load_merge_config
+from gradmatch.config.options import MergeOptions, merge_options
 from gradmatch.devices import parse_device
 from gradmatch.engine.blocks import DEFAULT_BLOCK_ELEMENTS
 from gradmatch.engine.execute import Executor, keep_freed_memory
-from gradmatch.engine.plan import (OUT_TORCH_DTYPES, PRECISIONS, MergePlan, check_output_not_input, default_out_dtype,
-                                   method_inputs, plan_merge)
+from gradmatch.engine.plan import (
+    MergePlan,
+    check_output_not_input,
+    default_out_dtype,
+    method_inputs,
+    plan_merge,
+)
 from gradmatch.engine.write import reproduction, write_merge
 from gradmatch.errors import UserError
 from gradmatch.fsutil import check_output_dir
 from gradmatch.methods import MergeMethod, get_method, method_names
 
-__all__ = ["merge", "load_merge_config", "plan_merge", "MergePlan", "DEFAULT_BLOCK_ELEMENTS"]
+__all__ = ["DEFAULT_BLOCK_ELEMENTS", "MergeOptions", "MergePlan", "load_merge_config", "merge", "plan_merge"]
 
 log = logging.getLogger(__name__)
 
@@ -38,66 +44,54 @@ KERNEL_MIN_BYTES = 2 << 30
 def merge(
     config: MergeConfig | Mapping[str, Any] | str | os.PathLike,
     out: str | os.PathLike,
+    options: MergeOptions | Mapping[str, Any] | None = None,
     *,
-    overwrite: bool = False,
-    device: str | torch.device = "cpu",
-    precision: str = "float32",
-    out_dtype: str | None = None,
-    max_shard_size: str | int = "5GB",
-    block_rows: int | None = None,
     progress: bool = True,
-    threads: int | None = 1,
-    card: bool = True,
     prefetch: bool | None = None,
-    check_inputs: bool = True,
-    allow_config_mismatch: bool = False,
-    kernel: str = "auto",
+    **settings: Any,
 ) -> Path:
     """Merge the children of ``config`` into a Hugging Face folder ``out``; return ``out``.
 
     ``config`` is a :class:`~gradmatch.config.MergeConfig`, a dict of the YAML form, or a YAML/JSON
-    path. Tensors stream one name at a time (elementwise methods: blocks of ``block_rows`` rows) in
-    ``precision`` on ``device``; floating outputs take the parent's dtype unless ``out_dtype`` (or the
-    config's ``out_dtype``) says otherwise; non-floating entries are copied from the parent. The folder
-    appears atomically; any bad input raises :class:`~gradmatch.errors.UserError` and leaves ``out``
-    as it was. ``threads`` sets torch's CPU threads during the merge (None: torch's default); one is
-    the default because blockwise merging is memory-bound, and several threads on a shared or
-    oversubscribed machine made merges 10-40x slower in our measurements. ``card``: write a model card
-    (README.md, replacing the parent's). ``prefetch``: read the next block's inputs on a thread while the
-    current one is computed (None: only on a GPU, where it also uses pinned host buffers). ``check_inputs``:
-    refuse a Hessian or Gram whose record names another model; ``allow_config_mismatch``: merge children
-    whose config would make their weights compute something else than the parent's. ``kernel``: ``fused``
-    computes with the method's fused kernel (one pass over the inputs as stored; a CPU, float32),
-    ``reference`` with its torch formula, ``auto`` (default) fused where the method has a kernel and the
-    merge reads at least KERNEL_MIN_BYTES (below, loading the kernel costs more than it saves).
+    path. ``options`` (:class:`~gradmatch.config.options.MergeOptions`, or a dict of them) say how it runs and
+    is written, and any of them may be given as a keyword argument instead (``kernel="fused"``, ``block_rows=7``;
+    ``check_inputs`` is the older name of ``check_hessians``): tensors stream one name at a time (elementwise
+    methods: blocks of ``block_rows`` rows) in ``precision`` on ``device``; floating outputs take the parent's dtype
+    unless ``out_dtype`` (or the config's ``out_dtype``) says otherwise; non-floating entries are copied from the
+    parent. The folder appears atomically; any bad input raises :class:`~gradmatch.errors.UserError` and leaves
+    ``out`` as it was. ``threads`` sets torch's CPU threads during the merge (None: torch's default); one is the
+    default because blockwise merging is memory-bound, and several threads on a shared or oversubscribed machine
+    made merges 10-40x slower in our measurements. ``card``: write a model card (README.md, replacing the
+    parent's). ``check_hessians``: refuse a Hessian or Gram whose record names another model;
+    ``allow_config_mismatch``: merge children whose config would make their weights compute something else than
+    the parent's. ``kernel``: ``fused`` computes with the method's fused kernel (one pass over the inputs as
+    stored; a CPU, float32), ``reference`` with its torch formula, ``auto`` (default) fused where the method has a
+    kernel and the merge reads at least KERNEL_MIN_BYTES (below, loading the kernel costs more than it saves).
+    merge.json records every option, and its command (and the card's) every one that is not the default.
+
+    Two arguments change how the merge runs but never what it writes: ``progress`` (a progress bar) and
+    ``prefetch`` (read the next block's inputs on a thread while the current one is computed; None: only on a
+    GPU, where it also uses pinned host buffers).
     """
+    options = merge_options(options, **settings)
     cfg = load_merge_config(config)
-    out = check_output_dir(out, overwrite)
-    if precision not in PRECISIONS:
-        raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    out_dtype = out_dtype or cfg.out_dtype
-    if out_dtype is not None and out_dtype not in OUT_TORCH_DTYPES:
-        raise UserError(f"out dtype must be one of {', '.join(OUT_TORCH_DTYPES)}, not {out_dtype!r}")
-    if threads is not None and threads <= 0:
-        raise UserError(f"threads must be positive, got {threads}")
-    if block_rows is not None and block_rows <= 0:
-        raise UserError(f"block rows must be positive, got {block_rows}")
-    shard_bytes = parse_size(max_shard_size)
-    dev = parse_device(device)
-    _check_kernel(kernel, get_method(cfg.method), dev, precision)  # before planning, which may print notes
-    plan = plan_merge(cfg, check_inputs=check_inputs, allow_config_mismatch=allow_config_mismatch)
+    out = check_output_dir(out, options.overwrite)
+    out_dtype = options.out_dtype or cfg.out_dtype
+    shard_bytes = parse_size(options.max_shard_size)
+    dev = parse_device(options.device)
+    _check_kernel(options.kernel, get_method(cfg.method), dev, options.precision)  # before planning: it may print
+    plan = plan_merge(cfg, check_inputs=options.check_hessians, allow_config_mismatch=options.allow_config_mismatch)
     check_output_not_input(out, plan)
     out_dtype = out_dtype or default_out_dtype(plan)
     params = dict(cfg.parameters)
-    executor = Executor(plan, params, dev, PRECISIONS[precision], block_rows, threads,
-                         _choose_kernel(kernel, plan, dev, precision))
+    executor = Executor(plan, params, dev, getattr(torch, options.precision), options.block_rows, options.threads,
+                        _choose_kernel(options.kernel, plan, dev, options.precision))
 
     saved_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
     keep_freed_memory()
-    reproduce = reproduction(config, cfg, out_dtype_option=out_dtype if out_dtype != cfg.out_dtype else None,
-                              precision=precision, max_shard_size=max_shard_size, kernel=kernel)
+    reproduce = reproduction(config, cfg, options)
     if prefetch is None:
         prefetch = dev.type == "cuda"
     if dev.type == "cuda":
@@ -107,8 +101,8 @@ def merge(
     try:
         if prefetch:
             executor.start_reader(pinned=dev.type == "cuda")
-        write_merge(plan, executor, out, overwrite=overwrite, shard_bytes=shard_bytes, out_dtype=out_dtype, params=params,
-               precision=precision, progress=progress, reproduce=reproduce, card=card, kernel=kernel)
+        write_merge(plan, executor, out, options, shard_bytes=shard_bytes, out_dtype=out_dtype, params=params,
+                    progress=progress, reproduce=reproduce)
     finally:
         executor.close()
         for ckpt in plan.inputs:
@@ -118,7 +112,7 @@ def merge(
             gc.enable()
     if dev.type == "cuda":
         log.info("peak GPU memory: %.0f MB", torch.cuda.max_memory_allocated(dev) / 2**20)
-    if kernel == "fused" and executor.fallbacks:
+    if options.kernel == "fused" and executor.fallbacks:
         log.warning("note: the fused kernel does not take %d of the merged tensors' inputs as stored (e.g. %s): the "
                     "reference formula computed them (merge.json: kernel_fallbacks)", len(executor.fallbacks),
                     next(iter(executor.fallbacks)))
@@ -132,13 +126,8 @@ def merge(
     return out
 
 
-_KERNELS = ("auto", "fused", "reference")
-
-
 def _check_kernel(kernel: str, method: MergeMethod, device: torch.device, precision: str) -> None:
     """Refuse a ``kernel`` option that cannot compute this merge."""
-    if kernel not in _KERNELS:
-        raise UserError(f"kernel must be one of {', '.join(_KERNELS)}, not {kernel!r}")
     if kernel != "fused":
         return
     if method.fused is None:
@@ -162,7 +151,6 @@ def _choose_kernel(kernel: str, plan: MergePlan, device: torch.device, precision
     return "fused" if read >= KERNEL_MIN_BYTES else "reference"
 
 
-
 class _CallableModule(type(os)):
     """`gradmatch.merge` names both this module and the function: once the module is imported, Python
     binds the package attribute to the module, so the module itself forwards calls to :func:`merge`."""
@@ -171,6 +159,6 @@ class _CallableModule(type(os)):
         return merge(*args, **kwargs)
 
 
-import sys as _sys  # noqa: E402
+import sys as _sys
 
 _sys.modules[__name__].__class__ = _CallableModule

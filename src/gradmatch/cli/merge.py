@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from gradmatch.cli._base import Removed, command
+from gradmatch.config.options import add_flags, options_from_args
 from gradmatch.errors import UserError
 from gradmatch.methods import get_method, method_names
 
@@ -52,31 +53,12 @@ def add(sub) -> None:
     flag("task_type", default="SEQ_CLS", help="accepted for compatibility; the merge reads weight files whatever the head")
     orig.add_argument("--method", default=None, choices=method_names(),
                       help="the method (default: gradient_matching when Hessians are given, else task_arithmetic)")
-    exe = p.add_argument_group("execution")
-    exe.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
-    exe.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    exe.add_argument("--precision", choices=["float32", "float64"], default="float32", help="compute dtype")
-    exe.add_argument("--out-dtype", default=None, choices=["float32", "float16", "bfloat16", "float64"],
-                     help="dtype of the merged floating tensors (default: the parent's stored dtype)")
-    exe.add_argument("--max-shard-size", default="5GB", help="safetensors shard size, e.g. 2GB, 500MB")
-    exe.add_argument("--block-rows", type=int, default=None,
-                     help="rows per block for methods that stream a tensor (default: about 2^17 entries per input)")
+    exe = p.add_argument_group("execution", "how the merge runs and is written (gradmatch.config.options.MergeOptions; "
+                               "merge.json records them all, its command every one that is not the default)")
+    add_flags(exe)
     exe.add_argument("--clamp-denominator", action=Removed, help=argparse.SUPPRESS,
                      message="--clamp-denominator was replaced by the removal guard: set parameters: "
                      "{max_update_ratio: R} in the merge YAML (see docs/merge.md, Removal)")
-    exe.add_argument("--threads", type=int, default=1,
-                     help="CPU threads for torch and the fused kernels (merging is memory-bound; more can be slower on "
-                          "shared machines)")
-    exe.add_argument("--kernel", choices=["auto", "fused", "reference"], default="auto",
-                     help="fused: one compiled pass over the inputs as stored (gradient_matching, task_arithmetic; "
-                          "CPU, float32); reference: the torch formula; auto (default): fused for merges that read "
-                          "2 GiB or more")
-    exe.add_argument("--no-check-hessians", dest="check_inputs", action="store_false",
-                     help="accept Hessians and Grams whose record names another model (fisher.json / gram.json)")
-    exe.add_argument("--allow-config-mismatch", action="store_true",
-                     help="merge children whose config differs from the parent's in a way that changes the function")
-    exe.add_argument("--no-card", dest="no_card", action="store_true",
-                     help="write no model card (README.md: method, formula, inputs, how to reproduce)")
     p.set_defaults(func=run)
 
 
@@ -175,17 +157,14 @@ def merge_from_args(args) -> Path:
         config, out = args.config, args.out
     else:
         config, out = config_from_original_flags(args)
+    options = options_from_args(args)
     import gc
 
     from gradmatch.merge import merge
 
     gc.freeze()  # the command exits after merging: spare the interpreter's final pass over torch's objects (0.3 s)
     try:
-        return merge(config, out, overwrite=args.overwrite, device=args.device, precision=args.precision,
-                     out_dtype=args.out_dtype, max_shard_size=args.max_shard_size, block_rows=args.block_rows,
-                     progress=not args.quiet, threads=args.threads, card=not args.no_card,
-                     check_inputs=args.check_inputs, allow_config_mismatch=args.allow_config_mismatch,
-                     kernel=args.kernel)
+        return merge(config, out, options, progress=not args.quiet)
     except UserError as exc:
         if args.config is None and "denominator" in str(exc) and args.delta_0 is None:
             raise UserError(f"{exc}. With the original flags δ defaults to 0 and every N to 1, as in the original "

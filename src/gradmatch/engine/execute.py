@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from gradmatch.checkpoints import Checkpoint
+from gradmatch.config.options import KERNEL_PATHS
 from gradmatch.engine.blocks import block_entries, row_blocks
 from gradmatch.engine.plan import MergePlan, method_inputs
 from gradmatch.errors import UserError
@@ -63,7 +64,7 @@ class Executor:
         self.reader: BlockReader | None = None  # reads the next block's inputs ahead (see start_reader)
         self._ahead: BlockInputs | None = None  # the current block's inputs, read ahead
         self._buffers: dict[Any, np.ndarray] = {}  # the fused path's reused block buffers, per input and output
-        self.computed = {"fused": 0, "reference": 0}  # blocks of merged tensors each path computed
+        self.computed = dict.fromkeys(KERNEL_PATHS, 0)  # blocks of merged tensors each path computed
         self.fallbacks: dict[str, int] = {}  # tensor -> its blocks the reference computed though the kernel was chosen
 
     def _buffer(self, key: Any, nbytes: int) -> np.ndarray:
@@ -235,7 +236,7 @@ class Executor:
         one path computed every block and ``mixed`` when both did (the fused kernel was chosen, and the reference
         formula computed the blocks it does not take: ``kernel_fallbacks``, tensor → blocks)."""
         chosen = "fused" if self.fused is not None else "reference"
-        used = [path for path in ("fused", "reference") if self.computed[path]]
+        used = [path for path in KERNEL_PATHS if self.computed[path]]
         return {"kernel": used[0] if len(used) == 1 else ("mixed" if used else chosen), "kernel_requested": requested,
                 "kernel_blocks": dict(self.computed), "kernel_fallbacks": dict(self.fallbacks)}
 

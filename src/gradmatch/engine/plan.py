@@ -24,8 +24,6 @@ log = logging.getLogger("gradmatch.merge")
 #: Entries copied from the parent whatever the method (as the original code did), besides non-floating ones.
 _PARENT_ONLY = ("position_ids", "masked_bias")
 
-PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
-
 OUT_TORCH_DTYPES = {name: getattr(torch, name) for name in OUT_DTYPES}
 
 

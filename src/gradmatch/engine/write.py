@@ -12,6 +12,7 @@ from typing import Any
 
 from gradmatch.checkpoints import SafetensorsWriter, TensorSpec, copy_non_weight_files
 from gradmatch.config.merge import MergeConfig
+from gradmatch.config.options import MergeOptions, command_flags
 from gradmatch.engine.execute import Executor, averaged_blocks, copied_blocks
 from gradmatch.engine.plan import OUT_TORCH_DTYPES, MergePlan, read_record
 from gradmatch.fsutil import atomic_dir
@@ -53,7 +54,7 @@ def _estimator(hessian, prior: bool = False) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _provenance(plan: MergePlan, params: dict[str, Any], precision: str, out_dtype: str | None,
+def _provenance(plan: MergePlan, params: dict[str, Any], options: MergeOptions, out_dtype: str | None,
                 statistics: dict[str, Any], kernel: dict[str, Any]) -> dict[str, Any]:
     from gradmatch import __version__
 
@@ -71,7 +72,8 @@ def _provenance(plan: MergePlan, params: dict[str, Any], precision: str, out_dty
                     "gram": e.gram if plan.grams else None,
                     "weight": plan.alphas[i], "hessian_scale": plan.scales[i] if plan.scales else None}
                    for i, e in enumerate(c.models)],
-        "precision": precision,
+        "options": options.model_dump(mode="json"),  # every option as given (its defaults included)
+        "precision": options.precision,
         **kernel,
         "out_dtype": out_dtype,
         "merged_entries": sum(plan.parent.info(name).numel for name in plan.merged),
@@ -83,9 +85,8 @@ def _provenance(plan: MergePlan, params: dict[str, Any], precision: str, out_dty
     }
 
 
-def write_merge(plan: MergePlan, executor: Executor, out: Path, *, overwrite: bool, shard_bytes: int,
-           out_dtype: str | None, params: dict[str, Any], precision: str, progress: bool,
-           reproduce: tuple[str, str, str], card: bool, kernel: str) -> None:
+def write_merge(plan: MergePlan, executor: Executor, out: Path, options: MergeOptions, *, shard_bytes: int,
+                out_dtype: str | None, params: dict[str, Any], progress: bool, reproduce: tuple[str, str, str]) -> None:
     """Stream every tensor, block by block, through the executor into shards in a temporary folder, then
     rename it to ``out``. The shard layout is planned from the parent's names, shapes and output dtypes
     first, so each block goes to its place in its file as soon as it is merged: memory holds one block."""
@@ -94,7 +95,7 @@ def write_merge(plan: MergePlan, executor: Executor, out: Path, *, overwrite: bo
     merged, averaged = set(plan.merged), set(plan.averaged)
     specs = [TensorSpec(name, OUT_TORCH_DTYPES[out_dtype] if out_dtype and name in merged | averaged else info.dtype,
                         info.shape) for name, info in plan.output.tensors.items()]
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, options.overwrite) as tmp:
         copy_non_weight_files(plan.template, tmp)
         if out_dtype is not None:
             _set_config_dtype(tmp / "config.json", out_dtype)
@@ -117,23 +118,23 @@ def write_merge(plan: MergePlan, executor: Executor, out: Path, *, overwrite: bo
         finally:
             writer.close()
             bar.close()
-        record = _provenance(plan, params, precision, out_dtype, _statistics(plan, executor),
-                             executor.kernel_record(kernel))
+        record = _provenance(plan, params, options, out_dtype, _statistics(plan, executor),
+                             executor.kernel_record(options.kernel))
         command, config_name, config_text = reproduce
         record["command"] = command
         (tmp / "merge.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         (tmp / "merge.yaml").write_text(config_text, encoding="utf-8")  # the config as given: rebuilds the merge
-        if card:
+        if options.card:
             from gradmatch.card import model_card
 
             (tmp / "README.md").write_text(model_card(record, plan.method, command, config_name, config_text),
                                            encoding="utf-8")
 
 
-def reproduction(config: Any, cfg: MergeConfig, *, out_dtype_option: str | None, precision: str,
-                  max_shard_size: str | int, kernel: str = "auto") -> tuple[str, str, str]:
-    """The command, config file name and config text that reproduce this merge (for the model card):
-    the config file as the user wrote it (a mergekit YAML stays one), or our YAML form of a dict."""
+def reproduction(config: Any, cfg: MergeConfig, options: MergeOptions) -> tuple[str, str, str]:
+    """The command, config file name and config text that reproduce this merge (for merge.json and the model
+    card): the config file as the user wrote it (a mergekit YAML stays one), or our YAML form of a dict, and every
+    option that is not the default, spelled as `gradmatch merge` takes it (:func:`command_flags`)."""
     import yaml
 
     if isinstance(config, (str, os.PathLike)):
@@ -142,16 +143,7 @@ def reproduction(config: Any, cfg: MergeConfig, *, out_dtype_option: str | None,
         name = "merge.yaml"
         data = dict(config) if isinstance(config, Mapping) else cfg.model_dump(exclude_none=True, exclude_defaults=True)
         text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
-    options = []
-    if out_dtype_option:
-        options.append(f"--out-dtype {out_dtype_option}")
-    if precision != "float32":
-        options.append(f"--precision {precision}")
-    if str(max_shard_size) != "5GB":
-        options.append(f"--max-shard-size {max_shard_size}")
-    if kernel != "auto":
-        options.append(f"--kernel {kernel}")
-    return " ".join(["gradmatch merge", name, "OUT", *options]), name, text  # OUT: any new folder
+    return " ".join(["gradmatch merge", name, "OUT", *command_flags(options)]), name, text  # OUT: any new folder
 
 
 def _set_config_dtype(config: Path, out_dtype: str) -> None:
