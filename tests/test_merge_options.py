@@ -1,6 +1,6 @@
 """The run options of a merge (gradmatch.config.options.MergeOptions): the flags of `gradmatch merge` are generated
 from them, merge.json records every one, and the command that merge.json and the card record rebuilds the same merge
-bit for bit — with the options that turn a check off too."""
+bit for bit — with the options that turn a check off too; where each Hessian scale N of the original flags came from."""
 
 from __future__ import annotations
 
@@ -112,6 +112,22 @@ def test_merge_json_records_every_option(family, tmp_path):  # noqa: F811
                                  "max_shard_size": "5GB", "block_rows": None, "threads": 2, "kernel": "reference",
                                  "check_hessians": True, "allow_config_mismatch": False, "card": True}
     assert record["command"] == "gradmatch merge m.yaml OUT --out-dtype float16 --threads 2 --kernel reference"
+
+
+def test_the_original_flags_record_where_each_n_came_from(family, tmp_path):  # noqa: F811
+    """Not given, N_0 and every N_t are the original script's default 1.0 — recorded so, not as "config"."""
+    assert main(["merge", "-q", *_original_flags(family, family["fishers"], tmp_path / "default")]) == 0
+    record = json.loads((tmp_path / "default" / "merge.json").read_text())
+    assert record["base_hessian_scale"] == 1.0 and [m["hessian_scale"] for m in record["models"]] == [1.0, 1.0]
+    assert record["scale_sources"] == {"base": "default of the original flags (--scaling_factor_pt 1.0)",
+                                       "models[0]": "default of the original flags (--scaling_factors_ft 1.0 each)",
+                                       "models[1]": "default of the original flags (--scaling_factors_ft 1.0 each)"}
+    given = _original_flags(family, family["fishers"], tmp_path / "given")
+    assert main(["merge", "-q", *given, "--scaling_factor_pt", "20", "--scaling_factors_ft", "8,9"]) == 0
+    record = json.loads((tmp_path / "given" / "merge.json").read_text())
+    assert record["scale_sources"] == {"base": "--scaling_factor_pt", "models[0]": "--scaling_factors_ft",
+                                       "models[1]": "--scaling_factors_ft"}
+    assert record["base_hessian_scale"] == 20.0 and [m["hessian_scale"] for m in record["models"]] == [8.0, 9.0]
 
 
 def _execution_flags() -> dict[str, list[str] | None]:

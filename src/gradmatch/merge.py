@@ -48,6 +48,7 @@ def merge(
     *,
     progress: bool = True,
     prefetch: bool | None = None,
+    scale_sources: Mapping[str, str] | None = None,
     **settings: Any,
 ) -> Path:
     """Merge the children of ``config`` into a Hugging Face folder ``out``; return ``out``.
@@ -71,7 +72,9 @@ def merge(
 
     Two arguments change how the merge runs but never what it writes: ``progress`` (a progress bar) and
     ``prefetch`` (read the next block's inputs on a thread while the current one is computed; None: only on a
-    GPU, where it also uses pinned host buffers).
+    GPU, where it also uses pinned host buffers). ``scale_sources`` names where a caller that wrote a Hessian
+    scale into ``config`` took it from (role → source, e.g. ``{"base": "--scaling_factor_pt"}``), recorded in
+    merge.json's ``scale_sources`` instead of ``config``.
     """
     options = merge_options(options, **settings)
     cfg = load_merge_config(config)
@@ -81,6 +84,9 @@ def merge(
     dev = parse_device(options.device)
     _check_kernel(options.kernel, get_method(cfg.method), dev, options.precision)  # before planning: it may print
     plan = plan_merge(cfg, check_inputs=options.check_hessians, allow_config_mismatch=options.allow_config_mismatch)
+    for role, source in (scale_sources or {}).items():
+        if plan.scale_sources.get(role) == "config":
+            plan.scale_sources[role] = source
     check_output_not_input(out, plan)
     out_dtype = out_dtype or default_out_dtype(plan)
     params = dict(cfg.parameters)

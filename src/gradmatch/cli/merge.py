@@ -73,6 +73,10 @@ _ORIGINAL_FLAGS = ("pretrained_model_name_or_path", "pretrained_hessian_path", "
                    "scaling_factors", "out_model_path", "method")
 
 
+#: merge.json's scale_sources for a Hessian scale the original flags did not give (1.0, as the original script).
+_DEFAULT_SOURCE = "default of the original flags"
+
+
 def _split(text: str | None, flag: str | None = None) -> list[str]:
     parts = [part.strip() for part in text.split(",")] if text else []
     if flag and any(not part for part in parts):
@@ -90,8 +94,9 @@ def _floats(text: str | None, flag: str) -> list[float]:
     return values
 
 
-def config_from_original_flags(args) -> tuple[dict[str, Any], str]:
-    """The merge config and output folder that the original scripts' flags mean.
+def config_from_original_flags(args) -> tuple[dict[str, Any], str, dict[str, str]]:
+    """The merge config and output folder that the original scripts' flags mean, and where each Hessian scale
+    written into the config came from (role → the flag, or the flags' default; for merge.json's scale_sources).
 
     Same meaning and defaults as `uncertainty_based_gradient_matching.py` (``--scaling_factor`` 1.0,
     ``--scaling_factor_pt`` 1.0, ``--delta_0`` 0.0) and `task_arithmetic.py`. The method is
@@ -130,20 +135,25 @@ def config_from_original_flags(args) -> tuple[dict[str, Any], str]:
         "base": args.pretrained_model_name_or_path,
         "models": [{"model": m, "weight": a} for m, a in zip(models, alphas)],
     }
+    sources: dict[str, str] = {}
     if uses_hessians:
-        for entry, h, s in zip(config["models"], hessians, scales):
+        for i, (entry, h, s) in enumerate(zip(config["models"], hessians, scales)):
             entry.update(hessian=h, hessian_scale=s)
+            sources[f"models[{i}]"] = ("--scaling_factors_ft" if args.scaling_factors_ft
+                                       else f"{_DEFAULT_SOURCE} (--scaling_factors_ft 1.0 each)")
     if spec.uses_parent_hessian:
         if not args.pretrained_hessian_path:
             raise UserError(f"{method} needs --pretrained_hessian_path")
         config["base_hessian"] = args.pretrained_hessian_path
         config["base_hessian_scale"] = 1.0 if args.scaling_factor_pt is None else args.scaling_factor_pt
+        sources["base"] = (f"{_DEFAULT_SOURCE} (--scaling_factor_pt 1.0)" if args.scaling_factor_pt is None
+                           else "--scaling_factor_pt")
         if "delta_0" in spec.parameter_names:
             config["parameters"] = {"delta_0": 0.0 if args.delta_0 is None else args.delta_0}
     elif args.delta_0 is not None or args.pretrained_hessian_path or args.scaling_factor_pt is not None:
         raise UserError(f"--delta_0, --pretrained_hessian_path and --scaling_factor_pt apply to gradient_matching, "
                         f"not {method}")
-    return config, args.out_model_path
+    return config, args.out_model_path, sources
 
 
 def merge_from_args(args) -> Path:
@@ -154,9 +164,9 @@ def merge_from_args(args) -> Path:
             raise UserError(f"give either a merge YAML or the original flags, not both (got --{flags[0]})")
         if args.out is None:
             raise UserError("give the output folder: gradmatch merge CONFIG.yaml OUT")
-        config, out = args.config, args.out
+        config, out, sources = args.config, args.out, {}
     else:
-        config, out = config_from_original_flags(args)
+        config, out, sources = config_from_original_flags(args)
     options = options_from_args(args)
     import gc
 
@@ -164,7 +174,7 @@ def merge_from_args(args) -> Path:
 
     gc.freeze()  # the command exits after merging: spare the interpreter's final pass over torch's objects (0.3 s)
     try:
-        return merge(config, out, options, progress=not args.quiet)
+        return merge(config, out, options, progress=not args.quiet, scale_sources=sources)
     except UserError as exc:
         if args.config is None and "denominator" in str(exc) and args.delta_0 is None:
             raise UserError(f"{exc}. With the original flags δ defaults to 0 and every N to 1, as in the original "
