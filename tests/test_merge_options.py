@@ -193,6 +193,8 @@ def test_the_python_api_takes_an_options_object_or_keywords(family, tmp_path):  
         gradmatch.merge(config, tmp_path / "e", progress=False)
     with pytest.raises(TypeError, match="unknown merge option 'kernal'"):
         gradmatch.merge(config, tmp_path / "f", kernal="fused")
+    with pytest.raises(TypeError, match="not both"):
+        gradmatch.merge(config, tmp_path / "f", check_inputs=False, check_hessians=True)
     with pytest.raises(UserError, match=re.escape("kernel must be one of auto, fused, reference, not 'numba'")):
         gradmatch.merge(config, tmp_path / "g", kernel="numba")
     with pytest.raises(UserError, match="threads must be positive, got 0"):

@@ -125,6 +125,8 @@ def merge_options(options: MergeOptions | Mapping[str, Any] | None = None, **giv
     ``check_inputs`` is the older name of ``check_hessians``. An unknown name is a TypeError (as for any keyword
     argument); a bad value is a one-line :class:`~gradmatch.errors.UserError` naming the option."""
     if "check_inputs" in given:
+        if "check_hessians" in given:
+            raise TypeError("give check_hessians or its older name check_inputs, not both")
         given["check_hessians"] = given.pop("check_inputs")
     unknown = sorted(set(given) - set(MergeOptions.model_fields))
     if unknown:
