@@ -175,7 +175,8 @@ def test_float_rounding_asymmetry_and_a_float16_gram_pass(tmp_path):
     nudged[3, 7] += 2e-7 * float(G.abs().max())  # a rounding error: passes
     bad = G.clone()
     bad[3, 7] += 1e-3 * float(G.abs().max())
-    zero_diag = torch.zeros(4, 4)  # a feature that is always zero: a valid (singular) Gram
+    zero_diag = torch.diag(torch.tensor([1.0, 2.0, 0.0, 3.0]))  # a feature that is always zero: a valid (singular)
+    # Gram (an all-zero one, without positions that say the layer saw input, is refused: tests/test_hostile_pass.py)
     (tmp_path / "g").mkdir()
     save_file({"a": nudged, "b": G.half(), "c": zero_diag, "d": bad}, tmp_path / "g" / "gram.safetensors")
     grams = GramFile(tmp_path / "g", "gram")

@@ -5,6 +5,7 @@ weight in the model's checkpoint, with ``gram.json`` (data-parallel under torchr
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -16,6 +17,8 @@ from torch import nn
 from gradmatch.errors import UserError
 from gradmatch.models import checkpoint_names
 from gradmatch.statistics import Loaded, SplitSpec, Statistic, check_arguments, load, run
+
+log = logging.getLogger("gradmatch.merge")
 
 #: The file of a Gram folder that holds the matrices (safetensors, float32, keyed by module name).
 GRAM_FILE = "gram.safetensors"
@@ -278,6 +281,25 @@ class GramFile:
         self._check(name, tensor)
         return tensor
 
+    def _zero(self, name: str, where: str) -> None:
+        """An all-zero Gram gives its child no say in the layer's merged weight (RegMean's least squares has nothing
+        of it to fit). Where gram.json counts positions for the layer, its inputs there were all exactly zero: a
+        note says the weight comes from the other children. Without positions (0, or not recorded) the layer saw
+        no input — refused, as a layer without a Gram is (engine.plan._check_gram_coverage)."""
+        positions = self.record.get("positions")
+        seen = positions.get(name) if isinstance(positions, dict) else None
+        if isinstance(seen, int) and not isinstance(seen, bool) and seen > 0:
+            log.warning("note: %s is zero: its %d input positions were all zero vectors, so this child's data "
+                        "does not constrain the layer and RegMean takes its weight from the other children",
+                        where, seen)
+            return
+        if seen == 0:
+            why = f"{GRAM_RECORD} records 0 input positions for it"
+        else:
+            why = f"{GRAM_RECORD} records no positions for it" if self.record else f"no {GRAM_RECORD} counts its inputs"
+        raise UserError(f"{where} is all zero and {why}: the layer saw no input, so RegMean would drop this child's "
+                        "weight for it silently; compute the Gram with gradmatch gram on data that reaches the layer")
+
     def _check(self, name: str, tensor: torch.Tensor) -> None:
         """Finite, with a non-negative diagonal and symmetric (to :data:`SYMMETRY_TOLERANCE` of its largest entry,
         or a few roundings of a coarser stored dtype), as every Σ x xᵀ is; one line naming the file and the layer
@@ -296,6 +318,8 @@ class GramFile:
         if not finite:
             raise UserError(f"the Gram matrix of {name} in {self.path} holds NaN or Inf values")
         where = f"{self.role} {self.path}: the Gram of {name}"
+        if lo == hi == 0:
+            self._zero(name, where)
         diagonal = float(torch.diagonal(tensor).min())
         if diagonal < 0:
             raise UserError(f"{where} has negative diagonal entries (down to {diagonal:.3g}): not a Gram matrix Σ x xᵀ")

@@ -180,6 +180,8 @@ class Executor:
                                         if name in p.grams[0].tensors else None)
         if "grams" in wanted:
             kwargs["grams"] = self._cache["grams"]
+            if self._transposed(name):  # a Conv1D weight (in × out): the method takes a Linear's out × in
+                kwargs["parent"], kwargs["children"] = kwargs["parent"].t(), [c.t() for c in kwargs["children"]]
         if "cache" in wanted:
             kwargs["cache"] = self._cache
         return {k: v for k, v in kwargs.items() if k in wanted}
@@ -208,7 +210,12 @@ class Executor:
             raise self._overflow(name, rows, out_dtype)
         self._count(name, stats)
         self._loaded = []
-        return result
+        return result.t().contiguous() if self._transposed(name) else result
+
+    def _transposed(self, name: str) -> bool:
+        """Whether tensor ``name`` is a layer with a Gram stored in × out (transformers Conv1D): the method sees its
+        transpose, a Linear's out × in, and the merged weight is turned back."""
+        return "grams" in self.method.inputs and name in self.plan.transposed
 
     def _fused(self, name: str, rows: slice | None, out_dtype: torch.dtype) -> torch.Tensor | None:
         """The merged block from the method's fused kernel, or None where the reference must compute it
@@ -265,11 +272,11 @@ class Executor:
 
         Elementwise and rowwise methods take a large tensor in blocks of about DEFAULT_BLOCK_ELEMENTS
         entries per input (GPU_BLOCK_ELEMENTS on a GPU; ``block_rows`` rows when given); the others need
-        whole tensors.
+        whole tensors, and so does a rowwise method's Conv1D weight (stored in × out).
         """
         info = self.plan.parent.info(name)
-        if not (self.method.elementwise or self.method.rowwise):
-            return [None]
+        if not (self.method.elementwise or self.method.rowwise) or self._transposed(name):
+            return [None]  # (a Conv1D weight's rows are its inputs: the merge of each needs them all)
         return row_blocks(info.shape, gpu=self.device.type != "cpu", rows=self.block_rows)
 
     def blocks(self) -> list[tuple[str, slice | None]]:

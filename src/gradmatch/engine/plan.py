@@ -51,6 +51,7 @@ class MergePlan:
     averaged: list[str] = field(default_factory=list)  # head tensors without a common initialisation: their mean
     prior: float | None = None  # c of base_hessian: prior (H_0 = N_0·c·I)
     head: dict[str, Any] = field(default_factory=dict)  # a pretrained base: how its body and the head were matched
+    transposed: set[str] = field(default_factory=set)  # Gram layers stored in × out (transformers Conv1D)
 
     def __post_init__(self):
         self.output = self.output or self.parent
@@ -311,11 +312,11 @@ def plan_merge(config: MergeConfig, *, check_inputs: bool = True, allow_config_m
         _check_hessian(parent_hessian, output, merged, method.name)
         parent_scale, sources["base"] = _scale(config.base_hessian_scale, base.folder, "the base model",
                                                "base_hessian_scale", default)
-    grams = _plan_grams(config, output, merged) if method.uses_grams else []
+    grams, transposed = _plan_grams(config, output, merged) if method.uses_grams else ([], set())
     plan = MergePlan(config, method, parent, children, parent_hessian, hessians, config.weights(),
                      parent_scale, scales, merged, grams, sources, output=output,
                      template=children[0].folder if pretrained else base.folder, averaged=averaged, prior=prior,
-                     head=head)
+                     head=head, transposed=transposed)
     if check_inputs:
         _check_owners(plan)
     return plan
@@ -362,12 +363,14 @@ def _prior_level(hessians: list[Checkpoint | None], merged: list[str]) -> float:
     return level
 
 
-def _plan_grams(config: MergeConfig, parent: Checkpoint, merged: list[str]) -> list:
-    """Every child's Gram matrices: the same layers for each, each a merged 2-D weight of the parent with a
-    Gram of its input size."""
+def _plan_grams(config: MergeConfig, parent: Checkpoint, merged: list[str]) -> tuple[list, set[str]]:
+    """Every child's Gram matrices — the same layers for each, each a merged 2-D weight of the parent with a Gram of
+    its input size — and the layers among them stored in × out (transformers Conv1D, GPT-2's: the input size is
+    their first dimension, and the Gram applies from the other side)."""
     from gradmatch.gram import GramFile
 
     grams = [GramFile(e.gram, f"gram of models[{i}]") for i, e in enumerate(config.models)]
+    linear, conv1d = _gram_layers(parent)
     layers = set(grams[0].tensors)
     merged_set = set(merged)
     for g in grams:
@@ -380,19 +383,22 @@ def _plan_grams(config: MergeConfig, parent: Checkpoint, merged: list[str]) -> l
                 raise UserError(f"{g.role} {g.path} has a Gram for {name}, which is not a merged tensor of the base "
                                 f"model {parent.folder} (the Gram of another model?)")
             shape = parent.info(name).shape
-            if len(shape) != 2 or info.shape[0] != shape[1]:
+            size = shape[0] if name in conv1d else shape[-1]
+            if len(shape) != 2 or info.shape[0] != size:
+                stored = " (a Conv1D weight, stored in × out)" if name in conv1d else ""
                 raise UserError(f"{g.role} {g.path}: the Gram of {name} is {info.shape[0]} × {info.shape[0]} but the "
-                                f"weight's input size is {shape[-1]} (the Gram of another model?)")
-    _check_gram_coverage(grams, parent, merged_set)
-    return grams
+                                f"weight's input size is {size}{stored} (the Gram of another model?)")
+    _check_gram_coverage(grams, linear | conv1d, merged_set)
+    return grams, conv1d & layers
 
 
-def _linear_weights(parent: Checkpoint) -> set[str] | None:
-    """The checkpoint names of the base model's nn.Linear weights that get a Gram (not tied to an embedding), from
-    its architecture built on the meta device; None when transformers cannot build it from its config.json."""
+def _gram_layers(parent: Checkpoint) -> tuple[set[str], set[str]]:
+    """The checkpoint names of the base model's layers that get a Gram: its nn.Linear weights (not tied to an
+    embedding) and its transformers Conv1D weights (a Linear stored in × out), from its architecture built on the
+    meta device; both empty when transformers cannot build it from its config.json."""
     from transformers import AutoConfig
 
-    from gradmatch.gram import embedding_weights
+    from gradmatch.gram import conv1d_layers, embedding_weights
     from gradmatch.kinds import kind_of_config
     from gradmatch.models import checkpoint_names
 
@@ -401,22 +407,25 @@ def _linear_weights(parent: Checkpoint) -> set[str] | None:
         with torch.device("meta"):
             skeleton = kind_of_config(config).auto_class().from_config(config)
         tied = embedding_weights(skeleton)
-        names = [f"{name}.weight" for name, m in skeleton.named_modules()
-                 if isinstance(m, torch.nn.Linear) and id(m.weight) not in tied]
-        return set(checkpoint_names(skeleton, names).values())
+        linear = [f"{name}.weight" for name, m in skeleton.named_modules()
+                  if isinstance(m, torch.nn.Linear) and id(m.weight) not in tied]
+        conv1d = [f"{name}.weight" for name in conv1d_layers(skeleton)]
+        names = checkpoint_names(skeleton, linear + conv1d)
+        return {names[n] for n in linear}, {names[n] for n in conv1d}
     except Exception:  # noqa: BLE001 - an architecture transformers does not know: the Grams' own records decide
-        return None
+        return set(), set()
 
 
-def _check_gram_coverage(grams: list, parent: Checkpoint, merged: set[str]) -> None:
-    """RegMean needs a Gram for every Linear layer it merges: the layers the base model's architecture has and
-    those each Gram's record lists (gram.json ``positions``, a layer that saw no input included). A layer without
-    one would be averaged while the merge is called regmean; an empty Gram file merges nothing by RegMean."""
+def _check_gram_coverage(grams: list, layers: set[str], merged: set[str]) -> None:
+    """RegMean needs a Gram for every Linear (or Conv1D) layer it merges: those the base model's architecture has
+    (``layers``) and those each Gram's record lists (gram.json ``positions``, a layer that saw no input included). A
+    layer without one would be averaged while the merge is called regmean; an empty Gram file merges nothing by
+    RegMean."""
     for g in grams:
         if not g.tensors:
             raise UserError(f"{g.role} {g.path} holds no Gram matrices: RegMean would average every tensor "
                             "(compute it with gradmatch gram on this child)")
-    linear = _linear_weights(parent) or set()
+    linear = set(layers)
     for g in grams:
         recorded = g.record.get("positions") if isinstance(g.record.get("positions"), dict) else {}
         linear |= set(recorded)

@@ -54,6 +54,11 @@ def regmean(
         A = sum(reduced)
         if epsilon > 0:
             A = A + epsilon * torch.diagonal(A).mean() * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+        if A.numel() and not float(torch.diagonal(A).max()) > 0:  # a sum of PSD matrices with no diagonal is 0
+            raise MethodError("Σ w_t G̃_t of this layer is zero (every child's Gram is zero or weighs 0: the layer's "
+                              "inputs were zero on every task): RegMean has nothing to fit, and an epsilon cannot help "
+                              "(it adds a multiple of that sum's diagonal, 0); compute the Grams on data that reaches "
+                              "the layer")
         L, info = torch.linalg.cholesky_ex(A)
         if int(info) != 0:
             raise MethodError(f"the summed Gram matrix Σ w_t G̃_t ({A.shape[0]} × {A.shape[0]}) is singular (an input "
