@@ -294,3 +294,34 @@ def test_a_conv1d_gram_of_the_wrong_size_names_the_orientation(gpt2_family, tmp_
     with pytest.raises(UserError, match=rf"the Gram of {name} is 16 × 16 but the weight's input size is 64 "
                                         r"\(a Conv1D weight, stored in × out\)"):
         merge(_regmean_config(fam, grams), tmp_path / "out", progress=False)
+
+
+# --------------------------------------------------------------------------- a model folder holding an adapter too
+
+
+@pytest.mark.parametrize("role", ["models[0]", "base model"])
+def test_a_folder_holding_a_model_and_a_lora_adapter_is_refused(tmp_path, role):
+    """peft's save_pretrained into a model's own folder: transformers' from_pretrained then loads the folder's weights
+    with the adapter attached (checked here), which the merge, reading model.safetensors, would leave out."""
+    from conftest import make_tiny_lm
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    parent = make_tiny_lm(tmp_path / "parent", family="llama")
+    child = make_tiny_lm(tmp_path / "child", family="llama", seed=1)
+    adapted = get_peft_model(AutoModelForCausalLM.from_pretrained(child),
+                             LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    adapted.save_pretrained(child)
+    assert (child / "adapter_config.json").is_file() and (child / "model.safetensors").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(child)
+    assert any("lora_A" in name for name in loaded.state_dict())  # transformers attached the adapter
+    base, model = (child, parent) if role == "base model" else (parent, child)
+    config = {"method": "task_arithmetic", "base": str(base), "models": [{"model": str(model), "weight": 0.5}]}
+    with pytest.raises(UserError) as err:
+        merge(config, tmp_path / "out", progress=False)
+    message = str(err.value)
+    for words in (f"{role} {child} holds a full model (model.safetensors) and a LoRA/PEFT adapter",
+                  "adapter_config.json, adapter_model.safetensors",
+                  "transformers loads the weights with the adapter attached", "merge_and_unload"):
+        assert words in message, (words, message)
+    assert "\n" not in message and not (tmp_path / "out").exists()

@@ -230,6 +230,13 @@ class Checkpoint(TensorSource):
                             "base first (peft's merge_and_unload, as gradmatch train does) and save that")
         if layout is None:
             raise UserError(f"{role} {self.folder} is not a model folder: it has none of {', '.join(WEIGHT_LAYOUTS)}")
+        if (self.folder / "adapter_config.json").is_file():  # transformers loads the weights with the adapter on
+            adapter = sorted(p.name for p in self.folder.glob("adapter_model.*"))
+            raise UserError(f"{role} {self.folder} holds a full model ({layout}) and a LoRA/PEFT adapter "
+                            f"(adapter_config.json{''.join(', ' + name for name in adapter)}): transformers loads "
+                            f"the weights with the adapter attached, a merge would read {layout} without it; fold "
+                            "the adapter in (peft's merge_and_unload, then save_pretrained in a folder of its own), "
+                            f"or move the adapter's files out of {self.folder} to merge the weights alone")
         self.layout = layout
         self._bin_tensor: tuple[str, torch.Tensor] | None = None
         self._bin_lock = threading.Lock()
