@@ -272,6 +272,53 @@ def _one_tensor_child_swap(w: World, t: Path) -> list:
     return ["merge", _yaml(t / "m.yaml", config), t / "out", "--quiet"]
 
 
+def _float64_hessian(value: float):
+    """An edit of a Hessian folder: its tensors stored in float64, emb.weight[5, 3] = ``value``."""
+    def edit(folder: Path) -> None:
+        sd = {k: v.double() for k, v in load_file(folder / "model.safetensors").items()}
+        sd["emb.weight"][5, 3] = value
+        save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    return edit
+
+
+def _adapter_beside(child: Path) -> None:
+    """A LoRA adapter saved into the child's own folder, beside its model.safetensors."""
+    (child / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
+    save_file({"base_model.model.layer.lora_A.weight": torch.zeros(2, 8)}, child / "adapter_model.safetensors")
+
+
+def _rows_child_swap(w: World, t: Path) -> list:
+    """A parent and a child two rows of one tensor apart (a trained token, past the sampled scheme's samples),
+    Hessians swapped."""
+    from test_fingerprint import _rows_family
+
+    fam = _rows_family(t / "rows")
+    config = {"method": "gradient_matching", "base": str(fam["parent"]), "base_hessian": str(fam["child_hessian"]),
+              "base_hessian_scale": 10, "parameters": {"delta_0": 1e-12},
+              "models": [{"model": str(fam["child"]), "hessian": str(fam["parent_hessian"]), "hessian_scale": 5}]}
+    return ["merge", _yaml(t / "m.yaml", config), t / "out", "--quiet"]
+
+
+def _conv1d_gram_wrong_size(w: World, t: Path) -> list:
+    """RegMean of GPT-2 children with hand-made Grams (Conv1D layers, in × out), one of them of the output size."""
+    from conftest import make_tiny_lm
+    from test_hostile_pass import _gram_layers
+
+    parent = make_tiny_lm(t / "gpt2", family="gpt2")
+    tensors = {name: torch.eye(size) for name, (size, _) in _gram_layers(parent).items()}
+    tensors["transformer.h.0.mlp.c_proj.weight"] = torch.eye(16)  # in × out = 64 × 16: its Gram is 64 × 64
+    folder = t / "gram"
+    folder.mkdir()
+    save_file(tensors, folder / "gram.safetensors", metadata={"format": "pt"})
+    config = {"method": "regmean", "base": str(parent), "models": [{"model": str(parent), "gram": str(folder)}]}
+    return ["merge", _yaml(t / "m.yaml", config), t / "out", "--quiet"]
+
+
+#: Merge cases refused while the values stream (block by block, after the output's hidden folder was made beside it).
+_REFUSED_WHILE_MERGING = {"merge: a float64 Hessian entry of -1e-300", "merge: a float64 Hessian beyond float32's range",
+                          "merge: an all-zero RegMean Gram of a layer that saw no input",
+                          "merge: every RegMean Gram of a layer zero"}
+
 CASES = [
     # ---------------------------------------------------------------- merge (kinds test_merge.py does not cover)
     Case("merge: config file missing", "merge", lambda w, t: ["merge", t / "nope.yaml", t / "out"],
@@ -384,6 +431,27 @@ CASES = [
          ["gram0", "holds no Gram matrices", "would average every tensor"]),
     Case("merge: Hessians swapped between a parent and a one-tensor child", "merge", _one_tensor_child_swap,
          ["base_hessian", "child-fisher", "was computed on another model than", "--no-check-hessians"]),
+    # ---------------------------------------------------------------- the fresh hostile pass's violations, fixed
+    Case("merge: Hessians swapped between a parent and a child two rows apart", "merge", _rows_child_swap,
+         ["base_hessian", "child-fisher", "was computed on another model than", "--no-check-hessians"]),
+    Case("merge: a float64 Hessian entry of -1e-300", "merge", lambda w, t: _hessian_copy(w, t, _float64_hessian(-1e-300)),
+         ["'emb.weight'", "hessian/model.safetensors", "has negative values (down to -1e-300)"]),
+    Case("merge: a float64 Hessian beyond float32's range", "merge",
+         lambda w, t: _hessian_copy(w, t, _float64_hessian(1e300)),
+         ["the computation overflows float32, the compute precision", "holds 1e+300", "--precision float64 merges it"]),
+    Case("merge: an all-zero RegMean Gram of a layer that saw no input", "merge",
+         lambda w, t: _regmean_grams(w, t, {"emb.weight": torch.eye(8), "layer.weight": torch.zeros(8, 8)},
+                                     {"emb.weight": 4, "layer.weight": 0}),
+         ["gram0", "the Gram of layer.weight is all zero", "0 input positions", "saw no input"]),
+    Case("merge: every RegMean Gram of a layer zero", "merge",
+         lambda w, t: _regmean_grams(w, t, {"emb.weight": torch.eye(8), "layer.weight": torch.zeros(8, 8)},
+                                     {"emb.weight": 4, "layer.weight": 4}),
+         ["'layer.weight'", "is zero", "an epsilon cannot help"]),
+    Case("merge: a Conv1D Gram of the output's size", "merge", _conv1d_gram_wrong_size,
+         ["the Gram of transformer.h.0.mlp.c_proj.weight is 16 × 16", "input size is 64",
+          "(a Conv1D weight, stored in × out)"]),
+    Case("merge: a child holding a LoRA adapter beside its weights", "merge", lambda w, t: _child_copy(w, t, _adapter_beside),
+         ["models[0]", "holds a full model (model.safetensors) and a LoRA/PEFT adapter", "merge_and_unload"]),
     Case("fisher: generated data for a classifier", "fisher",
          lambda w, t: _fisher(w, t, **{"--data": "generated", "--split": None, "--examples": "4"}),
          ["--data generated samples sequences from a causal language model", "bert"]),
@@ -679,8 +747,9 @@ def test_bad_input(world, tmp_path, capfd, case):
     after = snapshot(tmp_path), snapshot(world.root)
     if case.id == "run: another run holds the folder":  # the refused run opened the lock file to try it
         before[0].pop("case/workdir/.gradmatch-run.lock"), after[0].pop("case/workdir/.gradmatch-run.lock")
-    if case.id == "train: a learning rate that diverges":  # it trained in a hidden folder beside its output (gone
-        before[0].pop("case"), after[0].pop("case")       # now): the case folder's modification time changed
+    if case.id == "train: a learning rate that diverges" or case.id in _REFUSED_WHILE_MERGING:  # it worked in a
+        before[0].pop("case"), after[0].pop("case")  # hidden folder beside its output (gone now): the case folder's
+        # modification time changed
     assert after == before  # nothing written, nothing overwritten
 
 
