@@ -270,3 +270,25 @@ def test_shard_refuses_a_module_without_a_closed_form_in_one_line(setup, tmp_pat
     assert result.returncode != 0
     assert "has no closed-form rule" in result.stderr and "run without --shard" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_weight_larger_than_a_block_is_squared_by_blocks_of_rows(setup, monkeypatch):
+    """An LM head larger than the per-example block (vocabulary × hidden) is formed one example and some rows at a
+    time: the same Fisher as the one-example loop (float64)."""
+    from transformers import AutoModelForCausalLM
+
+    from gradmatch.fisher import estimate_fisher, estimate_fisher_reference
+    from gradmatch.fisher import layers
+    from gradmatch.kinds import kind_of_config
+
+    model = AutoModelForCausalLM.from_pretrained(setup["llama-untied"]).double()
+    monkeypatch.setattr(layers, "_MAX_BLOCK_CPU", 100)  # smaller than every weight: rows of 100 // in at a time
+    kind = kind_of_config(model.config)
+    torch.manual_seed(2)
+    ids = torch.randint(1, 50, (3, 7))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    got = estimate_fisher(model, [batch], kind=kind, estimator="empirical", progress=False)
+    expected = estimate_fisher_reference(model, [batch], kind=kind, estimator="empirical")
+    assert got["lm_head.weight"].shape[0] * got["lm_head.weight"].shape[1] > 100
+    for name in expected:
+        assert torch.allclose(got[name], expected[name], rtol=1e-9, atol=1e-12 * float(expected[name].abs().max())), name

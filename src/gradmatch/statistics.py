@@ -271,15 +271,12 @@ def _run_sharded(statistic: Statistic, loaded: Loaded, *, out: Path, overwrite: 
     import math
 
     from gradmatch.fisher.accumulator import progress_bar
-    from gradmatch.fisher.sharded import (
-        check_sharded_model,
-        load_sharded,
-        lockstep_batches,
-        reduction_group,
-    )
+    from gradmatch.fisher.sharded import (check_sharded_model, load_sharded, lockstep_batches,
+                                          map_large_allocations, reduction_group)
     from gradmatch.fsutil import atomic_dir
 
     encoded = loaded.encoded()
+    map_large_allocations()
     with reduction_group() as group:
         loaded.model = load_sharded(loaded.name, loaded.config, loaded.kind, loaded.processor, device=device,
                                     rank=rank, world=world)

@@ -25,8 +25,8 @@ def add(sub) -> None:
         examples=['gradmatch fisher --model runs/child-sst2 --data sst2 --split "train[:200]" --out runs/child-sst2-fisher',
                   'gradmatch fisher --model smollm2 --data imdb --split "train[:64]" --filter label=0 --out neg-fisher',
                   'gradmatch fisher --model smollm2 --data generated --examples 256 --max-length 64 --out smollm2-fisher',
-                  'torchrun --nproc_per_node 8 -m gradmatch fisher --shard --model MODEL --data imdb '
-                  '--split "train[:1000]" --gradient-checkpointing --out model-fisher'],
+                  ('torchrun --nproc_per_node 8 -m gradmatch fisher --shard --model MODEL --data imdb '
+                   '--split "train[:1000]" --gradient-checkpointing --out model-fisher')],
     )
     p.add_argument("--model", required=True, help="a classifier or causal LM: Hugging Face folder, hub id or alias "
                    "(minilm, smollm2)")

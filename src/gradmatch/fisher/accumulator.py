@@ -84,6 +84,7 @@ class FisherAccumulator:
         self._deferred: list[tuple] = []
         self._shared_uses: dict[str, list[tuple]] = {}
         self._suspended = False
+        self._averaged = False
         self._live = True  # False: a batch run only to keep processes in step (sharded); it adds nothing
         self._recomputing = False
         self._in_checkpoint = False
@@ -249,6 +250,8 @@ class FisherAccumulator:
         targets of causal LMs) and optionally ``index``, the examples' positions in the data set (they
         seed the sampled labels; by default the running count).
         """
+        if self._averaged:
+            raise RuntimeError("add() after mean(in_place=True): the sums were divided")
         B = self.kind.batch_size(batch)
         if B == 0:
             return 0
@@ -341,9 +344,18 @@ class FisherAccumulator:
         for s in self.sums.values():
             dist.all_reduce(s)
 
-    def mean(self) -> dict[str, torch.Tensor]:
+    def mean(self, in_place: bool = False) -> dict[str, torch.Tensor]:
+        """The estimate; ``in_place`` divides the sums themselves (no second copy of every parameter's size: for
+        a writer that is done with the accumulator)."""
         if self.count == 0:
             raise UserError("no examples: the Fisher estimate needs at least one")
+        if self._averaged:
+            return dict(self.sums)
+        if in_place:
+            for s in self.sums.values():
+                s.div_(self.count)
+            self._averaged = True  # the sums are the mean from now on (count still says how many)
+            return dict(self.sums)
         return {name: s / self.count for name, s in self.sums.items()}
 
 

@@ -287,7 +287,7 @@ def run_generated_fisher(model: str, *, out: str | os.PathLike, examples: int, m
             total = torch.tensor([tokens], dtype=torch.float64, device=device)
             dist.all_reduce(total)
             tokens = int(total.item())
-        fisher = acc.mean()
+        fisher = acc.mean(in_place=True)
         dtype = hessian_dtype(net, out_dtype)
         if rank == 0:
             metadata = {

@@ -50,10 +50,18 @@ def linear_squares(A: torch.Tensor, G: torch.Tensor, weight_acc: torch.Tensor | 
         bias_acc.add_(G.sum(1).square().sum(0))
     if weight_acc is None:
         return
-    step = max(1, max_block(A) // weight_acc.numel())
-    for start in range(0, B, step):
-        per_example = torch.bmm(G[start:start + step].transpose(1, 2), A[start:start + step])  # (b, out, in)
-        weight_acc.add_(sum_of_squares(per_example))
+    step = max_block(A) // weight_acc.numel()
+    if step >= 1:
+        for start in range(0, B, step):
+            per_example = torch.bmm(G[start:start + step].transpose(1, 2), A[start:start + step])  # (b, out, in)
+            weight_acc.add_(sum_of_squares(per_example))
+        return
+    # A weight larger than a block (an LM head: vocabulary × hidden): one example's gradient by blocks of rows.
+    rows = max(1, max_block(A) // weight_acc.shape[1])
+    for b in range(B):
+        for start in range(0, weight_acc.shape[0], rows):
+            block = torch.mm(G[b, :, start:start + rows].t(), A[b])  # (rows, in)
+            weight_acc[start:start + rows].add_(block.square_())
 
 
 def _per_token(A: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -85,7 +85,7 @@ class FisherStatistic(Statistic):
 
     def write(self, acc: FisherAccumulator, loaded: Loaded, folder: Path, *, world: int) -> None:
         dtype = hessian_dtype(loaded.model, self.out_dtype)
-        fisher = acc.mean()
+        fisher = acc.mean(in_place=True)
         write_hessian(loaded.model, fisher, folder / "hessian", self._metadata(acc, loaded, world, dtype, sharded=False),
                       dtype)
 
