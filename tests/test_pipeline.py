@@ -24,10 +24,14 @@ from pipeline_helpers import TINY, TINY_JOB_COUNT, finished_jobs, report_rows, t
 
 def test_schema_defaults_and_resources():
     exp = load_experiment(tiny(resources={"default": {"threads": 3}, "train": {"gpus": 1}}))
-    assert exp.resources.for_kind("train").model_dump() == {"threads": 3, "mem_mb": 8000, "runtime": 240, "gpus": 1}
-    assert exp.resources.for_kind("report").model_dump() == {"threads": 3, "mem_mb": 2000, "runtime": 10, "gpus": 0}
+    one = {"processes": 1, "shard": False}  # one plain process (test_pipeline_fisher_processes.py: several)
+    assert exp.resources.for_kind("train").model_dump() == {"threads": 3, "mem_mb": 8000, "runtime": 240, "gpus": 1,
+                                                            **one}
+    assert exp.resources.for_kind("report").model_dump() == {"threads": 3, "mem_mb": 2000, "runtime": 10, "gpus": 0,
+                                                             **one}
     plain = load_experiment(tiny(resources={}))
-    assert plain.resources.for_kind("fisher").model_dump() == {"threads": 2, "mem_mb": 8000, "runtime": 120, "gpus": 0}
+    assert plain.resources.for_kind("fisher").model_dump() == {"threads": 2, "mem_mb": 8000, "runtime": 120, "gpus": 0,
+                                                               **one}
     assert exp.multitask.enabled is True
     assert [t.name for t in exp.tasks] == ["original", "rot90", "inverted"]
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from gradmatch.config import Seed, read_config_file, validate
 from gradmatch.config.fisher import Estimator
-from gradmatch.config.merge import MAX_FACTOR, parameter_error
+from gradmatch.config.merge import MAX_FACTOR, OUT_DTYPES, parameter_error
 from gradmatch.config.run import GenerationSettings
 from gradmatch.methods import get_method, method_names
 
@@ -182,6 +182,13 @@ class FisherSettings(_Strict):
         "model itself (causal LMs; no data set read)")
     examples: int = Field(default=200, gt=0, description="data: generated: how many sequences are generated "
                           "(max_examples applies to a split)")
+    out_dtype: Literal[OUT_DTYPES] | None = Field(  # type: ignore[valid-type]
+        default=None, description="the dtype each Fisher is stored in (sums are float32 whatever it is; default "
+        "bfloat16 for a bfloat16 model, else float32): gradmatch fisher --out-dtype")
+    gradient_checkpointing: bool = Field(
+        default=False, description="recompute each repeated layer's activations in backward (less memory, about one "
+        "more forward pass of time; the same Fisher): gradmatch fisher --gradient-checkpointing. How a job runs, "
+        "not what it computes: it does not enter the job's hash")
 
     @model_validator(mode="after")
     def _generated_keys(self):
@@ -191,12 +198,21 @@ class FisherSettings(_Strict):
         return self
 
     def job_params(self) -> dict[str, Any]:
-        """What a Fisher job's parameters (and hash) hold: for a split, exactly what they held before
-        ``data:`` existed, so the Fisher jobs of earlier runs keep their folders."""
-        if self.data == "split":
-            return self.model_dump(exclude={"data", "examples"})
+        """What a Fisher job's parameters (and hash) hold: for a split, exactly what they held before ``data:``,
+        ``out_dtype`` and ``gradient_checkpointing`` existed, so the Fisher jobs of earlier runs keep their folders
+        (``out_dtype`` enters only when given: it changes the files; ``gradient_checkpointing`` never does)."""
+        if self.data == "generated":
+            return self.generated_params()
+        return {**self.model_dump(exclude={"data", "examples", "out_dtype", "gradient_checkpointing"}),
+                **self._dtype()}
+
+    def generated_params(self) -> dict[str, Any]:
+        """The parameters of a data-free Fisher job (``data: generated``, or a merge's ``base_hessian: generated``)."""
         return {"data": "generated", "examples": self.examples, "batch_size": self.batch_size,
-                "max_length": self.max_length}
+                "max_length": self.max_length, **self._dtype()}
+
+    def _dtype(self) -> dict[str, Any]:
+        return {"out_dtype": self.out_dtype} if self.out_dtype is not None else {}
 
 
 class GramSettings(_Strict):
@@ -263,12 +279,27 @@ class MergeSpec(_Strict):
 
 
 class Resources(_Strict):
-    """What one job asks the executor for (on SLURM: --cpus-per-task, --mem, --time, --gpus)."""
+    """What one job asks the executor for (on SLURM: --cpus-per-task, --mem, --time, --gpus) and, for a Fisher job,
+    how many processes it runs as (torchrun, on one node) and whether they shard the model (FSDP2)."""
 
-    threads: int = Field(default=1, gt=0)
-    mem_mb: int = Field(default=4000, gt=0)
+    threads: int = Field(default=1, gt=0, description="per process")
+    mem_mb: int = Field(default=4000, gt=0, description="the whole job's, all its processes together")
     runtime: int = Field(default=60, gt=0, description="minutes")
     gpus: int = Field(default=0, ge=0)
+    processes: int = Field(default=1, ge=1, description="fisher jobs: processes torchrun starts on one node "
+                           "(data-parallel; the same Fisher as one process)")
+    shard: bool = Field(default=False, description="fisher jobs with processes ≥ 2: each process holds 1/processes "
+                        "of the model and of the sums (gradmatch fisher --shard)")
+
+    @property
+    def cpus(self) -> int:
+        """The CPUs the job asks for: ``threads`` for each of its processes (Snakemake's threads, SLURM's
+        --cpus-per-task of its one task)."""
+        return self.threads * self.processes
+
+
+#: Resource keys only a Fisher job can use (its torchrun launch); any other kind, and ``default``, refuses them.
+FISHER_ONLY_RESOURCES = ("processes", "shard")
 
 
 class _PartialResources(_Strict):
@@ -276,6 +307,21 @@ class _PartialResources(_Strict):
     mem_mb: int | None = Field(default=None, gt=0)
     runtime: int | None = Field(default=None, gt=0)
     gpus: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fisher_only(cls, data):
+        if isinstance(data, dict):
+            given = [key for key in FISHER_ONLY_RESOURCES if key in data and key not in cls.model_fields]
+            if given:
+                raise ValueError(f"{given[0]} applies to fisher jobs only (resources.fisher.{given[0]}): the other "
+                                 "jobs run as one process")
+        return data
+
+
+class _FisherResources(_PartialResources):
+    processes: int | None = Field(default=None, ge=1)
+    shard: bool | None = None
 
 
 #: Built-in resources per kind of job (under what an experiment's ``resources`` says).
@@ -293,13 +339,14 @@ DEFAULT_JOB_RESOURCES: dict[str, dict[str, int]] = {
 
 class ResourcesConfig(_Strict):
     """Resources per kind of job. Precedence, lowest first: built-in ``Resources()`` defaults, the
-    built-in per-kind defaults (:data:`DEFAULT_JOB_RESOURCES`), the experiment's ``default``, its per-kind entry."""
+    built-in per-kind defaults (:data:`DEFAULT_JOB_RESOURCES`), the experiment's ``default``, its per-kind entry.
+    ``processes`` and ``shard`` are the fisher entry's alone."""
 
     default: _PartialResources = Field(default_factory=_PartialResources)
     prepare: _PartialResources = Field(default_factory=_PartialResources)
     pretrained: _PartialResources = Field(default_factory=_PartialResources)
     train: _PartialResources = Field(default_factory=_PartialResources)
-    fisher: _PartialResources = Field(default_factory=_PartialResources)
+    fisher: _FisherResources = Field(default_factory=_FisherResources)
     gram: _PartialResources = Field(default_factory=_PartialResources)
     evaluate: _PartialResources = Field(default_factory=_PartialResources)
     merge: _PartialResources = Field(default_factory=_PartialResources)
@@ -311,6 +358,19 @@ class ResourcesConfig(_Strict):
         for given in (self.default, getattr(self, kind)):
             values.update({k: v for k, v in given.model_dump().items() if v is not None})
         return Resources(**values)
+
+    @model_validator(mode="after")
+    def _fisher_launch(self):
+        """A Fisher job's processes, shard and GPUs fit together (each process takes one GPU: cuda:LOCAL_RANK)."""
+        fisher = self.for_kind("fisher")
+        if fisher.shard and fisher.processes < 2:
+            raise ValueError("fisher.shard: true shares each Fisher job's model out over its processes: set "
+                             "fisher.processes to 2 or more (one process holds the whole model either way)")
+        if fisher.processes > 1 and fisher.gpus not in (0, fisher.processes):
+            raise ValueError(f"fisher.gpus: {fisher.gpus} with fisher.processes: {fisher.processes}: each process of a "
+                             f"Fisher job uses one GPU of its own (cuda:LOCAL_RANK); set gpus to {fisher.processes}, "
+                             "or to 0 to run on CPUs")
+        return self
 
 
 class MultitaskConfig(_Strict):
@@ -424,7 +484,22 @@ class ExperimentConfig(_Strict):
         self._check_lm_eval()
         self._check_training()
         self._check_roles()
+        self._check_sharded_fisher()
         return self
+
+    def _check_sharded_fisher(self) -> None:
+        """``resources.fisher.shard`` applies to every Fisher job, and a data-free one cannot be sharded: sampling
+        needs the whole model in each process (gradmatch fisher --data generated refuses --shard)."""
+        if not self.resources.for_kind("fisher").shard:
+            return
+        why = ("a data-free Fisher job samples its sequences with the whole model in each process, so it cannot be "
+               "sharded (drop shard: processes alone share the sequences out)")
+        if self.fisher.data == "generated":
+            raise ValueError(f"resources.fisher.shard: true with fisher.data: generated: {why}")
+        for spec in self.merges:
+            if spec.base_hessian == "generated" and get_method(spec.method).uses_parent_hessian:
+                raise ValueError(f"resources.fisher.shard: true with merges: {spec.label}: base_hessian: generated, "
+                                 f"whose H_0 is a data-free Fisher job (fisher/parent-generated): {why}")
 
     def _check_names(self) -> None:
         """Names that become one Snakemake rule or one folder of the run are refused (:func:`name_key`): tasks

@@ -17,6 +17,10 @@ for _job in _plan["jobs"]:
     _res = {"mem_mb": _job["resources"]["mem_mb"], "runtime": _job["resources"]["runtime"]}
     if _job["resources"]["gpus"]:
         _res["gpu"] = _job["resources"]["gpus"]
+    # A job of several processes (a Fisher job under torchrun, on one node) is one task of its processes' threads
+    # together ("cpus": threads × processes): on SLURM one task (--ntasks 1, or one step beside --gpus) with
+    # --cpus-per-task cpus.
+    _threads = _job["resources"]["cpus"]
 
     rule:
         name:
@@ -28,7 +32,7 @@ for _job in _plan["jobs"]:
             f"work/{_job['hash']}/job.json",
         log:
             f"logs/{_job['rule']}.{_job['hash']}.log",
-        threads: _job["resources"]["threads"]
+        threads: _threads
         resources:
             **_res,
         params:

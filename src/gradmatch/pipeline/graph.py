@@ -31,10 +31,13 @@ class Job:
 
     ``name`` is the readable alias (``models/child-sst2``) linked to ``work/<hash>`` once the job is
     done. ``inputs`` maps a role (``model``, ``train``, ``test/sst2``, ...) to the job providing it.
+    ``launch`` says how the job runs, not what it computes (a Fisher job: ``processes``, ``shard``,
+    ``gradient_checkpointing``); like ``resources`` and ``name`` it is not in the hash, and the job function
+    receives it as ``params["launch"]``.
     """
 
     def __init__(self, kind: str, name: str, params: dict[str, Any], inputs: dict[str, Job] | None = None,
-                 resources: Resources | None = None):
+                 resources: Resources | None = None, launch: dict[str, Any] | None = None):
         if kind not in ALIAS_SUBDIR:
             raise ValueError(f"unknown job kind {kind!r}")
         self.kind = kind
@@ -42,6 +45,7 @@ class Job:
         self.params = json.loads(json.dumps(params))  # plain JSON values, copied
         self.inputs = dict(inputs or {})
         self.resources = resources or Resources()
+        self.launch = json.loads(json.dumps(launch or {}))
         self._hash: str | None = None
 
     @property
@@ -237,10 +241,22 @@ def _seed_jobs(exp: ExperimentConfig, seed: int, prefix: str, data_dir: str | No
             params["init"] = init
         return Job("train", prefix + name, params, inputs, res("train"))
 
+    def fisher_launch() -> dict[str, Any]:
+        """How every Fisher job runs (none of it in the hash): as resources.fisher.processes processes under
+        torchrun, sharded with resources.fisher.shard, with the fisher block's gradient_checkpointing."""
+        resources, launch = res("fisher"), {}  # only what differs from one plain process: earlier specs unchanged
+        if resources.processes > 1:
+            launch["processes"] = resources.processes
+        if resources.shard:
+            launch["shard"] = True
+        if exp.fisher.gradient_checkpointing:
+            launch["gradient_checkpointing"] = True
+        return launch
+
     def fisher(name: str, model: Job, data: Job) -> Job:
         params = {**exp.fisher.job_params(), "seed": seed, **({"kind": exp.kind} if exp.kind else {})}
         inputs = {"model": model} if exp.fisher.data == "generated" else {"model": model, "data": data}
-        return Job("fisher", prefix + name, params, inputs, res("fisher"))
+        return Job("fisher", prefix + name, params, inputs, res("fisher"), fisher_launch())
 
     def hessian(name: str, model: Job, data: Job) -> tuple[str, Job]:
         """Where a model's Hessian comes from: (``fisher``, its Fisher job), or (``hessian``, the model's own train
@@ -275,10 +291,9 @@ def _seed_jobs(exp: ExperimentConfig, seed: int, prefix: str, data_dir: str | No
         if exp.fisher.data == "generated" and parent_hessian is not None and parent_hessian[0] == "fisher":
             parent_generated = parent_hessian  # the same job
         else:
-            params = {"data": "generated", "examples": exp.fisher.examples, "batch_size": exp.fisher.batch_size,
-                      "max_length": exp.fisher.max_length, "seed": seed, **({"kind": exp.kind} if exp.kind else {})}
+            params = {**exp.fisher.generated_params(), "seed": seed, **({"kind": exp.kind} if exp.kind else {})}
             parent_generated = ("fisher", Job("fisher", prefix + "fisher/parent-generated", params, {"model": parent},
-                                              res("fisher")))
+                                              res("fisher"), fisher_launch()))
             jobs.append(parent_generated[1])
     evals = [("parent", "model", evaluate("parent", parent))]
     children: dict[str, tuple[Job, tuple[str, Job]]] = {}
@@ -336,7 +351,8 @@ def _seed_jobs(exp: ExperimentConfig, seed: int, prefix: str, data_dir: str | No
 
 
 def plan_dict(jobs: list[Job], workdir: str | os.PathLike, python: str) -> dict[str, Any]:
-    """What the Snakefile reads: every job with its rule name, dependencies, spec file and resources."""
+    """What the Snakefile reads: every job with its rule name, dependencies, spec file and resources (``cpus``: the
+    threads of each of its processes together, the rule's threads)."""
     workdir = Path(workdir).resolve()
     return {
         "python": python,
@@ -345,7 +361,7 @@ def plan_dict(jobs: list[Job], workdir: str | os.PathLike, python: str) -> dict[
             {"hash": j.hash, "kind": j.kind, "name": j.name, "rule": j.rule,
              "deps": sorted({d.hash for d in j.inputs.values()}),
              "spec": str(workdir / "jobs" / f"{j.hash}.json"),
-             "resources": j.resources.model_dump()}
+             "resources": {**j.resources.model_dump(), "cpus": j.resources.cpus}}
             for j in jobs
         ],
     }
@@ -357,7 +373,7 @@ def job_spec(job: Job, workdir: str | os.PathLike) -> dict[str, Any]:
     return {"kind": job.kind, "name": job.name, "hash": job.hash, "params": job.params,
             "inputs": {role: str(dep.folder(workdir)) for role, dep in job.inputs.items()},
             "out": str(job.folder(workdir)), "workdir": str(workdir),
-            "alias": job.name, "alias_subdir": ALIAS_SUBDIR[job.kind]}
+            "alias": job.name, "alias_subdir": ALIAS_SUBDIR[job.kind], **({"launch": job.launch} if job.launch else {})}
 
 
 def read_run_specs(run_dir: str | os.PathLike, kind: str | None = None) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ pretrained —                                               ``model/`` (a model
 train      ``train`` (prepare), ``init`` (train, optional) ``model/`` (HF folder + training_metadata.json; with
                                                            ``save_hessian`` also ``model/hessian/``)
 fisher     ``model`` (train), ``data`` (prepare; not with  ``fisher/hessian/`` + ``fisher/hessian/fisher.json``
-           ``data: generated``)
+           ``data: generated``)                            (``params["launch"]["processes"]`` ≥ 2: under torchrun)
 gram       ``model`` (train), ``data`` (prepare)           ``gram/gram.safetensors`` + ``gram/gram.json``
 evaluate   ``model``, ``test/<task>``, ``classifier``?     ``metrics.json`` (with ``lm_eval``: the harness's
                                                            scores), ``eval/<task>.json``
@@ -124,19 +124,96 @@ def train(params: dict[str, Any], inputs: dict[str, str], out: Path) -> None:
 
 def fisher(params: dict[str, Any], inputs: dict[str, str], out: Path) -> None:
     """Diagonal Fisher of ``model`` on ``data`` (the model's own training data), or on sequences the model
-    generates itself (``data: generated``)."""
+    generates itself (``data: generated``).
+
+    ``params["launch"]`` (not in the job's hash) says how: ``gradient_checkpointing``, and ``processes`` ≥ 2 runs
+    ``gradmatch fisher`` under torchrun on this node (:func:`fisher_command`), ``shard`` with ``--shard``."""
+    launch = params.get("launch") or {}
+    if int(launch.get("processes", 1)) > 1:
+        _run_torchrun(fisher_command(params, inputs, out))
+        return
     if params.get("data") == "generated":
         from gradmatch.fisher.generated import run_generated_fisher
 
         run_generated_fisher(_model(inputs["model"]), out=_fisher(out), examples=params["examples"],
                              max_length=params["max_length"], seed=params["seed"], batch_size=params["batch_size"],
-                             kind=params.get("kind"))
+                             kind=params.get("kind"), out_dtype=params.get("out_dtype"),
+                             gradient_checkpointing=bool(launch.get("gradient_checkpointing")))
         return
     from gradmatch.fisher import run_fisher
 
     run_fisher(_model(inputs["model"]), _data(inputs["data"]), "train", out=_fisher(out),
                estimator=params["estimator"], batch_size=params["batch_size"], max_examples=params["max_examples"],
-               max_length=params["max_length"], seed=params["seed"], kind=params.get("kind"))
+               max_length=params["max_length"], seed=params["seed"], kind=params.get("kind"),
+               out_dtype=params.get("out_dtype"), gradient_checkpointing=bool(launch.get("gradient_checkpointing")))
+
+
+def fisher_command(params: dict[str, Any], inputs: dict[str, str], out: Path) -> list[str]:
+    """The command a Fisher job of ``launch.processes`` processes runs: ``gradmatch fisher`` with the job's settings
+    under torchrun on this node (``--standalone``: a free port of its own, so jobs side by side do not meet), with
+    ``--shard`` when asked; the same options the job would pass to :func:`gradmatch.fisher.run_fisher`."""
+    launch = params.get("launch") or {}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+           "--nproc_per_node", str(int(launch["processes"])), "-m", "gradmatch", "fisher",
+           "--model", _model(inputs["model"]), "--out", _fisher(out), "--seed", str(params["seed"]),
+           "--batch-size", str(params["batch_size"]), "--max-length", str(params["max_length"])]
+    if params.get("data") == "generated":
+        cmd += ["--data", "generated", "--examples", str(params["examples"])]
+    else:
+        cmd += ["--data", _data(inputs["data"]), "--split", "train", "--estimator", params["estimator"]]
+        if params.get("max_examples") is not None:
+            cmd += ["--max-examples", str(params["max_examples"])]
+    for flag, key in (("--kind", "kind"), ("--out-dtype", "out_dtype")):
+        if params.get(key):
+            cmd += [flag, str(params[key])]
+    cmd += ["--shard"] * bool(launch.get("shard")) + ["--gradient-checkpointing"] * bool(
+        launch.get("gradient_checkpointing"))
+    return cmd
+
+
+#: Seconds torchrun gets to stop its processes when the job is stopped (it forwards the signal to them).
+TORCHRUN_GRACE = 30.0
+
+
+def _run_torchrun(cmd: list[str]) -> None:
+    """Run ``cmd`` (torchrun and its processes), its output into this job's log; each process gets this job's
+    threads divided among them. A bad input its processes report (``gradmatch: error: …``, one line each) is this
+    job's one-line error; any other failure names the exit status."""
+    import shlex
+    import subprocess
+
+    import torch
+
+    processes = int(cmd[cmd.index("--nproc_per_node") + 1])
+    threads = max(1, torch.get_num_threads() // processes)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    print(f"[gradmatch] {processes} processes of {threads} thread(s): OMP_NUM_THREADS={threads} "
+          f"{shlex.join(cmd)}", flush=True)
+
+    error = None
+    # torchrun and its processes stay in this job's process group (the job server stops a job by its group; SLURM
+    # by its step): no preexec_fn, which is unsafe in a process whose torch has started threads
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            errors="replace")
+    try:
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            if error is None and line.startswith("gradmatch: error: "):
+                error = line.removeprefix("gradmatch: error: ").strip()
+        code = proc.wait()
+    except BaseException:  # stopped (SIGTERM, Ctrl-C): torchrun forwards SIGTERM to its processes and exits
+        proc.terminate()
+        try:
+            proc.wait(timeout=TORCHRUN_GRACE)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+    sys.stderr.flush()
+    if code != 0:
+        if error is not None:
+            raise UserError(error)
+        raise RuntimeError(f"torchrun with {processes} processes exited with status {code} (its output is above)")
 
 
 # --------------------------------------------------------------------------- gram
@@ -453,10 +530,12 @@ def run_job(spec: dict[str, Any] | str | Path, *, threads: int = 1) -> Path:
     started = time.time()
     print(f"[gradmatch] {kind} job {spec['name']} ({spec['hash']}) with {threads} thread(s)", flush=True)
     check_inputs(kind, spec["inputs"])
+    launch = spec.get("launch") or {}  # how the job runs (not in its hash): given to the job as params["launch"]
     with atomic_dir(out, overwrite=True) as tmp:
-        JOB_FUNCTIONS[kind](spec["params"], spec["inputs"], tmp)
+        JOB_FUNCTIONS[kind]({**spec["params"], "launch": launch} if launch else spec["params"], spec["inputs"], tmp)
         check_outputs(kind, tmp)
         _write_json(tmp / "job.json", {**{k: spec[k] for k in ("kind", "name", "hash", "params", "inputs")},
+                                       **({"launch": launch} if launch else {}),
                                        "seconds": round(time.time() - started, 2)})
     if spec.get("alias"):
         link_alias(spec["workdir"], spec["alias"], out / spec.get("alias_subdir", ""))

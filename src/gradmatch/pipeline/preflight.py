@@ -88,6 +88,8 @@ def check_inputs(jobs: list[Job], done: Callable[[Job], bool]) -> list[str]:
             if key not in seen:
                 seen.add(key)
                 _check_lm_eval(job)
+        if job.kind == "fisher" and (job.launch.get("shard") or job.launch.get("gradient_checkpointing")):
+            _check_fisher_launch(job, seen)
         for model in _models_named(job):
             if model in seen or model in BUILTIN_SPECS or model in MODEL_ALIASES:
                 continue
@@ -121,6 +123,49 @@ def _check_lm_eval(job: Job) -> None:
                         data_root=settings.get("data_root"), data_files=files or None)
         except UserError as exc:
             raise UserError(f"{job.name}: {exc}") from None
+
+
+def _base_model(job: Job) -> str | None:
+    """The model a model job starts from, by name (a train job's ``init``, through its chain of train jobs; a
+    pretrained job's model): the architecture of what it writes."""
+    while job.kind == "train" and "init" not in job.params and "init" in job.inputs:
+        job = job.inputs["init"]
+    return job.params.get("init") if job.kind == "train" else job.params.get("model")
+
+
+def _check_fisher_launch(job: Job, seen: set) -> None:
+    """``resources.fisher.shard`` and ``fisher.gradient_checkpointing`` need an architecture whose repeated layers
+    transformers marks (the unit FSDP shards and checkpointing recomputes), and ``shard`` a closed-form rule for every
+    module that owns parameters (gradmatch.fisher.sharded refuses the rest): checked on the architecture alone, built
+    on the meta device, before the run, rather than when the job starts hours in. What the architecture cannot tell
+    (a model from the hub offline) the job checks itself."""
+    from gradmatch.fisher.accumulator import repeated_layers
+    from gradmatch.fisher.layers import rule_for
+    from gradmatch.models import kind_of, load_config, skeleton
+
+    name = _base_model(job.inputs["model"]) if "model" in job.inputs else None
+    key = ("fisher-launch", name, job.params.get("kind"), bool(job.launch.get("shard")))
+    if name is None or key in seen:
+        return
+    seen.add(key)
+    try:
+        kind = kind_of(name, job.params.get("kind"))
+        model = skeleton(load_config(name), kind)
+    except Exception:  # noqa: BLE001 - not readable offline, or not buildable on the meta device: the job checks it
+        return
+    shard = bool(job.launch.get("shard"))
+    what = "resources.fisher.shard" if shard else "fisher.gradient_checkpointing"
+    if not repeated_layers(model):
+        raise UserError(f"{job.name}: {what}: {type(model).__name__} (model {name}) has no repeated layers that "
+                        "transformers marks (GradientCheckpointingLayer blocks), which "
+                        f"{'FSDP shards' if shard else 'checkpointing recomputes'}; remove it")
+    if shard:
+        for module_name, module in model.named_modules():
+            if any(True for _ in module.parameters(recurse=False)) and rule_for(module) is None:
+                raise UserError(f"{job.name}: resources.fisher.shard: module {module_name} ({type(module).__name__}) "
+                                f"of model {name} has no closed-form rule for its per-example squares, which a sharded "
+                                "Fisher needs for every module that owns parameters; drop shard (processes alone "
+                                "share the examples out, each process holding the whole model)")
 
 
 def _models_named(job: Job) -> list[str]:
