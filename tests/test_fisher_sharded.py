@@ -22,12 +22,19 @@ def _env(**extra):
                 TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore", **extra)
 
 
-def _fisher(*args, processes: int = 0, **env):
-    """`gradmatch fisher ARGS`, alone or under torchrun with ``processes`` processes on this machine."""
+def _fisher(*args, processes: int = 0, script: Path | None = None, **env):
+    """`gradmatch fisher ARGS`, alone or under torchrun with ``processes`` processes on this machine (``script``: a
+    file that runs gradmatch's main instead of ``-m gradmatch``)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] \
         if processes else [sys.executable]
-    return subprocess.run([*launcher, "-m", "gradmatch", "fisher", *map(str, args)], capture_output=True, text=True,
-                          env=_env(**env), timeout=600)
+    program = [str(script)] if script else ["-m", "gradmatch"]
+    return subprocess.run([*launcher, *program, "fisher", *map(str, args)], capture_output=True, text=True,
+                          env=_env(**env), timeout=600, check=False)
+
+
+#: gradmatch's main with every weight formed and reduced by blocks of rows (the path of an LM head's size).
+ROWS_EVERYWHERE = ("import sys\nimport gradmatch.fisher.sharded as sharded\nsharded.ROW_BLOCK_ELEMENTS = 1\n"
+                   "from gradmatch.cli import main\nsys.exit(main(sys.argv[1:]))\n")
 
 
 def _tensors(out: Path) -> dict[str, torch.Tensor]:
@@ -69,14 +76,20 @@ def setup(tmp_path_factory):
     ("llama", 2, ["--estimator", "empirical", "--batch-size", "2", "--gradient-checkpointing"]),
     # 3 processes and 2 examples: the third process has none and runs a filler batch only; Conv1D, positions.
     ("gpt2", 3, ["--estimator", "empirical", "--batch-size", "1", "--max-examples", "2"]),
-    # batches of 3 over 4 examples each: one full batch and one of 1 per process; sampled next tokens.
-    ("llama-untied", 2, ["--estimator", "sampled", "--batch-size", "3"]),
+    # batches of 3 over 4 examples each: one full batch and one of 1 per process; sampled next tokens; untied
+    # embeddings and head as FSDP units of their own, every weight reduced one process's rows at a time.
+    ("llama-untied", 2, ["--estimator", "sampled", "--batch-size", "3", "rows"]),
 ])
 def test_sharded_fisher_equals_one_process(setup, family, processes, extra, tmp_path):
+    script = None
+    if "rows" in extra:
+        extra = [a for a in extra if a != "rows"]
+        script = tmp_path / "rows_everywhere.py"
+        script.write_text(ROWS_EVERYWHERE)
     common = ["--model", setup[family], "--data", setup["data"], "--split", "train", "--max-length", "32", *extra]
     alone = _fisher(*[a for a in common if a != "--gradient-checkpointing"], "--out", tmp_path / "one")
     assert alone.returncode == 0, alone.stderr[-3000:]
-    sharded = _fisher(*common, "--shard", "--out", tmp_path / "two", processes=processes)
+    sharded = _fisher(*common, "--shard", "--out", tmp_path / "two", processes=processes, script=script)
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     assert _worst_relative(_tensors(tmp_path / "one"), _tensors(tmp_path / "two")) <= 1e-5
     one, two = _record(tmp_path / "one"), _record(tmp_path / "two")
@@ -266,7 +279,7 @@ def test_shard_refuses_a_module_without_a_closed_form_in_one_line(setup, tmp_pat
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              str(script), "fisher", "--model", str(setup["llama"]), "--data", str(setup["data"]), "--split",
                              "train", "--shard", "--out", str(tmp_path / "out")], capture_output=True, text=True,
-                            env=_env(), timeout=600)
+                            env=_env(), timeout=600, check=False)
     assert result.returncode != 0
     assert "has no closed-form rule" in result.stderr and "run without --shard" in result.stderr
     assert not (tmp_path / "out").exists()
@@ -292,3 +305,52 @@ def test_a_weight_larger_than_a_block_is_squared_by_blocks_of_rows(setup, monkey
     assert got["lm_head.weight"].shape[0] * got["lm_head.weight"].shape[1] > 100
     for name in expected:
         assert torch.allclose(got[name], expected[name], rtol=1e-9, atol=1e-12 * float(expected[name].abs().max())), name
+
+
+def test_a_merge_from_bfloat16_hessians_stays_within_the_documented_bound(setup, tmp_path):
+    """docs/fisher.md: rounding every Hessian to bfloat16 moves each merged entry by at most (2u/(1−u))·max_t |τ_t|
+    (u = 2⁻⁹), plus one float32 step of the written weight."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from gradmatch.merge import merge
+
+    parent = setup["llama-untied"]
+    base = load_file(str(parent / "model.safetensors"))
+    torch.manual_seed(5)
+    folders = {}
+    for i in range(2):  # children: the parent plus a task vector
+        child = tmp_path / f"child{i}"
+        shutil.copytree(parent, child)
+        save_file({k: v + 0.05 * torch.randn_like(v) for k, v in base.items()}, str(child / "model.safetensors"),
+                  metadata={"format": "pt"})
+        folders[f"child{i}"] = child
+    hessians = {}
+    for name in ("parent", "child0", "child1"):  # positive Hessians spanning six orders of magnitude
+        values = {k: torch.exp(torch.randn_like(v) * 3) for k, v in base.items()}
+        for dtype in (torch.float32, torch.bfloat16):
+            folder = tmp_path / f"h-{name}-{str(dtype)[6:]}" / "hessian"
+            folder.mkdir(parents=True)
+            shutil.copy(parent / "config.json", folder / "config.json")
+            save_file({k: v.to(dtype) for k, v in values.items()}, str(folder / "model.safetensors"),
+                      metadata={"format": "pt"})
+            hessians[name, dtype] = folder.parent
+    outs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        config = {"method": "gradient_matching", "base": str(parent), "base_hessian": str(hessians["parent", dtype]),
+                  "base_hessian_scale": 3.0, "out_dtype": "float32",
+                  "models": [{"model": str(folders[c]), "hessian": str(hessians[c, dtype]), "hessian_scale": 2.0}
+                             for c in ("child0", "child1")]}
+        outs[dtype] = tmp_path / f"merged-{str(dtype)[6:]}"
+        merge(config, outs[dtype], progress=False)
+    a, b = load_file(str(outs[torch.float32] / "model.safetensors")), load_file(str(outs[torch.bfloat16] / "model.safetensors"))
+    u = 2.0 ** -9
+    kids = [load_file(str(folders[c] / "model.safetensors")) for c in ("child0", "child1")]
+    moved = 0.0
+    for name in base:
+        tau = torch.stack([k[name].double() - base[name].double() for k in kids]).abs().amax(0)
+        delta = (a[name].double() - b[name].double()).abs()
+        assert bool((delta <= 2 * u / (1 - u) * tau + 2.0 ** -23 * a[name].double().abs()).all()), name
+        moved = max(moved, float((delta / tau.clamp_min(1e-12)).max()))
+    assert moved > 1e-4  # the rounding did change the merge: the bound is not met by doing nothing

@@ -155,6 +155,16 @@ def _lora(child: Path) -> None:
     (child / "adapter_model.safetensors").write_bytes(b"")
 
 
+def _mpnet_config(t: Path) -> Path:
+    """A classifier folder of an architecture without GradientCheckpointingLayer blocks (MPNet): its config alone."""
+    from transformers import MPNetConfig
+
+    folder = t / "mpnet"
+    MPNetConfig(vocab_size=30527, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                architectures=["MPNetForSequenceClassification"], num_labels=2).save_pretrained(folder)
+    return folder
+
+
 def _fisher(w: World, t: Path, **flags) -> list:
     options = {"--model": w.bert, "--data": w.data, "--split": "train", "--out": t / "fisher-out"}
     options.update(flags)
@@ -397,6 +407,16 @@ CASES = [
          lambda w, t: _fisher(w, t, **{"--model": _truncated_model(w, t)}), ["cannot load the weights", "model"]),
     Case("fisher: no --split", "fisher", lambda w, t: _fisher(w, t, **{"--split": None}),
          ["the following arguments are required: --split"]),
+    Case("fisher: --shard outside torchrun", "fisher", lambda w, t: _fisher(w, t) + ["--shard"],
+         ["--shard", "WORLD_SIZE is not set"]),
+    Case("fisher: --out-dtype int8", "fisher", lambda w, t: _fisher(w, t, **{"--out-dtype": "int8"}),
+         ["--out-dtype", "invalid choice: 'int8'"]),
+    Case("fisher: --shard with --data generated", "fisher",
+         lambda w, t: _fisher(w, t, **{"--data": "generated", "--split": None, "--examples": "2"}) + ["--shard"],
+         ["--shard does not apply to --data generated"]),
+    Case("fisher: --gradient-checkpointing on a model without recomputable layers", "fisher",
+         lambda w, t: _fisher(w, t, **{"--model": _mpnet_config(t)}) + ["--gradient-checkpointing"],
+         ["no layers transformers can recompute", "drop --gradient-checkpointing"]),
     # ---------------------------------------------------------------- train
     Case("train: unknown save_hessian", "train", lambda w, t: _train(w, t, save_hessian="fisher"),
          ["train.json", "save_hessian", "'adam' or 'ivon'"]),

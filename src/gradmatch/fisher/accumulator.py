@@ -13,7 +13,7 @@ from torch import nn
 
 from gradmatch.errors import UserError
 from gradmatch.fisher.estimators import get_estimator
-from gradmatch.fisher.layers import LayerRule, max_block, rule_for, sum_of_squares
+from gradmatch.fisher.layers import LayerRule, add_squares, max_block, rule_for
 from gradmatch.kinds.base import INDEX_KEY, LABEL_KEYS
 
 
@@ -105,11 +105,27 @@ class FisherAccumulator:
     def _commit(self, module: nn.Module, targets: dict[str, torch.Tensor | None]) -> None:
         """After a rule added into ``targets`` (nothing to do when they are the sums)."""
 
-    def _shared_target(self, full: str) -> torch.Tensor:
-        return self.sums[full]
+    #: Weights formed by blocks of rows through their rule's ``rows`` (none here; a sharded accumulator's largest).
+    row_blocks: frozenset[str] = frozenset()
 
-    def _commit_shared(self, full: str, target: torch.Tensor) -> None:
-        """After the shared matrix ``full`` was added into ``target``."""
+    def _add_rows(self, full: str, uses: list[tuple]) -> None:
+        """Add Σ_b (Σ_uses g_b)² of weight ``full`` over blocks of its rows; ``uses`` are (rule, module, saved, G)
+        of each layer the weight serves (two for a tied embedding and head)."""
+        self._rows_into(self.sums[full], full, slice(0, self.sums[full].shape[0]), uses)
+
+    def _rows_into(self, target: torch.Tensor, full: str, rows: slice, uses: list[tuple]) -> None:
+        """Add rows ``rows`` of weight ``full``'s Σ_b (Σ_uses g_b)² into ``target`` (those rows only), a block of rows
+        at a time: at most a block's worth of per-example rows exists at once."""
+        B = uses[0][3].shape[0]
+        row_numel = max(1, target.numel() // max(1, target.shape[0]))
+        step = max(1, max_block(target) // (B * row_numel))
+        for start in range(rows.start, rows.stop, step):
+            block = slice(start, min(start + step, rows.stop))
+            per_example = None
+            for rule, module, saved, G in uses:
+                per_example = rule.rows(module, saved, G, block) if per_example is None \
+                    else rule.add_rows(module, saved, G, block, per_example)
+            add_squares(target[block.start - rows.start:block.stop - rows.start], per_example)
 
     # ------------------------------------------------------------------ hooks
 
@@ -190,29 +206,24 @@ class FisherAccumulator:
             raise UserError(f"the input of {self._name(module)} was modified in place after its forward; "
                             "cannot form per-example gradients")
         acc = self._targets_of(module)
-        G = G.detach().to(next(iter(acc.values())).dtype)
+        G = G.detach()  # in the model's dtype: each rule casts what it sums (a bfloat16 matmul stays bfloat16)
+        by_rows = []
         for attr, full in self._owner[module]:
             if full in self._shared:  # summed over its uses before squaring (_finish_shared)
                 self._shared_uses.setdefault(full, []).append((rule, module, saved, G))
                 acc[attr] = None
+            elif full in self.row_blocks:
+                by_rows.append(full)
+                acc[attr] = None
         rule.accumulate(module, saved, G, acc)
         self._commit(module, acc)
+        for full in by_rows:
+            self._add_rows(full, [(rule, module, saved, G)])
 
     def _finish_shared(self) -> None:
         """Each shared matrix: per example, the sum of its uses' gradients, squared — by blocks of rows."""
         for full, uses in self._shared_uses.items():
-            acc = self._shared_target(full)
-            B = uses[0][3].shape[0]
-            row_numel = max(1, acc.numel() // acc.shape[0])
-            step = max(1, max_block(acc) // (B * row_numel))
-            for start in range(0, acc.shape[0], step):
-                rows = slice(start, min(start + step, acc.shape[0]))
-                per_example = None
-                for rule, module, saved, G in uses:
-                    part = rule.rows(module, saved, G, rows)
-                    per_example = part if per_example is None else per_example.add_(part)
-                acc[rows].add_(sum_of_squares(per_example))
-            self._commit_shared(full, acc)
+            self._add_rows(full, uses)
         self._shared_uses.clear()
 
     def _run_deferred(self) -> None:

@@ -4,6 +4,7 @@ example's rows of the gradient, summed over uses before squaring)."""
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, ClassVar
 
 import torch
@@ -22,6 +23,11 @@ def max_block(t: torch.Tensor) -> int:
     return _MAX_BLOCK_GPU if t.is_cuda else _MAX_BLOCK_CPU
 
 
+def own_type(module: nn.Module) -> type:
+    """The module's own class: FSDP2 makes each module it wraps an instance of a subclass (FSDPLinear of Linear)."""
+    return next(cls for cls in type(module).__mro__ if not cls.__name__.startswith("FSDP"))
+
+
 def sum_of_squares(per_example: torch.Tensor) -> torch.Tensor:
     """Σ_b x_b² over the first dimension. On GPUs a norm reads the block once (memory-bound there);
     on CPUs squaring in place and summing is faster."""
@@ -30,15 +36,31 @@ def sum_of_squares(per_example: torch.Tensor) -> torch.Tensor:
     return per_example.square_().sum(0)
 
 
+def add_squares(acc: torch.Tensor, per_example: torch.Tensor) -> None:
+    """acc += Σ_b x_b². On CPUs one multiply-add per example (acc += x_b·x_b), which reads each block once and makes
+    no temporary: 1.5× faster than squaring, summing and adding for the blocks of 2–6 examples a CPU forms."""
+    if per_example.is_cuda:
+        acc.add_(torch.linalg.vector_norm(per_example, dim=0, dtype=acc.dtype).square_())
+        return
+    for x in per_example:
+        acc.addcmul_(x, x)  # a bfloat16 block is squared in the sums' float32
+
+
 def linear_squares(A: torch.Tensor, G: torch.Tensor, weight_acc: torch.Tensor | None,
                    bias_acc: torch.Tensor | None) -> None:
     """Add Σ_b (G_bᵀ A_b)² to ``weight_acc`` (and Σ_b (Σ_t G_bt)² to ``bias_acc``).
 
-    A: (B, ..., in) layer inputs, G: (B, ..., out) gradients of the layer outputs.
+    A: (B, ..., in) layer inputs, G: (B, ..., out) gradients of the layer outputs, in the model's dtype: each
+    example's weight gradient is one matmul in that dtype (a bfloat16 model's on the CPU's or GPU's bfloat16 units,
+    rounded to bfloat16 as autograd's own weight gradient is), squared and summed in the accumulators' dtype.
     """
     B = A.shape[0]
+    if weight_acc is None and bias_acc is None:
+        return
+    acc_dtype = (weight_acc if weight_acc is not None else bias_acc).dtype
     if A.dim() == 2:
         # One token per example: the per-example gradient is an outer product, its square one too.
+        G, A = G.to(acc_dtype), A.to(acc_dtype)
         if weight_acc is not None:
             weight_acc.add_(torch.mm(G.square().t(), A.square()))
         if bias_acc is not None:
@@ -47,27 +69,35 @@ def linear_squares(A: torch.Tensor, G: torch.Tensor, weight_acc: torch.Tensor | 
     A = A.reshape(B, -1, A.shape[-1])
     G = G.reshape(B, -1, G.shape[-1])
     if bias_acc is not None:
-        bias_acc.add_(G.sum(1).square().sum(0))
+        bias_acc.add_(G.to(acc_dtype).sum(1).square().sum(0))
     if weight_acc is None:
         return
+    dtype = torch.promote_types(A.dtype, G.dtype)
+    A, G = A.to(dtype), G.to(dtype)
     step = max_block(A) // weight_acc.numel()
     if step >= 1:
         for start in range(0, B, step):
             per_example = torch.bmm(G[start:start + step].transpose(1, 2), A[start:start + step])  # (b, out, in)
-            weight_acc.add_(sum_of_squares(per_example))
+            add_squares(weight_acc, per_example)
         return
     # A weight larger than a block (an LM head: vocabulary × hidden): one example's gradient by blocks of rows.
     rows = max(1, max_block(A) // weight_acc.shape[1])
     for b in range(B):
         for start in range(0, weight_acc.shape[0], rows):
             block = torch.mm(G[b, :, start:start + rows].t(), A[b])  # (rows, in)
-            weight_acc[start:start + rows].add_(block.square_())
+            weight_acc[start:start + rows].addcmul_(block, block)
 
 
 def _per_token(A: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and output gradients as (batch, tokens, features)."""
+    """Inputs and output gradients as (batch, tokens, features), in their common dtype."""
     B = A.shape[0]
-    return A.reshape(B, -1, A.shape[-1]), G.reshape(B, -1, G.shape[-1])
+    dtype = torch.promote_types(A.dtype, G.dtype)
+    return A.reshape(B, -1, A.shape[-1]).to(dtype), G.reshape(B, -1, G.shape[-1]).to(dtype)
+
+
+def _sums_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype per-example rows are summed over uses and squared in: float32, or float64 for a float64 model."""
+    return torch.promote_types(t.dtype, torch.float32)
 
 
 class LayerRule:
@@ -96,6 +126,10 @@ class LayerRule:
     def rows(self, module: nn.Module, saved: Any, G: torch.Tensor, rows: slice) -> torch.Tensor:
         raise NotImplementedError(f"{self.name} weights cannot be shared")
 
+    def add_rows(self, module: nn.Module, saved: Any, G: torch.Tensor, rows: slice, out: torch.Tensor) -> torch.Tensor:
+        """``out`` + :meth:`rows` (a rule that can add in place, without a block of its own, says so here)."""
+        return out.add_(self.rows(module, saved, G, rows))
+
     @staticmethod
     def input_of(saved: Any) -> torch.Tensor:
         return saved[0]
@@ -111,15 +145,16 @@ class LinearRule(LayerRule):
     name, shareable = "linear", True
 
     def matches(self, module):
-        return type(module) is nn.Linear
+        return own_type(module) is nn.Linear
 
     def accumulate(self, module, saved, G, acc):
-        linear_squares(saved[0].to(G.dtype), G, acc.get("weight"), acc.get("bias"))
+        linear_squares(saved[0], G, acc.get("weight"), acc.get("bias"))
 
     def rows(self, module, saved, G, rows):
         """Rows ``rows`` of each example's gradient of the weight (out, in): G_b[:, rows]ᵀ A_b."""
-        A, G = _per_token(saved[0].to(G.dtype), G)
-        return torch.bmm(G[:, :, rows].transpose(1, 2), A)
+        A, G = _per_token(saved[0], G)
+        block = torch.bmm(G[:, :, rows].transpose(1, 2), A)
+        return block.to(_sums_dtype(block))
 
 
 class Conv1DRule(LayerRule):
@@ -128,18 +163,19 @@ class Conv1DRule(LayerRule):
     name, shareable = "conv1d", True
 
     def matches(self, module):
-        return type(module).__name__ == "Conv1D" and hasattr(module, "nf") \
+        return own_type(module).__name__ == "Conv1D" and hasattr(module, "nf") \
             and getattr(module, "weight", None) is not None and module.weight.dim() == 2 \
             and module.weight.shape[1] == module.nf
 
     def accumulate(self, module, saved, G, acc):
         weight = acc.get("weight")
-        linear_squares(saved[0].to(G.dtype), G, None if weight is None else weight.t(), acc.get("bias"))
+        linear_squares(saved[0], G, None if weight is None else weight.t(), acc.get("bias"))
 
     def rows(self, module, saved, G, rows):
         """Rows ``rows`` of each example's gradient of the weight (in, out): A_b[:, rows]ᵀ G_b."""
-        A, G = _per_token(saved[0].to(G.dtype), G)
-        return torch.bmm(A[:, :, rows].transpose(1, 2), G)
+        A, G = _per_token(saved[0], G)
+        block = torch.bmm(A[:, :, rows].transpose(1, 2), G)
+        return block.to(_sums_dtype(block))
 
 
 class EmbeddingRule(LayerRule):
@@ -149,7 +185,7 @@ class EmbeddingRule(LayerRule):
     name, shareable = "embedding", True
 
     def matches(self, module):
-        return type(module) is nn.Embedding and module.max_norm is None and not module.scale_grad_by_freq \
+        return own_type(module) is nn.Embedding and module.max_norm is None and not module.scale_grad_by_freq \
             and not module.sparse
 
     def per_example(self, x, out, batch_size):
@@ -163,7 +199,7 @@ class EmbeddingRule(LayerRule):
         weight = acc.get("weight")
         if weight is None:
             return
-        ids = saved[0]
+        ids, G = saved[0], G.to(weight.dtype)
         B, dim = ids.shape[0], G.shape[-1]
         ids = ids.reshape(B, -1)
         G = G.reshape(B, -1, dim)
@@ -179,14 +215,19 @@ class EmbeddingRule(LayerRule):
 
     def rows(self, module, saved, G, rows):
         """Rows ``rows`` of each example's gradient: its output gradients scattered to its ids in those rows."""
+        B, dim = saved[0].shape[0], G.shape[-1]
+        return self.add_rows(module, saved, G, rows,
+                             torch.zeros(B, rows.stop - rows.start, dim, dtype=_sums_dtype(G), device=G.device))
+
+    def add_rows(self, module, saved, G, rows, out):
+        """Scatter each example's output gradients at its ids in ``rows`` into ``out`` (B, rows, dim) directly."""
         ids = saved[0]
         B, dim = ids.shape[0], G.shape[-1]
         ids = ids.reshape(B, -1)
-        G = G.reshape(B, -1, dim)
+        G = G.reshape(B, -1, dim).to(out.dtype)
         inside = (ids >= rows.start) & (ids < rows.stop)
         if module.padding_idx is not None:
             inside &= ids != module.padding_idx
-        out = torch.zeros(B, rows.stop - rows.start, dim, dtype=G.dtype, device=G.device)
         b, t = inside.nonzero(as_tuple=True)
         out.view(-1, dim).index_add_(0, b * (rows.stop - rows.start) + (ids[b, t] - rows.start), G[b, t])
         return out
@@ -198,9 +239,10 @@ class LayerNormRule(LayerRule):
     name = "layernorm"
 
     def matches(self, module):
-        return type(module) is nn.LayerNorm
+        return own_type(module) is nn.LayerNorm
 
     def accumulate(self, module, saved, G, acc):
+        G = G.to(next(a for a in acc.values() if a is not None).dtype)
         x = saved[0].to(G.dtype)
         B = x.shape[0]
         x_hat = F.layer_norm(x, module.normalized_shape, eps=module.eps)  # (x − mean) / sqrt(var + eps)
@@ -220,7 +262,7 @@ class RMSNormRule(LayerRule):
 
     def matches(self, module):
         own = [n for n, _ in module.named_parameters(recurse=False)]
-        return type(module).__name__.endswith("RMSNorm") and own == ["weight"]
+        return own_type(module).__name__.endswith("RMSNorm") and own == ["weight"]
 
     @staticmethod
     def normalise(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
@@ -229,16 +271,21 @@ class RMSNormRule(LayerRule):
         x32 = x.float()
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
+    def __init__(self):
+        self._fits: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
     def save(self, module, x, out):
         x_hat = self.normalise(x.detach(), module)
-        expected = module.weight.detach() * x_hat
-        # The same operations in the same dtype give the same values; within 1e-4 allows another order of them.
-        if not torch.allclose(out.detach().float(), expected.float(), rtol=1e-4, atol=1e-6):
-            return None
-        return x_hat, None
+        fits = self._fits.get(module)
+        if fits is None:  # asked once per module (its class's forward does not change between batches)
+            expected = module.weight.detach() * x_hat
+            # The same operations in the same dtype give the same values; within 1e-4 allows another order of them.
+            fits = self._fits[module] = bool(torch.allclose(out.detach().float(), expected.float(), rtol=1e-4,
+                                                            atol=1e-6))
+        return (x_hat, None) if fits else None
 
     def accumulate(self, module, saved, G, acc):
-        x_hat = saved[0]
+        x_hat, G = saved[0], G.to(acc["weight"].dtype)
         B = x_hat.shape[0]
         acc["weight"].add_((G * x_hat.to(G.dtype)).reshape(B, -1, x_hat.shape[-1]).sum(1).square().sum(0))
 
@@ -249,10 +296,11 @@ class Conv2dRule(LayerRule):
     name = "conv2d"
 
     def matches(self, module):
-        return type(module) is nn.Conv2d and module.groups == 1 and module.padding_mode == "zeros" \
+        return own_type(module) is nn.Conv2d and module.groups == 1 and module.padding_mode == "zeros" \
             and not isinstance(module.padding, str)
 
     def accumulate(self, module, saved, G, acc):
+        G = G.to(acc["weight"].dtype)
         x = saved[0].to(G.dtype)
         B = x.shape[0]
         cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)

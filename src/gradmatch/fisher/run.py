@@ -119,10 +119,10 @@ def run_fisher(model: str, data: str, split: str, *, out: str | os.PathLike, est
     spec = SplitSpec(data, split, config_name=config_name, data_dir=data_dir, filters=filters,
                      max_examples=max_examples)
     # Everything the user can get wrong is checked before the weights load (and before any output).
+    checkpointable = (lambda config, model_kind: check_checkpointable(config, model_kind, str(model))) \
+        if gradient_checkpointing else None
     loaded = load(model, spec, max_length=max_length, kind=kind, purpose="the Fisher", alternatives=NO_HEAD,
-                  weights=not shard)
-    if gradient_checkpointing:
-        check_checkpointable(loaded.config, loaded.kind, model)
+                  weights=not shard, check_model=checkpointable)
     statistic = FisherStatistic(estimator, seed, spec.record(), out_dtype=out_dtype,
                                 gradient_checkpointing=gradient_checkpointing)
     return run(statistic, loaded, out=out, overwrite=overwrite, batch_size=batch_size, device=device,

@@ -27,6 +27,9 @@ from torch import nn
 from gradmatch.errors import UserError
 from gradmatch.fisher.accumulator import FisherAccumulator, repeated_layers
 
+#: Weights of at least this many entries are formed and reduced by blocks of rows, one process's rows at a time.
+ROW_BLOCK_ELEMENTS = 1 << 24
+
 #: What to say when --shard is given outside torchrun.
 NOT_UNDER_TORCHRUN = ("--shard shares the model out over the processes torchrun starts (torchrun --nproc_per_node N "
                       "-m gradmatch fisher --shard …); WORLD_SIZE is not set, so this is no torchrun process")
@@ -135,6 +138,12 @@ def load_sharded(name: str, config, kind, processor, *, device: str, rank: int, 
         mesh = init_device_mesh(torch.device(device).type, (world,))
         for layer in layers:
             fully_shard(layer, mesh=mesh)
+        # Untied input embeddings and output head are units of their own, gathered only while they run (FSDP keeps
+        # the root's parameters gathered from forward to backward); a tied matrix stays with the root.
+        inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+        if inputs is not None and outputs is not None and inputs.weight is not outputs.weight:
+            fully_shard(inputs, mesh=mesh)
+            fully_shard(outputs, mesh=mesh)
         fully_shard(model, mesh=mesh)
         buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
         model.to_empty(device=device)
@@ -204,6 +213,12 @@ class ShardedFisherAccumulator(FisherAccumulator):
         for module, rule in self._rule.items():
             if rule is None:
                 self._no_rule(module)
+        # The largest weights (an LM head, the embeddings) are formed and reduced one process's rows at a time,
+        # never as a whole float32 buffer; so are tied ones (after the backward, as always).
+        self.row_blocks = frozenset(
+            full for module, owned in self._owner.items() for attr, full in owned
+            if attr == "weight" and self._rule[module].shareable and self.sums[full].dim() == 2
+            and math.prod(self.rows[full].shape) >= ROW_BLOCK_ELEMENTS)
 
     def _allocate(self, model):
         sums = {}
@@ -235,18 +250,35 @@ class ShardedFisherAccumulator(FisherAccumulator):
         return padded[: rows.shape[0] if rows.shape else 1].view(rows.shape)
 
     def _targets_of(self, module):
-        return {attr: self._whole(full, slot) for slot, (attr, full) in enumerate(self._owner[module])}
+        return {attr: None if full in self._shared or full in self.row_blocks else self._whole(full, slot)
+                for slot, (attr, full) in enumerate(self._owner[module])}
 
     def _commit(self, module, targets):
         for attr, full in self._owner[module]:
             if targets.get(attr) is not None:
                 self._scatter(full, targets[attr])
 
-    def _shared_target(self, full):
-        return self._whole(full, slot=-1)
+    def _add_rows(self, full, uses):
+        """Each process's rows in turn: formed by every process from its examples, summed onto their owner."""
+        import torch.distributed as dist
 
-    def _commit_shared(self, full, target):
-        self._scatter(full, target)
+        rows, dtype = self.rows[full], self.sums[full].dtype
+        rest = rows.shape[1:]
+        for r in range(self.world):
+            theirs = rows.of_rank(r, self.world)
+            if not theirs.count:
+                continue
+            key = ("rows", dtype)
+            need = rows.chunk * math.prod(rest)
+            buffer = self._buffers.get(key)
+            if buffer is None or buffer.numel() < need:
+                self._buffers[key] = buffer = torch.empty(need, dtype=dtype, device=self.sums[full].device)
+            block = buffer[: theirs.count * math.prod(rest)].view(theirs.count, *rest).zero_()
+            if self._live:
+                self._rows_into(block, full, slice(theirs.start, theirs.stop), uses)
+            dist.reduce(block, dst=r, group=self.group)
+            if r == self.rank:
+                self.sums[full].add_(block)
 
     def _scatter(self, full: str, whole: torch.Tensor) -> None:
         """Sum ``whole`` over the processes and add each process's rows to its sums."""
