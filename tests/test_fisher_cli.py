@@ -109,3 +109,16 @@ def test_two_processes_give_the_one_process_result(setup, tmp_path):
     for k in f1:
         torch.testing.assert_close(f2[k], f1[k], rtol=1e-5, atol=1e-7 * scale, msg=k)
     assert sum(float(v.sum()) for v in f1.values()) > 0
+
+
+def test_one_bar_and_no_library_chatter_unless_verbose(setup, tmp_path):
+    """A long command shows its own bar; transformers' and datasets' bars (loading weights, writing shards, mapping
+    the data) and informational lines only with -v."""
+    root, model, data, _ = setup
+    chatter = ("Loading weights", "Writing model shards", "Map", "examples/s")
+    plain = _fisher("--model", model, "--data", data, "--split", "train", "--out", tmp_path / "a")
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    assert "fisher:" in plain.stderr and not [c for c in chatter if c in plain.stderr], plain.stderr[-2000:]
+    verbose = _fisher("--model", model, "--data", data, "--split", "train", "--out", tmp_path / "b", "-v")
+    assert verbose.returncode == 0, verbose.stderr[-2000:]
+    assert [c for c in chatter if c in verbose.stderr], verbose.stderr[-2000:]  # the libraries speak with -v

@@ -43,7 +43,8 @@ class _PlainText(io.TextIOBase):
 
 def configure(level: int = NORMAL) -> None:
     """Set every library's verbosity for one command: our log lines go to stderr as bare messages; with
-    ``QUIET`` only errors remain and no progress bar is drawn; with ``VERBOSE`` informational lines too.
+    ``QUIET`` only errors remain and no progress bar is drawn; with ``NORMAL`` only gradmatch's own bar of a long
+    command (the Trainer's for train); with ``VERBOSE`` informational lines and the libraries' bars too.
 
     transformers and datasets are configured through their environment variables (they are imported
     lazily, later; `gradmatch merge` never imports them) and directly when already imported."""
@@ -59,21 +60,24 @@ def configure(level: int = NORMAL) -> None:
     ours.propagate = False
     ours.setLevel({QUIET: logging.ERROR, NORMAL: logging.WARNING, VERBOSE: logging.INFO}[level])
     os.environ["TRANSFORMERS_VERBOSITY"] = os.environ["DATASETS_VERBOSITY"] = _LEVELS[level]
-    if level == QUIET:
-        for var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):
+    libraries = level == VERBOSE  # their bars (loading weights, writing shards, mapping a data set) only with -v
+    if not libraries:
+        for var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
             os.environ[var] = "1"
+    if level == QUIET:
+        os.environ["TQDM_DISABLE"] = "1"
         os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
         warnings.simplefilter("ignore")
     if "transformers" in sys.modules:
         import transformers.utils.logging as tlog
 
         tlog.set_verbosity(getattr(logging, _LEVELS[level].upper()))
-        (tlog.disable_progress_bar if level == QUIET else tlog.enable_progress_bar)()
+        (tlog.enable_progress_bar if libraries else tlog.disable_progress_bar)()
     if "datasets" in sys.modules:
         import datasets.utils.logging as dlog
 
         dlog.set_verbosity(getattr(logging, _LEVELS[level].upper()))
-        (dlog.disable_progress_bar if level == QUIET else dlog.enable_progress_bar)()
+        (dlog.enable_progress_bar if libraries else dlog.disable_progress_bar)()
 
 
 #: What :func:`configure` changes, so that :func:`configured` can put it back.
