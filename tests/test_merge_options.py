@@ -108,7 +108,7 @@ def test_merge_json_records_every_option(family, tmp_path):  # noqa: F811
     assert main(["merge", str(tmp_path / "m.yaml"), str(tmp_path / "out"), "-q", "--kernel", "reference",
                  "--out-dtype", "float16", "--threads", "2"]) == 0
     record = json.loads((tmp_path / "out" / "merge.json").read_text())
-    assert record["options"] == {"overwrite": False, "device": "cpu", "precision": "float32", "out_dtype": "float16",
+    assert record["options"] == {"device": "cpu", "precision": "float32", "out_dtype": "float16",
                                  "max_shard_size": "5GB", "block_rows": None, "threads": 2, "kernel": "reference",
                                  "check_hessians": True, "allow_config_mismatch": False, "card": True}
     assert record["command"] == "gradmatch merge m.yaml OUT --out-dtype float16 --threads 2 --kernel reference"

@@ -72,7 +72,9 @@ def _provenance(plan: MergePlan, params: dict[str, Any], options: MergeOptions, 
                     "gram": e.gram if plan.grams else None,
                     "weight": plan.alphas[i], "hessian_scale": plan.scales[i] if plan.scales else None}
                    for i, e in enumerate(c.models)],
-        "options": options.model_dump(mode="json"),  # every option as given (its defaults included)
+        # every option that shapes the result, as given (its defaults included); not how the folder was replaced,
+        # so that the same merge written with and without --overwrite is the same bytes
+        "options": options.model_dump(mode="json", exclude=set(MergeOptions.NOT_REBUILT)),
         "precision": options.precision,
         **kernel,
         "out_dtype": out_dtype,
