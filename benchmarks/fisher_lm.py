@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from fisher import _peak_rss_mib, _sync  # benchmarks/fisher.py (MiniLM): the same timing and memory readings
+
 #: Llama shapes for the synthetic models (vocabulary: SmolLM2's tokenizer, so that `gradmatch fisher` can read text).
 SYNTHETIC = {
     "synthetic-0.5b": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -70,13 +72,6 @@ def make_batches(n: int, batch_size: int, length: int, vocab: int, seed: int = 0
         out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
                     "index": torch.arange(start, start + b)})
     return out
-
-
-def _sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def _method(name: str, model, kind, device: str):
@@ -143,15 +138,6 @@ def throughput(args, folder: Path) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- memory: whole processes
-
-
-def _peak_rss_mib() -> float:
-    """This process's peak resident set (VmHWM; unlike ru_maxrss it does not inherit the parent's)."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def child(report: str, argv: list[str]) -> int:

@@ -55,19 +55,20 @@ def check_finite(tensors: Mapping[str, Any] | Iterable[tuple[str, Any]], what: s
         raise UserError(f"{what} holds {describe(found)}" + (f": {cause}" if cause else "") + "; nothing was written")
 
 
-def check_model(model, name: str, purpose: str) -> None:
+def check_model(model, name: str, purpose: str, found: list | None = None) -> None:
     """Refuse a loaded model whose parameters hold NaN or ±Inf before ``purpose`` (e.g. "the Fisher") is computed
-    from it: the result would not be finite, or would describe a broken model."""
-    found = non_finite(model.named_parameters())
+    from it: the result would not be finite, or would describe a broken model. ``found``: :func:`non_finite` of its
+    parameters when the caller has it (a sharded model's, gathered from every process)."""
+    found = non_finite(model.named_parameters()) if found is None else found
     if found:
         raise UserError(f"model {name} holds {describe(found)}: {purpose} of a model with non-finite weights is "
                         "meaningless (was it trained or merged with a diverging setting?); nothing was written")
 
 
-def model_cause(model, name: str = "the model") -> str:
+def model_cause(model, name: str = "the model", found: list | None = None) -> str:
     """Why a statistic of ``model`` is not finite, as far as its weights tell: they hold NaN/Inf themselves (named),
-    or they are finite and the computation overflowed."""
-    found = non_finite(model.named_parameters())
+    or they are finite and the computation overflowed. ``found`` as for :func:`check_model`."""
+    found = non_finite(model.named_parameters()) if found is None else found
     if found:
         return f"{name} itself holds {describe(found)}"
     return f"the weights of {name} are finite, so the computation overflowed (try float32, shorter inputs or fewer examples)"

@@ -70,8 +70,9 @@ def _refuse_conv1d_architecture(config, model_kind, label: str) -> None:
     the refusal comes before the data and the weights load. An architecture that cannot be built so is checked
     once its weights are loaded instead (:class:`GramAccumulator`)."""
     try:
-        with torch.device("meta"):
-            skeleton = model_kind.auto_class().from_config(config)
+        from gradmatch.models import skeleton as meta_skeleton
+
+        skeleton = meta_skeleton(config, model_kind)
     except Exception:  # noqa: BLE001 - only an early check: the loaded model is checked again
         return
     refuse_conv1d(skeleton, label)

@@ -401,11 +401,11 @@ def _gram_layers(parent: Checkpoint) -> tuple[set[str], set[str]]:
     from gradmatch.gram import conv1d_layers, embedding_weights
     from gradmatch.kinds import kind_of_config
     from gradmatch.models import checkpoint_names
+    from gradmatch.models import skeleton as meta_skeleton
 
     try:
         config = AutoConfig.from_pretrained(parent.folder)
-        with torch.device("meta"):
-            skeleton = kind_of_config(config).auto_class().from_config(config)
+        skeleton = meta_skeleton(config, kind_of_config(config))
         tied = embedding_weights(skeleton)
         linear = [f"{name}.weight" for name, m in skeleton.named_modules()
                   if isinstance(m, torch.nn.Linear) and id(m.weight) not in tied]

@@ -13,7 +13,7 @@ from torch import nn
 
 from gradmatch.errors import UserError
 from gradmatch.fisher.estimators import get_estimator
-from gradmatch.fisher.layers import LayerRule, add_squares, max_block, rule_for
+from gradmatch.fisher.layers import LayerRule, add_squares, max_block, rule_for, sums_dtype
 from gradmatch.kinds.base import INDEX_KEY, LABEL_KEYS
 
 
@@ -96,7 +96,7 @@ class FisherAccumulator:
 
     def _allocate(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The float32 sums, one per parameter name (a sharded accumulator holds only its process's rows)."""
-        return {name: torch.zeros(p.shape, dtype=_acc_dtype(p), device=p.device) for name, p in model.named_parameters()}
+        return {name: torch.zeros(p.shape, dtype=sums_dtype(p), device=p.device) for name, p in model.named_parameters()}
 
     def _targets_of(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """attribute -> the tensor a layer rule adds this batch's Σ_b g_b² into (here: the sums themselves)."""
@@ -399,11 +399,6 @@ def check_checkpointable(config, kind, name: str) -> None:
     checkpoint_layers(model)
 
 
-def _acc_dtype(p: torch.Tensor) -> torch.dtype:
-    """Sums are float32, or float64 for a float64 model."""
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
-
-
 def _detach_tree(obj):
     if isinstance(obj, torch.Tensor):
         return obj.detach()
@@ -463,7 +458,7 @@ def estimate_fisher_reference(model: nn.Module, batches: Iterable[Mapping[str, t
     was_training = model.training
     model.eval()
     params = dict(model.named_parameters())
-    sums = {name: torch.zeros(p.shape, dtype=_acc_dtype(p), device=p.device) for name, p in params.items()}
+    sums = {name: torch.zeros(p.shape, dtype=sums_dtype(p), device=p.device) for name, p in params.items()}
     count = 0
     try:
         for batch in batches:

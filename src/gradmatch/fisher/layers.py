@@ -95,8 +95,8 @@ def _per_token(A: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return A.reshape(B, -1, A.shape[-1]).to(dtype), G.reshape(B, -1, G.shape[-1]).to(dtype)
 
 
-def _sums_dtype(t: torch.Tensor) -> torch.dtype:
-    """The dtype per-example rows are summed over uses and squared in: float32, or float64 for a float64 model."""
+def sums_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype squares are summed in for a tensor of ``t``'s dtype: float32, or float64 for a float64 model."""
     return torch.promote_types(t.dtype, torch.float32)
 
 
@@ -154,7 +154,7 @@ class LinearRule(LayerRule):
         """Rows ``rows`` of each example's gradient of the weight (out, in): G_b[:, rows]ᵀ A_b."""
         A, G = _per_token(saved[0], G)
         block = torch.bmm(G[:, :, rows].transpose(1, 2), A)
-        return block.to(_sums_dtype(block))
+        return block.to(sums_dtype(block))
 
 
 class Conv1DRule(LayerRule):
@@ -175,7 +175,7 @@ class Conv1DRule(LayerRule):
         """Rows ``rows`` of each example's gradient of the weight (in, out): A_b[:, rows]ᵀ G_b."""
         A, G = _per_token(saved[0], G)
         block = torch.bmm(A[:, :, rows].transpose(1, 2), G)
-        return block.to(_sums_dtype(block))
+        return block.to(sums_dtype(block))
 
 
 class EmbeddingRule(LayerRule):
@@ -217,7 +217,7 @@ class EmbeddingRule(LayerRule):
         """Rows ``rows`` of each example's gradient: its output gradients scattered to its ids in those rows."""
         B, dim = saved[0].shape[0], G.shape[-1]
         return self.add_rows(module, saved, G, rows,
-                             torch.zeros(B, rows.stop - rows.start, dim, dtype=_sums_dtype(G), device=G.device))
+                             torch.zeros(B, rows.stop - rows.start, dim, dtype=sums_dtype(G), device=G.device))
 
     def add_rows(self, module, saved, G, rows, out):
         """Scatter each example's output gradients at its ids in ``rows`` into ``out`` (B, rows, dim) directly."""

@@ -64,7 +64,7 @@ class FisherStatistic(Statistic):
     def write_sharded(self, acc, loaded: Loaded, folder: Path | None, *, world: int) -> None:
         from gradmatch.fisher.sharded import write_sharded
 
-        dtype = hessian_dtype(next(iter(loaded.model.parameters())).dtype, self.out_dtype)
+        dtype = hessian_dtype(loaded.model, self.out_dtype)
         write_sharded(acc, loaded.model, folder, self._metadata(acc, loaded, world, dtype, sharded=True), dtype)
 
     def all_reduce(self, acc: FisherAccumulator) -> None:

@@ -26,6 +26,7 @@ from torch import nn
 
 from gradmatch.errors import UserError
 from gradmatch.fisher.accumulator import FisherAccumulator, repeated_layers
+from gradmatch.fisher.layers import sums_dtype
 
 #: Weights of at least this many entries are formed and reduced by blocks of rows, one process's rows at a time.
 ROW_BLOCK_ELEMENTS = 1 << 24
@@ -169,24 +170,32 @@ def load_sharded(name: str, config, kind, processor, *, device: str, rank: int, 
     return kind.prepare_model(model, processor)
 
 
-def check_sharded_model(model: nn.Module, name: str, purpose: str) -> None:
-    """:func:`gradmatch.finite.check_model` over the shards of every process: one line on every rank."""
+def gathered_non_finite(tensors: dict[str, torch.Tensor], group=None) -> list[tuple[str, int, int]]:
+    """:func:`gradmatch.finite.non_finite` of tensors every process holds some rows of (``tensors``: its rows, by
+    name, in the same order everywhere): each tensor's NaN and ±Inf counts summed over the processes."""
     import torch.distributed as dist
 
-    from gradmatch.finite import describe, non_finite
+    from gradmatch.finite import non_finite
 
-    found = non_finite((n, local(p)) for n, p in model.named_parameters())
-    everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, found)
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, non_finite(tensors.items()), group=group)
     merged: dict[str, list[int]] = {}
     for part in everyone:
         for n, nan, inf in part:
             entry = merged.setdefault(n, [0, 0])
             entry[0], entry[1] = entry[0] + nan, entry[1] + inf
-    if merged:
-        found = [(n, *merged[n]) for n, _ in model.named_parameters() if n in merged]
-        raise UserError(f"model {name} holds {describe(found)} in its weights; {purpose} of a model that is not "
-                        "finite would not be either")
+    return [(n, *merged[n]) for n in tensors if n in merged]
+
+
+def _local_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: local(p) for n, p in model.named_parameters()}
+
+
+def check_sharded_model(model: nn.Module, name: str, purpose: str) -> None:
+    """:func:`gradmatch.finite.check_model` over the shards of every process: the same line on every rank."""
+    from gradmatch.finite import check_model
+
+    check_model(model, name, purpose, found=gathered_non_finite(_local_parameters(model)))
 
 
 # --------------------------------------------------------------------------- accumulating
@@ -207,7 +216,7 @@ class ShardedFisherAccumulator(FisherAccumulator):
 
         self.group, self.rank, self.world = group, dist.get_rank(group), dist.get_world_size(group)
         self.rows: dict[str, Rows] = {}
-        self._buffers: dict = {}
+        self._buffers: dict = {}  # reused blocks (see _buffer)
         self._padded: dict[str, torch.Tensor] = {}
         super().__init__(model, **kwargs)
         for module, rule in self._rule.items():
@@ -225,9 +234,17 @@ class ShardedFisherAccumulator(FisherAccumulator):
         for name, p in model.named_parameters():
             self.rows[name] = Rows.of(tuple(p.shape), self.rank, self.world)
             mine = local(p)
-            sums[name] = torch.zeros(mine.shape, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
-                                     device=mine.device)
+            sums[name] = torch.zeros(mine.shape, dtype=sums_dtype(p), device=mine.device)
         return sums
+
+    def _buffer(self, key, numel: int, like: torch.Tensor) -> torch.Tensor:
+        """A flat block of at least ``numel`` entries of ``like``'s dtype, kept under ``key`` and reused (grown when
+        too small): allocating and freeing one per module and batch fragmented the heap by about 1 GB on a
+        0.5B-parameter model."""
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype:
+            self._buffers[key] = buffer = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buffer[:numel]
 
     def _no_rule(self, module):
         raise UserError(f"module {self._name(module)} ({type(module).__name__}) has no closed-form rule for its "
@@ -235,17 +252,12 @@ class ShardedFisherAccumulator(FisherAccumulator):
                         "it alone would need its weights after FSDP has resharded them): run without --shard")
 
     def _whole(self, full: str, slot: int = 0) -> torch.Tensor:
-        """A zeroed buffer of the whole parameter ``full``, padded to W·chunk rows behind the view returned (what the
-        reduce-scatter sends). The buffers are kept and reused, one per slot (a module's weight and bias are
-        formed at once): allocating and freeing one per module and batch fragmented the heap by about 1 GB on a
-        0.5B-parameter model."""
-        rows, mine = self.rows[full], self.sums[full]
+        """A zeroed block of the whole parameter ``full``, padded to W·chunk rows behind the view returned (what the
+        reduce-scatter sends); one per slot (a module's weight and bias are formed at once)."""
+        rows = self.rows[full]
         rest = math.prod(rows.shape[1:]) if rows.shape else 1
-        need = rows.chunk * self.world * rest
-        buffer = self._buffers.get(slot)
-        if buffer is None or buffer.numel() < need or buffer.dtype != mine.dtype:
-            self._buffers[slot] = buffer = torch.empty(need, dtype=mine.dtype, device=mine.device)
-        padded = buffer[:need].zero_().view(rows.chunk * self.world, *rows.shape[1:])
+        padded = self._buffer(slot, rows.chunk * self.world * rest, self.sums[full]).zero_()
+        padded = padded.view(rows.chunk * self.world, *rows.shape[1:])
         self._padded[full] = padded
         return padded[: rows.shape[0] if rows.shape else 1].view(rows.shape)
 
@@ -262,18 +274,14 @@ class ShardedFisherAccumulator(FisherAccumulator):
         """Each process's rows in turn: formed by every process from its examples, summed onto their owner."""
         import torch.distributed as dist
 
-        rows, dtype = self.rows[full], self.sums[full].dtype
+        rows = self.rows[full]
         rest = rows.shape[1:]
         for r in range(self.world):
             theirs = rows.of_rank(r, self.world)
             if not theirs.count:
                 continue
-            key = ("rows", dtype)
-            need = rows.chunk * math.prod(rest)
-            buffer = self._buffers.get(key)
-            if buffer is None or buffer.numel() < need:
-                self._buffers[key] = buffer = torch.empty(need, dtype=dtype, device=self.sums[full].device)
-            block = buffer[: theirs.count * math.prod(rest)].view(theirs.count, *rest).zero_()
+            block = self._buffer("rows", theirs.count * math.prod(rest), self.sums[full])
+            block = block.view(theirs.count, *rest).zero_()
             if self._live:
                 self._rows_into(block, full, slice(theirs.start, theirs.stop), uses)
             dist.reduce(block, dst=r, group=self.group)
@@ -289,12 +297,7 @@ class ShardedFisherAccumulator(FisherAccumulator):
         padded = self._padded.pop(full)  # ``whole`` is its first rows; the padding rows stay zero
         if not self._live:
             padded.zero_()
-        key = ("mine", whole.dtype)
-        need = rows.chunk * math.prod(rest)
-        mine = self._buffers.get(key)
-        if mine is None or mine.numel() < need:
-            self._buffers[key] = mine = whole.new_empty(need)
-        mine = mine[:need].view(rows.chunk, *rest)
+        mine = self._buffer("mine", rows.chunk * math.prod(rest), whole).view(rows.chunk, *rest)
         dist.reduce_scatter_tensor(mine, padded, group=self.group)
         if rows.count:
             self.sums[full].view(rows.count, *rest).add_(mine[: rows.count])
@@ -348,7 +351,7 @@ def _entries(model: nn.Module) -> list[tuple[str, torch.Tensor, bool]]:
     return entries
 
 
-def _stream_rows(name: str, rows: Rows, mine: torch.Tensor, *, rank: int, world: int, group) -> Iterator[tuple[int, torch.Tensor]]:
+def _stream_rows(rows: Rows, mine: torch.Tensor, *, rank: int, world: int, group) -> Iterator[tuple[int, torch.Tensor]]:
     """On rank 0, (first row, block) of every process's rows of one tensor in order (received one process at a
     time); on the others, their rows sent to rank 0 and nothing yielded."""
     import torch.distributed as dist
@@ -385,7 +388,7 @@ def sharded_fingerprint(model: nn.Module, *, rank: int, world: int, group) -> st
                 h.update(mine.to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
             continue
         rows = Rows.of(tuple(t.shape), rank, world)
-        for _, block in _stream_rows(name, rows, mine.reshape(rows.count, *t.shape[1:]), rank=rank, world=world,
+        for _, block in _stream_rows(rows, mine.reshape(rows.count, *t.shape[1:]), rank=rank, world=world,
                                      group=group):
             h.update(block.to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
     return "sha256:" + h.hexdigest() if h is not None else None
@@ -398,18 +401,18 @@ def write_sharded(acc: ShardedFisherAccumulator, model: nn.Module, folder: Path 
     import torch.distributed as dist
 
     from gradmatch.checkpoints.writing import SafetensorsWriter, TensorSpec, parse_size
-    from gradmatch.finite import describe, dumps, model_cause, non_finite
+    from gradmatch.finite import describe, dumps, model_cause
     from gradmatch.fisher.files import RECORD_FILE, check_storable, save_max_shard_size
 
     rank, world, group = acc.rank, acc.world, acc.group
     means = acc.mean(in_place=True)
-    found: list = [None] * world
-    dist.all_gather_object(found, (non_finite(means.items()), check_storable(means.items(), dtype)), group=group)
-    bad = [f for part, _ in found for f in part]
-    if bad:
-        raise UserError(f"the Hessian holds {describe(bad)}: {model_cause(model, str(metadata.get('model')))}; "
-                        "nothing was written")
-    too_large = next((message for _, message in found if message), None)
+    bad = gathered_non_finite(means, group)
+    if bad:  # write_hessian's line (gradmatch.finite.check_finite), from every process's rows
+        cause = model_cause(model, str(metadata.get("model")), gathered_non_finite(_local_parameters(model), group))
+        raise UserError(f"the Hessian holds {describe(bad)}: {cause}; nothing was written")
+    messages: list = [None] * world
+    dist.all_gather_object(messages, check_storable(means.items(), dtype), group=group)
+    too_large = next((message for message in messages if message), None)
     if too_large:
         raise UserError(too_large)
     entries = _entries(model)
@@ -428,8 +431,8 @@ def write_sharded(acc: ShardedFisherAccumulator, model: nn.Module, folder: Path 
                 continue
             rows = acc.rows[name]
             mine = means[name].to(dtype).reshape(rows.count, *rows.shape[1:])
-            for start, block in _stream_rows(name, rows, mine, rank=rank, world=world, group=group):
-                writer.write(name, block.reshape(-1, *rows.shape[1:]) if rows.shape else block.reshape(()), start)
+            for start, block in _stream_rows(rows, mine, rank=rank, world=world, group=group):
+                writer.write(name, block, start)
         if writer is not None:
             writer.finish()
     finally:
